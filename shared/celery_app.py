@@ -1,0 +1,111 @@
+"""The one Celery app, its task names, and the message format the API enqueues.
+
+The API never imports worker code: it enqueues by task name. It also does not go through Celery's
+(blocking) producer: `encode_task_message` builds the same Celery protocol-2 message kombu's Redis
+transport would push, so the API can push it with redis.asyncio in the same atomic script that
+writes the task record (see `shared.records.SUBMIT`). `tests/test_celery_message.py` keeps the
+format in step with what Celery itself produces.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import uuid
+from typing import Any
+
+from celery import Celery
+
+from shared.settings import Settings
+
+TASK_PREDICT = "dispatch.predict"
+QUEUE = "dispatch"
+_ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    """A Celery app configured for at-least-once delivery over Redis, JSON only."""
+    transport_options = {
+        # Redis has no acks: a fetched, unacked message is redelivered after this long. It must
+        # exceed the longest a task can run, or a slow task is delivered to a second worker.
+        "visibility_timeout": settings.visibility_timeout,
+        # Fail fast when Redis is gone, so reconnect logic (not a hung socket) takes over.
+        "socket_timeout": 10,
+        "socket_connect_timeout": 5,
+        "retry_on_timeout": True,
+        # Detect half-dead connections after a Redis restart (celery#8030).
+        "health_check_interval": 10,
+    }
+    app = Celery("dispatcher", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        # JSON only: pickle from the broker would be remote code execution.
+        task_serializer="json",
+        accept_content=["json"],
+        # Results live in the dispatcher's own records (shared.records), not Celery's backend.
+        task_ignore_result=True,
+        result_backend=None,
+        # Ack after the task ran, and give the message back if the worker process dies, so a
+        # SIGKILL/OOM mid-task means redelivery instead of a lost task.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Same options for the broker and anything else that reads them (one visibility timeout).
+        broker_transport_options=transport_options,
+        result_backend_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # keep reconnecting while Redis is down
+        task_default_queue=QUEUE,
+        # Hard stop for a stuck task on the prefork pool; deadlines are enforced before this.
+        task_time_limit=int(settings.task_time_limit) + 30,
+        # Events cost a publish per task; nothing here consumes them.
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_prefetch_multiplier=4,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def encode_task_message(task_id: str, kwargs: dict[str, Any], *, queue: str = QUEUE) -> str:
+    """The kombu Redis-transport envelope of a `TASK_PREDICT` call, ready for LPUSH."""
+    body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    # Arguments can carry TorchServe credentials: keep them out of logs and event streams.
+    redacted = "[redacted]"
+    headers = {
+        "lang": "py",
+        "task": TASK_PREDICT,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": redacted,
+        "kwargsrepr": redacted,
+        "origin": _ORIGIN,
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    envelope = {
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": "",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return json.dumps(envelope)

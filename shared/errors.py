@@ -1,0 +1,155 @@
+"""Every error the dispatcher reports, in one tree.
+
+Each class fixes the HTTP status and the machine-readable `code` of the error body; the message
+says what happened and what to do. `retryable` decides whether a worker tries TorchServe again.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from shared.models import TaskError
+
+
+class DispatchError(Exception):
+    """Base of every error the service turns into an error body."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, msg: str, *, status: int | None = None) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        if status is not None:
+            self.status = status  # type: ignore[misc]  # per-instance status for pass-through 4xx
+
+    def body(self, task_id: str | None = None) -> TaskError:
+        return TaskError(status=self.status, msg=self.msg, code=self.code, task_id=task_id)
+
+
+# --- Raised by the API before anything is enqueued -------------------------------------------
+
+
+class InvalidRequest(DispatchError):
+    """The request body, query or headers are malformed."""
+
+    status = 422
+    code = "invalid_request"
+
+
+class Unauthorized(DispatchError):
+    """No API key, or not one of DISPATCHER_API_KEYS."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class TargetNotAllowed(DispatchError):
+    """host/port/http_protocol pick a TorchServe that is not on the allow-list."""
+
+    status = 403
+    code = "target_not_allowed"
+
+
+class TaskNotFound(DispatchError):
+    """No task with that id was submitted (by this caller), or its record has expired."""
+
+    status = 404
+    code = "task_not_found"
+
+
+class TaskAlreadyFinished(DispatchError):
+    """The task ended already, so it cannot be canceled."""
+
+    status = 409
+    code = "task_finished"
+
+
+class PayloadTooLarge(DispatchError):
+    """The request body is over MAX_BODY_BYTES."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class QueueFull(DispatchError):
+    """MAX_QUEUE_DEPTH tasks are waiting already; retry after the Retry-After delay."""
+
+    status = 429
+    code = "queue_full"
+
+
+class QueueUnavailable(DispatchError):
+    """Redis cannot be reached, so nothing can be enqueued or looked up."""
+
+    status = 503
+    code = "queue_unavailable"
+
+
+# --- Raised by a worker while running a task --------------------------------------------------
+
+
+class ModelNotFound(DispatchError):
+    """TorchServe has no such model or version."""
+
+    status = 404
+    code = "model_not_found"
+
+
+class ModelRejectedInput(DispatchError):
+    """The model's handler answered with a 4xx; status and message are passed through."""
+
+    status = 422
+    code = "model_rejected_input"
+
+
+class TorchServeUnavailable(DispatchError):
+    """TorchServe refused the connection or said 503 (no worker, queue full)."""
+
+    status = 503
+    code = "torchserve_unavailable"
+    retryable = True
+
+
+class TorchServeTimeout(DispatchError):
+    """TorchServe did not answer within the per-attempt read timeout."""
+
+    status = 504
+    code = "torchserve_timeout"
+    retryable = True
+
+
+class TorchServeFailed(DispatchError):
+    """TorchServe answered 5xx other than 503: the model or the server broke."""
+
+    status = 502
+    code = "torchserve_error"
+
+
+class DeadlineExceeded(DispatchError):
+    """The task was still running when its deadline (`timeout`) passed."""
+
+    status = 504
+    code = "deadline_exceeded"
+
+
+class TaskExpired(DispatchError):
+    """The task's deadline passed before any worker started it; it never reached TorchServe."""
+
+    status = 504
+    code = "expired"
+
+
+class TaskCanceled(DispatchError):
+    """The task was canceled before a worker started it."""
+
+    status = 409
+    code = "canceled"
+
+
+class WorkerLost(DispatchError):
+    """The task's worker died too many times (or its record was orphaned); it was given up."""
+
+    status = 503
+    code = "worker_lost"

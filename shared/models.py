@@ -1,0 +1,115 @@
+"""The request, the task record and the response bodies, shared by the API and the workers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
+ModelName = Annotated[
+    str,
+    Field(
+        pattern=NAME_PATTERN,
+        description="Letters, digits, `_ . -`; 1-128 characters; no slashes.",
+        examples=["echo"],
+    ),
+]
+# RFC 1123 host names and IP literals; anything else can't be an allow-listed target anyway.
+HOST_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]{1,253})$"
+
+
+class TaskStatus(str, Enum):
+    """Where a task is in its life; the last four are terminal."""
+
+    queued = "queued"  # accepted and waiting in the broker queue
+    running = "running"  # a worker is calling TorchServe
+    succeeded = "succeeded"  # TorchServe answered; prediction_value is stored
+    failed = "failed"  # ended with an error; error is stored
+    canceled = "canceled"  # canceled while queued; never reached TorchServe
+    expired = "expired"  # its deadline passed before a worker started it
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (TaskStatus.queued, TaskStatus.running)
+
+
+class PredictionRequest(BaseModel):
+    """`POST /dispatch_model`: the new fields plus every field the original proxy accepted."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model_name: ModelName
+    model_version: ModelName | None = None
+    input: Any = Field(
+        None, description="Any JSON value; sent as the JSON body of the TorchServe request."
+    )
+    timeout: float | None = Field(
+        None, gt=0, description="Deadline in seconds from submission (default DISPATCH_DEFAULT_TIMEOUT)."
+    )
+    # The original proxy's fields, accepted unchanged.
+    host: Annotated[str, Field(pattern=HOST_PATTERN)] | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    http_protocol: Literal["http", "https"] | None = None
+    smarttool: Any = None
+    max_model_page: Any = None
+    postprocessingsteps: Any = None
+    input_media_type: Any = None
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+
+    @field_validator("http_protocol", mode="before")
+    @classmethod
+    def _lowercase_protocol(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    def torchserve_body(self) -> Any:
+        """What TorchServe receives: `input`, or exactly the original proxy's body without it."""
+        if self.input is not None:
+            return self.input
+        return {
+            "max-model-page": self.max_model_page,
+            "postprocessingsteps": self.postprocessingsteps,
+            "input-media-type": self.input_media_type,
+        }
+
+
+class TaskError(BaseModel):
+    """The error body: the original proxy's `status`/`msg` plus a machine-readable code."""
+
+    status: int
+    msg: str
+    code: str
+    task_id: str | None = None
+
+
+class TaskView(BaseModel):
+    """`GET /tasks/{id}` and the 200 of a finished dispatch."""
+
+    task_id: str
+    status: TaskStatus
+    model_name: str
+    model_version: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    deadline: datetime
+    deliveries: int = Field(0, description="How often a worker picked the task up.")
+    cancel_requested: bool = False
+    prediction_value: Any = None
+    error: TaskError | None = None
+
+
+class Accepted(BaseModel):
+    """The 202 of a dispatch that is not finished yet."""
+
+    task_id: str
+    status: TaskStatus
+    status_url: str
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

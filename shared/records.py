@@ -1,0 +1,111 @@
+"""The dispatcher's own task records in Redis, and the atomic transitions between states.
+
+Celery's result backend is not used: an unknown id would read as PENDING, results would need one
+subscription per task, and state changes could race. Instead each task is a hash
+`dispatch:task:<id>`, every transition is a Lua script (one round trip, atomic against the API's
+cancel and a redelivered copy), and every terminal transition publishes the id on one channel.
+The API (asyncio) and the workers (sync) run the same scripts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from shared.models import TaskError, TaskStatus, TaskView
+
+TASK_KEY_PREFIX = "dispatch:task:"
+FINISHED_CHANNEL = "dispatch:finished"
+WORKER_KEY_PREFIX = "dispatch:worker:"
+TERMINAL = tuple(s.value for s in TaskStatus if s.terminal)
+
+
+def task_key(task_id: str) -> str:
+    return TASK_KEY_PREFIX + task_id
+
+
+# KEYS: record, queue. ARGV: max depth, ttl, message, field, value, ...
+# The depth check, the record and the message go in together, so a 429 leaves nothing behind.
+SUBMIT = """
+if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('LPUSH', KEYS[2], ARGV[3])
+return 1
+"""
+
+# KEYS: record. ARGV: now, max deliveries, ttl, channel, task id, error of an expiry.
+# Returns {verdict, deliveries}: 'run', a terminal status (a redelivered copy of a finished task),
+# 'missing', or 'too_many'. A task past its deadline becomes 'expired' here, before TorchServe.
+START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', 0} end
+if status ~= 'queued' and status ~= 'running' then return {status, 0} end
+local deliveries = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+if deliveries > tonumber(ARGV[2]) then return {'too_many', deliveries} end
+if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'deadline')) then
+  redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', ARGV[1], 'error', ARGV[6])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  return {'expired', deliveries}
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+return {'run', deliveries}
+"""
+
+# KEYS: record. ARGV: status, now, field ('result' or 'error'), value, ttl, channel, task id.
+# Only a live task finishes; a record that already ended keeps its first outcome.
+FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], ARGV[3], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return 1
+"""
+
+# KEYS: record. ARGV: now, ttl, channel, task id, error of a cancel.
+# Returns the status after the call: 'canceled', 'cancel_requested' (running) or the terminal one.
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1], 'error', ARGV[5])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  return 'canceled'
+end
+if status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  return 'cancel_requested'
+end
+return status
+"""
+
+
+def _timestamp(raw: str | None) -> datetime | None:
+    return datetime.fromtimestamp(float(raw), UTC) if raw else None
+
+
+def decode_record(task_id: str, fields: Mapping[str, str]) -> TaskView:
+    """A task view from the hash as `HGETALL` returns it (decoded to str)."""
+    error = fields.get("error")
+    result = fields.get("result")
+    created_at = _timestamp(fields["created_at"])
+    deadline = _timestamp(fields["deadline"])
+    assert created_at is not None and deadline is not None
+    return TaskView(
+        task_id=task_id,
+        status=TaskStatus(fields["status"]),
+        model_name=fields["model_name"],
+        model_version=fields.get("model_version") or None,
+        created_at=created_at,
+        started_at=_timestamp(fields.get("started_at")),
+        finished_at=_timestamp(fields.get("finished_at")),
+        deadline=deadline,
+        deliveries=int(fields.get("deliveries", 0)),
+        cancel_requested=fields.get("cancel_requested") == "1",
+        prediction_value=json.loads(result) if result is not None else None,
+        error=TaskError.model_validate_json(error) if error else None,
+    )

@@ -1,0 +1,136 @@
+"""One settings class for the API and the workers, read from the environment (and `.env`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated, Self
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+def normalize_origin(url: str) -> str:
+    """`scheme://host:port` of a URL, with the scheme's default port made explicit.
+
+    Allow-list checks compare these strings, so `http://h` and `http://h:80/` are one target.
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL with a host")
+    if parts.username or parts.password:
+        raise ValueError("TorchServe URLs must not carry credentials; use TORCHSERVE_TOKEN")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname.lower()
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; README's Configuration table documents each one."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Broker and task store. rediss:// for TLS, redis://:password@host for auth.",
+    )
+    redis_socket_timeout: float = Field(1.5, gt=0, description="API-side Redis timeout (s).")
+
+    torchserve_url: str = Field("http://127.0.0.1:8080", description="Default inference endpoint.")
+    torchserve_allowed_targets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Other TorchServe origins a request may pick with host/port/http_protocol.",
+    )
+    torchserve_token: SecretStr | None = Field(
+        None, description="Inference token sent when the request carries none."
+    )
+    torchserve_connect_timeout: float = Field(2.0, gt=0)
+    torchserve_read_timeout: float = Field(60.0, gt=0, description="Per attempt (s).")
+
+    dispatch_default_wait: float = Field(60.0, ge=0, description="Sync wait with no preference.")
+    dispatch_max_wait: float = Field(300.0, ge=0, description="Cap on Prefer: wait / ?wait.")
+    dispatch_default_timeout: float = Field(
+        600.0, gt=0, description="Deadline of a task from submission unless the request sets one."
+    )
+    dispatch_max_timeout: float = Field(3600.0, gt=0)
+
+    result_ttl: int = Field(86_400, gt=0, description="How long finished task records are kept.")
+    retry_max_attempts: int = Field(5, ge=1, le=20)
+    retry_backoff_initial: float = Field(0.2, gt=0)
+    retry_backoff_max: float = Field(5.0, gt=0)
+
+    max_queue_depth: int = Field(50_000, gt=0, description="Beyond it submissions get 429.")
+    max_body_bytes: int = Field(6 * MIB, gt=0, description="TorchServe's own default limit.")
+    dispatcher_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    broker_visibility_timeout: int = Field(
+        0, ge=0, description="Seconds before an unacked task is redelivered; 0 = derived."
+    )
+    max_deliveries: int = Field(3, ge=1, description="A task delivered more often is failed.")
+    worker_heartbeat_interval: float = Field(5.0, gt=0)
+
+    @field_validator("torchserve_allowed_targets", "dispatcher_api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("torchserve_url")
+    @classmethod
+    def _valid_torchserve_url(cls, value: str) -> str:
+        normalize_origin(value)
+        return value.rstrip("/")
+
+    @field_validator("torchserve_allowed_targets")
+    @classmethod
+    def _valid_targets(cls, value: list[str]) -> list[str]:
+        return [normalize_origin(item) for item in value]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.dispatch_default_wait > self.dispatch_max_wait:
+            raise ValueError("DISPATCH_DEFAULT_WAIT must not exceed DISPATCH_MAX_WAIT")
+        if self.dispatch_default_timeout > self.dispatch_max_timeout:
+            raise ValueError("DISPATCH_DEFAULT_TIMEOUT must not exceed DISPATCH_MAX_TIMEOUT")
+        if self.retry_backoff_initial > self.retry_backoff_max:
+            raise ValueError("RETRY_BACKOFF_INITIAL must not exceed RETRY_BACKOFF_MAX")
+        if self.broker_visibility_timeout and self.broker_visibility_timeout <= self.task_time_limit:
+            raise ValueError(
+                "BROKER_VISIBILITY_TIMEOUT must exceed DISPATCH_MAX_TIMEOUT plus the retry budget, "
+                "or a task still running would be delivered a second time"
+            )
+        return self
+
+    @property
+    def default_origin(self) -> str:
+        return normalize_origin(self.torchserve_url)
+
+    @property
+    def allowed_origins(self) -> frozenset[str]:
+        return frozenset([self.default_origin, *self.torchserve_allowed_targets])
+
+    @property
+    def task_time_limit(self) -> float:
+        """Longest a task can run: its deadline is capped, and one last attempt may overrun it."""
+        return self.dispatch_max_timeout + self.torchserve_connect_timeout + 5
+
+    @property
+    def visibility_timeout(self) -> int:
+        if self.broker_visibility_timeout:
+            return self.broker_visibility_timeout
+        return int(self.task_time_limit) + 60
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings; tests build `Settings(...)` directly or set env vars for subprocesses."""
+    return Settings()
