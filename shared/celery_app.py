@@ -69,10 +69,12 @@ def create_celery_app(settings: Settings) -> Celery:
 
 def encode_task_message(task_id: str, kwargs: dict[str, Any], *, queue: str = QUEUE) -> str:
     """The kombu Redis-transport envelope of a `TASK_PREDICT` call, ready for LPUSH."""
-    body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    body = json.dumps(
+        [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    )
     # Arguments can carry TorchServe credentials: keep them out of logs and event streams.
     redacted = "[redacted]"
-    headers = {
+    headers: dict[str, Any] = {
         "lang": "py",
         "task": TASK_PREDICT,
         "id": task_id,

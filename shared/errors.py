@@ -120,6 +120,13 @@ class TorchServeTimeout(DispatchError):
     retryable = True
 
 
+class TorchServeAuthRejected(DispatchError):
+    """TorchServe refused the inference token (its InvalidKeyException)."""
+
+    status = 502
+    code = "torchserve_auth_rejected"
+
+
 class TorchServeFailed(DispatchError):
     """TorchServe answered 5xx other than 503: the model or the server broke."""
 

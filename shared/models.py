@@ -5,12 +5,23 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
+
+
+def _not_dots(name: str) -> str:
+    # "." and ".." match the pattern but would walk out of /predictions/ once in a URL.
+    if set(name) == {"."}:
+        raise ValueError("must not be made of dots only")
+    return name
+
+
 ModelName = Annotated[
     str,
+    AfterValidator(_not_dots),
     Field(
         pattern=NAME_PATTERN,
         description="Letters, digits, `_ . -`; 1-128 characters; no slashes.",
@@ -47,7 +58,9 @@ class PredictionRequest(BaseModel):
         None, description="Any JSON value; sent as the JSON body of the TorchServe request."
     )
     timeout: float | None = Field(
-        None, gt=0, description="Deadline in seconds from submission (default DISPATCH_DEFAULT_TIMEOUT)."
+        None,
+        gt=0,
+        description="Deadline in seconds from submission (default DISPATCH_DEFAULT_TIMEOUT).",
     )
     # The original proxy's fields, accepted unchanged.
     host: Annotated[str, Field(pattern=HOST_PATTERN)] | None = None
@@ -75,6 +88,34 @@ class PredictionRequest(BaseModel):
             "postprocessingsteps": self.postprocessingsteps,
             "input-media-type": self.input_media_type,
         }
+
+
+class PredictionCall(BaseModel):
+    """One TorchServe call as the API enqueues it and a worker runs it (the message's argument)."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    origin: str
+    model_name: str
+    model_version: str | None
+    body: Any
+    deadline: float  # epoch seconds
+    # Credentials travel only inside the broker message, never into records, logs or errors.
+    token: str | None = Field(None, repr=False)
+    username: str | None = Field(None, repr=False)
+    password: str | None = Field(None, repr=False)
+
+    @property
+    def path(self) -> str:
+        parts = [
+            "predictions",
+            self.model_name,
+            *([self.model_version] if self.model_version else []),
+        ]
+        return "/" + "/".join(quote(part, safe="") for part in parts)
+
+    def __repr__(self) -> str:
+        return f"PredictionCall({self.origin}{self.path})"
 
 
 class TaskError(BaseModel):

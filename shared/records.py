@@ -18,6 +18,7 @@ from shared.models import TaskError, TaskStatus, TaskView
 TASK_KEY_PREFIX = "dispatch:task:"
 FINISHED_CHANNEL = "dispatch:finished"
 WORKER_KEY_PREFIX = "dispatch:worker:"
+LAST_FINISHED_KEY = "dispatch:last_finished"
 TERMINAL = tuple(s.value for s in TaskStatus if s.terminal)
 
 
@@ -54,9 +55,11 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
 return {'run', deliveries}
 """
 
-# KEYS: record. ARGV: status, now, field ('result' or 'error'), value, ttl, channel, task id.
-# Only a live task finishes; a record that already ended keeps its first outcome.
+# KEYS: record, LAST_FINISHED_KEY. ARGV: status, now, field ('result' or 'error'), value, ttl,
+# channel, task id. Only a live task finishes; a record that already ended keeps its first outcome.
+# LAST_FINISHED_KEY lets /ready tell workers that complete work from workers that merely live.
 FINISH = """
+redis.call('SET', KEYS[2], ARGV[2])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], ARGV[3], ARGV[4])
@@ -84,6 +87,17 @@ return status
 """
 
 
+# KEYS: record. ARGV: expected status, new status, now, error, ttl, channel, task id.
+# Settles a task that outlived its bounds (see api/store.py) unless it moved on meanwhile.
+SETTLE = """
+if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return 1
+"""
+
+
 def _timestamp(raw: str | None) -> datetime | None:
     return datetime.fromtimestamp(float(raw), UTC) if raw else None
 
@@ -92,9 +106,8 @@ def decode_record(task_id: str, fields: Mapping[str, str]) -> TaskView:
     """A task view from the hash as `HGETALL` returns it (decoded to str)."""
     error = fields.get("error")
     result = fields.get("result")
-    created_at = _timestamp(fields["created_at"])
-    deadline = _timestamp(fields["deadline"])
-    assert created_at is not None and deadline is not None
+    created_at = datetime.fromtimestamp(float(fields["created_at"]), UTC)
+    deadline = datetime.fromtimestamp(float(fields["deadline"]), UTC)
     return TaskView(
         task_id=task_id,
         status=TaskStatus(fields["status"]),

@@ -103,7 +103,10 @@ class Settings(BaseSettings):
             raise ValueError("DISPATCH_DEFAULT_TIMEOUT must not exceed DISPATCH_MAX_TIMEOUT")
         if self.retry_backoff_initial > self.retry_backoff_max:
             raise ValueError("RETRY_BACKOFF_INITIAL must not exceed RETRY_BACKOFF_MAX")
-        if self.broker_visibility_timeout and self.broker_visibility_timeout <= self.task_time_limit:
+        if (
+            self.broker_visibility_timeout
+            and self.broker_visibility_timeout <= self.task_time_limit
+        ):
             raise ValueError(
                 "BROKER_VISIBILITY_TIMEOUT must exceed DISPATCH_MAX_TIMEOUT plus the retry budget, "
                 "or a task still running would be delivered a second time"
@@ -132,5 +135,5 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process's settings; tests build `Settings(...)` directly or set env vars for subprocesses."""
+    """This process's settings; tests build `Settings(...)` or set env vars for subprocesses."""
     return Settings()

@@ -1,0 +1,89 @@
+"""Every failure leaves the API in the original proxy's error shape: status, msg, code, task_id."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
+
+from shared.errors import DispatchError, InvalidRequest, QueueFull, QueueUnavailable
+
+log = logging.getLogger(__name__)
+
+# Seconds a 429 asks the client to wait before retrying.
+QUEUE_FULL_RETRY_AFTER = 5
+HTTP_CODES = {
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(error: DispatchError, task_id: str | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)} if isinstance(error, QueueFull) else None
+    body = error.body(task_id).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def _field(location: Sequence[Any]) -> str:
+    parts = [str(part) for part in location if part not in ("body", "query", "header", "path")]
+    return ".".join(parts) or "body"
+
+
+def describe_validation(errors: Sequence[Any]) -> str:
+    """One sentence per problem, each naming the field to fix."""
+    problems = []
+    for error in errors:
+        field, kind = _field(error.get("loc", ())), error.get("type", "")
+        if kind == "json_invalid":
+            problems.append("the body is not valid JSON: send a JSON object")
+        elif kind == "missing" and field == "body":
+            problems.append("the body is missing: send a JSON object with at least model_name")
+        elif kind in ("model_attributes_type", "dict_type") and field == "body":
+            problems.append("the body must be a JSON object with at least model_name")
+        elif kind == "string_pattern_mismatch":
+            problems.append(f"{field}: use 1-128 letters, digits, '_', '.', '-' (no '/' or spaces)")
+        else:
+            problems.append(f"{field}: {error.get('msg', 'is invalid')}")
+    return "; ".join(dict.fromkeys(problems))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def dispatch_error(_: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, DispatchError)
+        return error_response(error)
+
+    async def validation_error(_: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        return error_response(InvalidRequest(describe_validation(error.errors())))
+
+    async def http_error(_: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, HTTPException)
+        code = HTTP_CODES.get(error.status_code, "http_error")
+        body = {"status": error.status_code, "msg": str(error.detail), "code": code}
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+    async def redis_error(_: Request, error: Exception) -> JSONResponse:
+        log.warning("Redis unavailable: %s", type(error).__name__)
+        return error_response(
+            QueueUnavailable("the task queue (Redis) is unavailable; retry in a few seconds")
+        )
+
+    async def unexpected_error(_: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=error)
+        return error_response(
+            DispatchError("internal error; the operator can find it in the API log")
+        )
+
+    app.add_exception_handler(DispatchError, dispatch_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RedisError, redis_error)
+    app.add_exception_handler(Exception, unexpected_error)

@@ -1,0 +1,71 @@
+"""The FastAPI application: `uvicorn api.main:create_app --factory`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from api.routes import dispatch, health, tasks
+from api.store import ApiStore
+from api.waiting import ResultWaiter
+from shared.settings import Settings, get_settings
+
+# Requests share this many Redis connections and wait for a free one rather than open more:
+# thousands of waiting clients must not mean thousands of Redis connections.
+REDIS_POOL_SIZE = 64
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    """Fails within ~2 s when Redis is down, so callers get a 503 instead of a hang."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=REDIS_POOL_SIZE,
+        timeout=settings.redis_socket_timeout,
+        decode_responses=True,
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=min(1.0, settings.redis_socket_timeout),
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 1),
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = redis_client(settings)
+        waiter = ResultWaiter(client)
+        app.state.settings = settings
+        app.state.store = ApiStore(client, settings)
+        app.state.waiter = waiter
+        app.state.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        await waiter.start()
+        try:
+            yield
+        finally:
+            await waiter.stop()
+            await app.state.http.aclose()
+            await client.aclose()
+
+    app = FastAPI(
+        title="model-dispatcher",
+        summary="Dependable TorchServe inference: sync or async, queued on Celery over Redis.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(dispatch.router)
+    app.include_router(tasks.router)
+    app.include_router(health.router)
+    return app

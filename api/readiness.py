@@ -1,0 +1,70 @@
+"""What `/ready` checks: Redis answers, a worker lives and completes work, TorchServe answers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+
+from shared import records
+from shared.celery_app import QUEUE
+from shared.settings import Settings
+
+# Queued work and nothing finished for this long means the workers stopped consuming
+# (seen after Redis reconnects: celery#8030), even if their processes still beat.
+STALL_SECONDS = 60.0
+CHECK_TIMEOUT = 2.0
+
+
+class Readiness(BaseModel):
+    """The verdict and, per dependency, "ok" or why not."""
+
+    ready: bool
+    checks: dict[str, str]
+
+
+async def _check_redis_and_workers(state: Any) -> dict[str, str]:
+    client = state.store.redis
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            await client.ping()
+            workers = [key async for key in client.scan_iter(records.WORKER_KEY_PREFIX + "*")]
+            depth = await client.llen(QUEUE)
+            last_finished = await client.get(records.LAST_FINISHED_KEY)
+    except (RedisError, OSError, TimeoutError) as error:
+        return {"redis": f"unreachable ({type(error).__name__})", "workers": "unknown"}
+    if not workers:
+        return {"redis": "ok", "workers": "no worker has sent a heartbeat recently"}
+    idle = time.time() - float(last_finished) if last_finished else 0.0
+    if depth and idle > STALL_SECONDS:
+        return {
+            "redis": "ok",
+            "workers": f"{depth} tasks queued but none finished for {idle:.0f}s: workers stalled",
+        }
+    return {"redis": "ok", "workers": "ok"}
+
+
+async def _check_torchserve(http: httpx.AsyncClient, settings: Settings) -> str:
+    token = settings.torchserve_token
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+    try:
+        response = await http.get(
+            settings.torchserve_url + "/ping", headers=headers, timeout=CHECK_TIMEOUT
+        )
+    except httpx.HTTPError as error:
+        return f"unreachable at {settings.default_origin} ({type(error).__name__})"
+    if response.status_code != 200:
+        return f"{settings.default_origin}/ping answered {response.status_code}"
+    return "ok"
+
+
+async def check_readiness(state: Any) -> Readiness:
+    checks, torchserve = await asyncio.gather(
+        _check_redis_and_workers(state), _check_torchserve(state.http, state.settings)
+    )
+    checks["torchserve"] = torchserve
+    return Readiness(ready=all(value == "ok" for value in checks.values()), checks=checks)

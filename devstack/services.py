@@ -1,0 +1,167 @@
+"""The dispatcher's own processes for the local stack: Celery workers and the API server."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import httpx
+
+from devstack.models import REPO_ROOT
+from devstack.processes import ManagedProcess, free_port, wait_until
+
+HOST = "127.0.0.1"
+
+
+class _Service(ABC):
+    """A ManagedProcess run from the repository root with os.environ plus `env`."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.env = dict(env)
+        self.log_path = log_path
+        self.process = ManagedProcess(
+            argv, log_path, cwd=REPO_ROOT, env={**os.environ, **self.env}
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.alive
+
+    def log_text(self) -> str:
+        return self.process.log_text()
+
+    def launch(self) -> Self:
+        """Start the process without waiting for it (to start several in parallel)."""
+        self.process.start()
+        return self
+
+    def wait_ready(self, timeout: float) -> Self:
+        """Wait until the service is ready; stop it and raise if it is not within `timeout`."""
+        try:
+            wait_until(self._ready, timeout, self.describe(), 0.1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start(self, timeout: float = 60) -> Self:
+        return self.launch().wait_ready(timeout)
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    @abstractmethod
+    def _ready(self) -> bool: ...
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM (graceful shutdown), then SIGKILL after `timeout` seconds."""
+        self.process.stop(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, as far as the service and its peers can tell."""
+        self.process.kill()
+
+    def __enter__(self) -> Self:
+        return self if self.process.started else self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class CeleryWorker(_Service):
+    """`celery -A worker.app worker` consuming the dispatch queue, named `<name>@<host>`."""
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        name: str,
+        log_path: Path,
+        concurrency: int = 8,
+        pool: str = "threads",
+        *,
+        app: str = "worker.app",
+    ) -> None:
+        argv = [
+            sys.executable, "-m", "celery",
+            "-A", app,
+            "worker",
+            "-Q", "dispatch",
+            "-n", f"{name}@%h",
+            "--pool", pool,
+            "--concurrency", str(concurrency),
+            "--loglevel", "INFO",
+            # Gossip and mingle cost broker traffic and startup time, and nothing uses them.
+            "--without-gossip",
+            "--without-mingle",
+        ]  # fmt: skip
+        super().__init__(argv, env, log_path)
+        self.name = name
+
+    def start(self, timeout: float = 60) -> Self:
+        """Start and wait for Celery's "ready." line: the consumer is connected to the broker."""
+        return super().start(timeout)
+
+    def describe(self) -> str:
+        return f"Celery worker {self.name}"
+
+    def stop(self, timeout: float = 10) -> None:
+        """Warm shutdown: SIGTERM lets running tasks finish, then SIGKILL after `timeout`."""
+        super().stop(timeout)
+
+    def _ready(self) -> bool:
+        self.process.check_alive(self.describe())
+        return "ready." in self.log_text()
+
+
+class ApiServer(_Service):
+    """The FastAPI app under uvicorn on 127.0.0.1."""
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        port: int | None = None,
+        *,
+        app: str = "api.main:create_app",
+    ) -> None:
+        self.port = port if port is not None else free_port()
+        argv = [
+            sys.executable, "-m", "uvicorn", app,
+            "--factory",
+            "--host", HOST,
+            "--port", str(self.port),
+            "--no-access-log",
+        ]  # fmt: skip
+        super().__init__(argv, env, log_path)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self, timeout: float = 30) -> Self:
+        """Start and wait until GET /health answers 200."""
+        return super().start(timeout)
+
+    def describe(self) -> str:
+        return f"API server on port {self.port}"
+
+    def _ready(self) -> bool:
+        self.process.check_alive(self.describe())
+        try:
+            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False

@@ -1,0 +1,87 @@
+"""Celery workers plus one API server on a shared environment: the dispatcher as a whole."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from devstack.services import ApiServer, CeleryWorker
+
+
+@dataclass
+class Stack:
+    """The dispatcher's processes; `stop()` ends them in reverse start order (API first)."""
+
+    env: dict[str, str]
+    api: ApiServer
+    workers: list[CeleryWorker] = field(default_factory=list)
+
+    @property
+    def api_url(self) -> str:
+        return self.api.url
+
+    @property
+    def log_paths(self) -> list[Path]:
+        return [worker.log_path for worker in self.workers] + [self.api.log_path]
+
+    def logs(self) -> str:
+        """Every process's log, each under a header naming its file (for test failure output)."""
+        services = [*self.workers, self.api]
+        return "\n".join(
+            f"===== {service.log_path} =====\n{service.log_text()}" for service in services
+        )
+
+    def stop(self, timeout: float = 10) -> None:
+        # The API first, so nothing new is enqueued while the workers drain.
+        self.api.stop(timeout)
+        for worker in reversed(self.workers):
+            worker.stop(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_stack(
+    env: Mapping[str, str],
+    log_dir: Path,
+    *,
+    workers: int = 1,
+    concurrency: int = 8,
+    pool: str = "threads",
+    api_port: int | None = None,
+    timeout: float = 60,
+) -> Stack:
+    """Start `workers` Celery workers (in parallel) and the API; all get os.environ plus `env`.
+
+    Logs go to `log_dir/worker-<i>.log` and `log_dir/api.log`. If anything fails to start,
+    what did start is stopped before the error propagates.
+    """
+    stack = Stack(
+        env=dict(env),
+        api=ApiServer(env, log_dir / "api.log", api_port),
+        workers=[
+            CeleryWorker(env, f"worker{i}", log_dir / f"worker-{i}.log", concurrency, pool)
+            for i in range(1, workers + 1)
+        ],
+    )
+    try:
+        for worker in stack.workers:
+            worker.launch()
+        stack.api.launch()
+        for service in [*stack.workers, stack.api]:
+            service.wait_ready(timeout)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack

@@ -1,0 +1,52 @@
+"""Liveness for `/ready`: each worker refreshes a key while its process lives.
+
+Whether workers also *complete* work is judged from `dispatch:last_finished` (api/readiness.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+from celery.signals import worker_ready, worker_shutdown
+
+from shared import records
+from shared.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+_stop = threading.Event()
+
+
+def _payload() -> str:
+    return json.dumps({"pid": os.getpid(), "at": time.time()})
+
+
+def _beat(client: redis.Redis, key: str, interval: float) -> None:
+    while not _stop.wait(interval):
+        try:
+            client.set(key, _payload(), ex=max(1, int(interval * 3)))
+        except redis.RedisError as error:
+            log.warning("heartbeat failed: %s", type(error).__name__)
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def start_heartbeat(sender: Any = None, **_: Any) -> None:
+    settings = get_settings()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    name = getattr(sender, "hostname", None) or f"{os.getpid()}@{socket.gethostname()}"
+    key = records.WORKER_KEY_PREFIX + name
+    interval = settings.worker_heartbeat_interval
+    client.set(key, _payload(), ex=max(1, int(interval * 3)))
+    threading.Thread(target=_beat, args=(client, key, interval), daemon=True).start()
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def stop_heartbeat(**_: Any) -> None:
+    _stop.set()

@@ -1,0 +1,58 @@
+"""The prediction task: one delivery = START the record, call TorchServe, store the outcome."""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from typing import Any
+
+from shared.celery_app import TASK_PREDICT
+from shared.errors import DispatchError, WorkerLost
+from shared.models import PredictionCall
+from shared.settings import get_settings
+from worker.app import app
+from worker.store import StartVerdict, WorkerStore
+from worker.torchserve import TorchServeClient
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def _store() -> WorkerStore:
+    # Built on first use, so each prefork child gets its own connections after the fork.
+    return WorkerStore(get_settings())
+
+
+@cache
+def _client() -> TorchServeClient:
+    return TorchServeClient(get_settings())
+
+
+@app.task(name=TASK_PREDICT, bind=True)  # type: ignore[untyped-decorator]
+def predict(self: Any, call: dict[str, Any]) -> None:
+    """Run one prediction; redelivered copies of a finished task do nothing (idempotent)."""
+    task_id: str = self.request.id
+    run_prediction(task_id, PredictionCall.model_validate(call), _store(), _client())
+
+
+def run_prediction(
+    task_id: str, call: PredictionCall, store: WorkerStore, client: TorchServeClient
+) -> None:
+    verdict, deliveries = store.start(task_id)
+    if verdict is StartVerdict.too_many:
+        log.warning("task %s given up after %d deliveries", task_id, deliveries - 1)
+        store.fail(task_id, WorkerLost(f"the task's worker was lost {deliveries - 1} times"))
+        return
+    if verdict is not StartVerdict.run:
+        log.info("task %s skipped: %s", task_id, verdict.value)
+        return
+    try:
+        value = client.predict(call)
+    except DispatchError as error:
+        log.info("task %s %r failed: %s (%d)", task_id, call, error.code, error.status)
+        store.fail(task_id, error)
+    except Exception:
+        log.exception("task %s %r crashed", task_id, call)
+        store.fail(task_id, DispatchError("the worker crashed running this task; see worker logs"))
+    else:
+        store.succeed(task_id, value)

@@ -1,0 +1,167 @@
+"""The TorchServe inference client: one call, retried by error type, mapped to the error tree."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from shared.errors import (
+    DeadlineExceeded,
+    DispatchError,
+    ModelNotFound,
+    ModelRejectedInput,
+    TargetNotAllowed,
+    TorchServeAuthRejected,
+    TorchServeFailed,
+    TorchServeTimeout,
+    TorchServeUnavailable,
+)
+from shared.models import PredictionCall
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A retry never starts with less than this left before the deadline: it could not finish anyway.
+MIN_ATTEMPT_SECONDS = 0.05
+# Full jitter keeps many workers that failed together from retrying together.
+JITTER = 0.5
+
+
+def parse_body(content: bytes) -> Any:
+    """TorchServe sends JSON without a Content-Type: parse it, and fall back to text."""
+    try:
+        return json.loads(content)
+    except ValueError:
+        return content.decode("utf-8", errors="replace")
+
+
+def _torchserve_message(response: httpx.Response) -> tuple[str, str]:
+    """(type, message) of a TorchServe error body, or ("", text) when it is not JSON."""
+    body = parse_body(response.content)
+    if isinstance(body, dict):
+        return str(body.get("type", "")), str(body.get("message", "")).strip()
+    return "", str(body).strip()[:500]
+
+
+def error_for_response(response: httpx.Response, origin: str, model: str) -> DispatchError:
+    """Map a non-200 TorchServe answer to the error the caller sees."""
+    status = response.status_code
+    kind, message = _torchserve_message(response)
+    where = f"TorchServe at {origin}"
+    if kind == "InvalidKeyException":
+        return TorchServeAuthRejected(
+            f"{where} rejected the inference token: send a valid `token` or set TORCHSERVE_TOKEN"
+        )
+    if status == 404:
+        return ModelNotFound(message or f"{where} has no model {model!r}")
+    if status == 503:
+        return TorchServeUnavailable(
+            f"{where} is overloaded or has no worker for {model!r}: {message}"
+        )
+    if 400 <= status < 500:
+        return ModelRejectedInput(
+            message or f"{where} rejected the input ({status})", status=status
+        )
+    if 300 <= status < 400:
+        return TorchServeFailed(
+            f"{where} answered a redirect ({status}); redirects are not followed"
+        )
+    return TorchServeFailed(f"{where} failed ({status}): {message or 'no message'}")
+
+
+class TorchServeClient:
+    """Calls `/predictions/...`; retries what may pass (503, refused, timeout) by the deadline."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._settings = settings
+        self._sleep = sleep
+        self._http = httpx.Client(
+            transport=transport,
+            follow_redirects=False,  # a redirect could point anywhere: no SSRF through TorchServe
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            trust_env=False,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def predict(self, call: PredictionCall) -> Any:
+        """The parsed prediction, or a DispatchError after bounded retries."""
+        if call.origin not in self._settings.allowed_origins:
+            raise TargetNotAllowed(f"{call.origin} is not an allowed TorchServe target")
+        attempt = 1
+        while True:
+            try:
+                return self._attempt(call)
+            except DispatchError as error:
+                delay = self._backoff(attempt)
+                if not error.retryable or attempt >= self._settings.retry_max_attempts:
+                    raise
+                if time.time() + delay + MIN_ATTEMPT_SECONDS >= call.deadline:
+                    raise DeadlineExceeded(
+                        f"deadline passed while retrying {call.origin}: {error.msg}"
+                    ) from error
+                log.info("retrying %r in %.2fs after %s", call, delay, error.code)
+                self._sleep(delay)
+                attempt += 1
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(
+            self._settings.retry_backoff_max,
+            self._settings.retry_backoff_initial * 2.0 ** (attempt - 1),
+        )
+        jitter: float = 1 - JITTER + JITTER * random.random()  # noqa: S311 - not crypto
+        return ceiling * jitter
+
+    def _attempt(self, call: PredictionCall) -> Any:
+        remaining = call.deadline - time.time()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"the task's deadline passed before {call.origin} answered")
+        read_timeout = min(self._settings.torchserve_read_timeout, remaining)
+        timeout = httpx.Timeout(read_timeout, connect=self._settings.torchserve_connect_timeout)
+        headers, basic_auth = self._credentials(call)
+        try:
+            response = self._http.post(
+                call.origin + call.path,
+                json=call.body,
+                headers=headers,
+                auth=basic_auth or httpx.USE_CLIENT_DEFAULT,
+                timeout=timeout,
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            raise TorchServeUnavailable(f"cannot connect to TorchServe at {call.origin}") from error
+        except httpx.TimeoutException as error:
+            if read_timeout < self._settings.torchserve_read_timeout:
+                raise DeadlineExceeded(
+                    f"TorchServe at {call.origin} was still working when the deadline passed"
+                ) from error
+            raise TorchServeTimeout(
+                f"TorchServe at {call.origin} did not answer within {read_timeout:g}s"
+            ) from error
+        except httpx.TransportError as error:
+            raise TorchServeUnavailable(
+                f"connection to TorchServe at {call.origin} failed ({type(error).__name__})"
+            ) from error
+        if response.status_code == 200:
+            return parse_body(response.content)
+        raise error_for_response(response, call.origin, call.model_name)
+
+    def _credentials(self, call: PredictionCall) -> tuple[dict[str, str], httpx.BasicAuth | None]:
+        """The request's token; else its basic auth; else the configured default token."""
+        if call.token:
+            return {"Authorization": f"Bearer {call.token}"}, None
+        if call.username:
+            return {}, httpx.BasicAuth(call.username, call.password or "")
+        default = self._settings.torchserve_token
+        return ({"Authorization": f"Bearer {default.get_secret_value()}"} if default else {}), None
