@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -29,9 +30,7 @@ def free_port() -> int:
         return port
 
 
-def wait_until(
-    predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05
-) -> T:
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
     """Poll `predicate` until it returns something truthy, and return that.
 
     Raises TimeoutError naming `what` after `timeout` seconds. Exceptions from `predicate`
@@ -180,10 +179,8 @@ class ManagedProcess:
     def _signal_group(self, sig: signal.Signals) -> None:
         # The child leads its session, so its pid is the process group id, and the group
         # outlives the leader while any member runs.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def __enter__(self) -> Self:
         return self if self.started else self.start()

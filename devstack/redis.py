@@ -1,4 +1,4 @@
-"""A private redis-server in the foreground, with an append-only file so a restart keeps the queue."""
+"""A private redis-server in the foreground; its append-only file lets a restart keep the queue."""
 
 from __future__ import annotations
 

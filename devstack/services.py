@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from abc import ABC, abstractmethod
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -24,9 +24,7 @@ class _Service(ABC):
     def __init__(self, argv: list[str], env: Mapping[str, str], log_path: Path) -> None:
         self.env = dict(env)
         self.log_path = log_path
-        self.process = ManagedProcess(
-            argv, log_path, cwd=REPO_ROOT, env={**os.environ, **self.env}
-        )
+        self.process = ManagedProcess(argv, log_path, cwd=REPO_ROOT, env={**os.environ, **self.env})
 
     @property
     def pid(self) -> int:

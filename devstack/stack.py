@@ -61,6 +61,8 @@ def start_stack(
     pool: str = "threads",
     api_port: int | None = None,
     timeout: float = 60,
+    worker_app: str = "worker.app",
+    api_app: str = "api.main:create_app",
 ) -> Stack:
     """Start `workers` Celery workers (in parallel) and the API; all get os.environ plus `env`.
 
@@ -69,9 +71,11 @@ def start_stack(
     """
     stack = Stack(
         env=dict(env),
-        api=ApiServer(env, log_dir / "api.log", api_port),
+        api=ApiServer(env, log_dir / "api.log", api_port, app=api_app),
         workers=[
-            CeleryWorker(env, f"worker{i}", log_dir / f"worker-{i}.log", concurrency, pool)
+            CeleryWorker(
+                env, f"worker{i}", log_dir / f"worker-{i}.log", concurrency, pool, app=worker_app
+            )
             for i in range(1, workers + 1)
         ],
     )

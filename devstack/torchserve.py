@@ -64,9 +64,8 @@ def archive_model(
             argv += ["--extra-files", ",".join(str(path) for path in extra_files)]
         result = subprocess.run(argv, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise RuntimeError(
-                f"torch-model-archiver failed for {name} ({handler}):\n{result.stdout}{result.stderr}"
-            )
+            output = result.stdout + result.stderr
+            raise RuntimeError(f"torch-model-archiver failed for {name} ({handler}):\n{output}")
         Path(scratch, f"{name}.mar").replace(target)
     return target
 
@@ -275,10 +274,16 @@ class TorchServe:
         if response.status_code != 200:
             raise RuntimeError(f"registering {mar_name} failed: {response.text}")
 
-    def scale(self, model: str, workers: int, version: str | None = None, timeout: float = 120) -> None:
+    def scale(
+        self, model: str, workers: int, version: str | None = None, timeout: float = 120
+    ) -> None:
         """Set a model's worker count (min and max) and wait until they run."""
         path = f"/models/{model}" + (f"/{version}" if version else "")
-        params = {"min_worker": workers, "max_worker": workers, "synchronous": "true"}
+        params: dict[str, str | int] = {
+            "min_worker": workers,
+            "max_worker": workers,
+            "synchronous": "true",
+        }
         response = self._management("PUT", path, params=params, timeout=timeout)
         if response.status_code != 200:
             raise RuntimeError(f"scaling {model} to {workers} workers failed: {response.text}")

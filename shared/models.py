@@ -139,6 +139,7 @@ class TaskView(BaseModel):
     finished_at: datetime | None = None
     deadline: datetime
     deliveries: int = Field(0, description="How often a worker picked the task up.")
+    worker: str | None = Field(None, description="The worker that ran (or runs) the task.")
     cancel_requested: bool = False
     prediction_value: Any = None
     error: TaskError | None = None

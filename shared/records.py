@@ -36,7 +36,7 @@ redis.call('LPUSH', KEYS[2], ARGV[3])
 return 1
 """
 
-# KEYS: record. ARGV: now, max deliveries, ttl, channel, task id, error of an expiry.
+# KEYS: record. ARGV: now, max deliveries, ttl, channel, task id, error of an expiry, worker name.
 # Returns {verdict, deliveries}: 'run', a terminal status (a redelivered copy of a finished task),
 # 'missing', or 'too_many'. A task past its deadline becomes 'expired' here, before TorchServe.
 START = """
@@ -51,7 +51,7 @@ if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'deadline')) then
   redis.call('PUBLISH', ARGV[4], ARGV[5])
   return {'expired', deliveries}
 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[7])
 return {'run', deliveries}
 """
 
@@ -118,6 +118,7 @@ def decode_record(task_id: str, fields: Mapping[str, str]) -> TaskView:
         finished_at=_timestamp(fields.get("finished_at")),
         deadline=deadline,
         deliveries=int(fields.get("deliveries", 0)),
+        worker=fields.get("worker") or None,
         cancel_requested=fields.get("cancel_requested") == "1",
         prediction_value=json.loads(result) if result is not None else None,
         error=TaskError.model_validate_json(error) if error else None,

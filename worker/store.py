@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from enum import Enum
 from typing import Any
@@ -33,8 +35,11 @@ class StartVerdict(str, Enum):
 class WorkerStore:
     """Atomic record transitions for one worker process."""
 
-    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+    def __init__(
+        self, settings: Settings, client: redis.Redis | None = None, worker_name: str = ""
+    ) -> None:
         self._settings = settings
+        self._worker_name = worker_name or f"{os.getpid()}@{socket.gethostname()}"
         self.redis = client or redis.Redis.from_url(
             settings.redis_url,
             decode_responses=True,
@@ -58,6 +63,7 @@ class WorkerStore:
                 records.FINISHED_CHANNEL,
                 task_id,
                 expired.body(task_id).model_dump_json(),
+                self._worker_name,
             ],
         )
         if verdict in (StartVerdict.run, StartVerdict.too_many, StartVerdict.missing):

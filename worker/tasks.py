@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 
 
 @cache
-def _store() -> WorkerStore:
+def _store(worker_name: str) -> WorkerStore:
     # Built on first use, so each prefork child gets its own connections after the fork.
-    return WorkerStore(get_settings())
+    return WorkerStore(get_settings(), worker_name=worker_name)
 
 
 @cache
@@ -32,7 +32,9 @@ def _client() -> TorchServeClient:
 def predict(self: Any, call: dict[str, Any]) -> None:
     """Run one prediction; redelivered copies of a finished task do nothing (idempotent)."""
     task_id: str = self.request.id
-    run_prediction(task_id, PredictionCall.model_validate(call), _store(), _client())
+    run_prediction(
+        task_id, PredictionCall.model_validate(call), _store(self.request.hostname), _client()
+    )
 
 
 def run_prediction(

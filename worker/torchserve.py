@@ -60,6 +60,9 @@ def error_for_response(response: httpx.Response, origin: str, model: str) -> Dis
         )
     if status == 404:
         return ModelNotFound(message or f"{where} has no model {model!r}")
+    if status == 503 and kind == "InternalServerException":
+        # TorchServe's answer to an exception in the model's handler: retrying will not help.
+        return TorchServeFailed(f"the model {model!r} failed on {where}: {message}")
     if status == 503:
         return TorchServeUnavailable(
             f"{where} is overloaded or has no worker for {model!r}: {message}"

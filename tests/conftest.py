@@ -1,0 +1,179 @@
+"""Fixtures for end-to-end tests: a real redis-server, TorchServe, Celery workers and the API.
+
+Redis and TorchServe run once per session; dispatcher processes (workers and API) start per
+module (`stack`) or per test (`stack_factory`). Everything runs on 127.0.0.1 on free ports, in
+pytest's temporary directories, and is stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from devstack import (
+    RedisServer,
+    Stack,
+    TorchServe,
+    archive_demo_models,
+    archive_model,
+    start_stack,
+)
+
+TEST_MODELS_DIR = Path(__file__).parent / "models"
+# Archived next to every test model; the handlers import it (TorchServe puts the model's
+# directory on the worker's path).
+PAYLOAD_MODULE = TEST_MODELS_DIR / "_payload.py"
+TEST_MODELS = ("slow", "failing", "rejecting", "counting")
+LOADED_AT_START = (
+    "echo.mar",
+    "linear.mar",
+    "slow.mar",
+    "failing.mar",
+    "rejecting.mar",
+    "counting.mar",
+    "versioned.mar",
+)
+SLOW_WORKERS = 2
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    # Remember each phase's outcome on the test item, so fixtures can print the stack's logs
+    # when the test itself failed.
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
+
+
+def _failed(item: pytest.Item) -> bool:
+    return any(report.failed for report in item.stash.get(_REPORTS, {}).values())
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server with AOF on; fault tests may stop, kill and restart it."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo and test models; `versioned` as versioned.mar (1.0) and versioned_v2.mar (2.0)."""
+    store = tmp_path_factory.mktemp("model-store")
+    archive_demo_models(store)
+    for name in TEST_MODELS:
+        archive_model(name, TEST_MODELS_DIR / f"{name}.py", store, extra_files=[PAYLOAD_MODULE])
+    archive_model("versioned", TEST_MODELS_DIR / "versioned_v1.py", store, "1.0", [PAYLOAD_MODULE])
+    archive_model(
+        "versioned",
+        TEST_MODELS_DIR / "versioned_v2.py",
+        store,
+        "2.0",
+        [PAYLOAD_MODULE],
+        mar_name="versioned_v2",
+    )
+    return store
+
+
+@pytest.fixture(scope="session")
+def counting_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The file the `counting` model appends one JSON line to per request it receives."""
+    return tmp_path_factory.mktemp("counting") / "requests.jsonl"
+
+
+@pytest.fixture(scope="session")
+def torchserve(
+    tmp_path_factory: pytest.TempPathFactory, model_store: Path, counting_log: Path
+) -> Iterator[TorchServe]:
+    """TorchServe (no token auth) serving every demo and test model, `versioned` in 1.0 and 2.0.
+
+    One worker per model, two for `slow` so a long request does not block every other one.
+    """
+    server = TorchServe(
+        tmp_path_factory.mktemp("torchserve"),
+        model_store,
+        LOADED_AT_START,
+        env={"COUNTING_MODEL_LOG": str(counting_log)},
+    )
+    with server:
+        server.register("versioned_v2.mar")
+        server.scale("slow", SLOW_WORKERS)
+        yield server
+
+
+def _ensure_redis(redis_server: RedisServer) -> None:
+    # A fault test that killed Redis and failed before restarting it must not take every
+    # later test down with it.
+    if not redis_server.alive:
+        redis_server.start()
+
+
+class StackFactory:
+    """Starts dispatcher stacks (Celery workers + API) against the session's Redis and TorchServe."""
+
+    def __init__(self, redis_server: RedisServer, torchserve: TorchServe, log_root: Path) -> None:
+        self.redis_server = redis_server
+        self.torchserve = torchserve
+        self.log_root = log_root
+        self.stacks: list[Stack] = []
+
+    def base_env(self) -> dict[str, str]:
+        return {
+            "REDIS_URL": self.redis_server.url,
+            "TORCHSERVE_URL": self.torchserve.inference_url,
+        }
+
+    def start(
+        self, workers: int = 1, env: Mapping[str, str] | None = None, concurrency: int = 8
+    ) -> Stack:
+        """Start `workers` workers and the API with REDIS_URL, TORCHSERVE_URL plus `env`."""
+        _ensure_redis(self.redis_server)
+        log_dir = self.log_root / f"stack-{len(self.stacks) + 1}"
+        stack = start_stack(
+            {**self.base_env(), **(env or {})}, log_dir, workers=workers, concurrency=concurrency
+        )
+        self.stacks.append(stack)
+        return stack
+
+    def stop_all(self) -> None:
+        for stack in reversed(self.stacks):
+            stack.stop()
+
+    def logs(self) -> str:
+        return "\n".join(stack.logs() for stack in self.stacks)
+
+
+@pytest.fixture
+def stack_factory(
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer,
+    torchserve: TorchServe,
+    tmp_path: Path,
+) -> Iterator[StackFactory]:
+    """`stack_factory.start(workers=1, env={...}, concurrency=8)`; all stopped after the test."""
+    factory = StackFactory(redis_server, torchserve, tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+        if _failed(request.node):
+            print(factory.logs())  # shown in the failure report's captured output
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_server: RedisServer,
+    torchserve: TorchServe,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """A default stack (2 workers, 8 threads each) shared by a module's simple e2e tests."""
+    factory = StackFactory(redis_server, torchserve, tmp_path_factory.mktemp("stack"))
+    try:
+        yield factory.start(workers=2)
+    finally:
+        factory.stop_all()
