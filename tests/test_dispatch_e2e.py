@@ -1,7 +1,8 @@
-"""The dispatcher end to end: real redis-server, Celery workers, TorchServe and the API over HTTP."""
+"""The dispatcher end to end: real redis-server, Celery workers, TorchServe and the API."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -36,7 +37,8 @@ def test_sync_success_returns_the_prediction(client: httpx.Client) -> None:
     assert body["model_name"] == "linear"
     assert body["model_version"] is None
     outputs = body["prediction_value"]["outputs"]
-    assert len(outputs) == 1 and len(outputs[0]) == 2
+    assert len(outputs) == 1
+    assert len(outputs[0]) == 2
     assert body["created_at"] <= body["finished_at"]
     again = dispatch(client, {"model_name": "linear", "input": {"inputs": [[1, 2, 3]]}})
     assert again.json()["prediction_value"] == body["prediction_value"]  # fixed-seed weights
@@ -295,7 +297,6 @@ def test_torchserve_down_fails_bounded_with_503(stack_factory: object) -> None:
 async def _many_sync_requests_while_docs_served(
     api_url: str, count: int
 ) -> tuple[list[int], float]:
-    import asyncio
 
     limits = httpx.Limits(max_connections=count + 10)
     async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=limits) as http:
@@ -309,13 +310,13 @@ async def _many_sync_requests_while_docs_served(
         docs_started = time.monotonic()
         docs = await http.get("/docs")
         docs_seconds = time.monotonic() - docs_started
-        assert docs.status_code == 200 and "swagger" in docs.text.lower()
+        assert docs.status_code == 200
+        assert "swagger" in docs.text.lower()
         statuses = [response.status_code for response in await asyncio.gather(*waiting)]
     return statuses, docs_seconds
 
 
 def test_many_concurrent_sync_requests_while_docs_stays_responsive(stack: Stack) -> None:
-    import asyncio
 
     statuses, docs_seconds = asyncio.run(_many_sync_requests_while_docs_served(stack.api_url, 300))
     assert statuses == [200] * 300
