@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     torchserve_token: SecretStr | None = Field(
         None, description="Inference token sent when the request carries none."
     )
-    torchserve_connect_timeout: float = Field(2.0, gt=0)
+    torchserve_connect_timeout: float = Field(2.0, gt=0, description="Per attempt (s).")
     torchserve_read_timeout: float = Field(60.0, gt=0, description="Per attempt (s).")
 
     dispatch_default_wait: float = Field(60.0, ge=0, description="Sync wait with no preference.")
@@ -62,22 +62,28 @@ class Settings(BaseSettings):
     dispatch_default_timeout: float = Field(
         600.0, gt=0, description="Deadline of a task from submission unless the request sets one."
     )
-    dispatch_max_timeout: float = Field(3600.0, gt=0)
+    dispatch_max_timeout: float = Field(3600.0, gt=0, description="Cap on a request's `timeout`.")
 
     result_ttl: int = Field(86_400, gt=0, description="How long finished task records are kept.")
-    retry_max_attempts: int = Field(5, ge=1, le=20)
-    retry_backoff_initial: float = Field(0.2, gt=0)
-    retry_backoff_max: float = Field(5.0, gt=0)
+    retry_max_attempts: int = Field(
+        5, ge=1, le=20, description="TorchServe attempts per task for 503, refused, timeout."
+    )
+    retry_backoff_initial: float = Field(0.2, gt=0, description="First retry delay (s).")
+    retry_backoff_max: float = Field(5.0, gt=0, description="Longest retry delay (s).")
 
     max_queue_depth: int = Field(50_000, gt=0, description="Beyond it submissions get 429.")
     max_body_bytes: int = Field(6 * MIB, gt=0, description="TorchServe's own default limit.")
-    dispatcher_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    dispatcher_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Comma-separated; when set, every call needs a key."
+    )
 
     broker_visibility_timeout: int = Field(
         0, ge=0, description="Seconds before an unacked task is redelivered; 0 = derived."
     )
     max_deliveries: int = Field(3, ge=1, description="A task delivered more often is failed.")
-    worker_heartbeat_interval: float = Field(5.0, gt=0)
+    worker_heartbeat_interval: float = Field(
+        5.0, gt=0, description="Seconds between worker heartbeats (for /ready)."
+    )
 
     @field_validator("torchserve_allowed_targets", "dispatcher_api_keys", mode="before")
     @classmethod
