@@ -41,6 +41,18 @@ def _require_free(port: int, hint: str) -> None:
         raise SystemExit(f"127.0.0.1:{port} is in use already; {hint}")
 
 
+def _api_port() -> int:
+    return int(os.environ.get("PORT", DEFAULT_API_PORT))
+
+
+def _check_ports() -> None:
+    """Fail before starting anything if a fixed port is taken (e.g. by a previous run)."""
+    if not os.environ.get("TORCHSERVE_URL"):
+        for port in TORCHSERVE_PORTS:
+            _require_free(port, "stop what listens there, or set TORCHSERVE_URL to use it")
+    _require_free(_api_port(), "stop what listens there, or set PORT to use another port")
+
+
 def _start_redis(stack: ExitStack, running: list[_Running]) -> str:
     url = os.environ.get("REDIS_URL")
     if url:
@@ -60,8 +72,6 @@ def _start_torchserve(stack: ExitStack, running: list[_Running]) -> str:
     if url:
         print(f"Using TorchServe at {url} (TORCHSERVE_URL)")
         return url
-    for port in TORCHSERVE_PORTS:
-        _require_free(port, "stop what listens there, or set TORCHSERVE_URL to use it")
     store = WORKDIR / "model-store"
     models = archive_demo_models(store)
     server = TorchServe(WORKDIR / "torchserve", store, models, ports=TORCHSERVE_PORTS)
@@ -75,15 +85,13 @@ def _start_torchserve(stack: ExitStack, running: list[_Running]) -> str:
 
 def _start_dispatcher(stack: ExitStack, running: list[_Running], env: dict[str, str]) -> str:
     logs = WORKDIR / "logs"
-    api_port = int(os.environ.get("PORT", DEFAULT_API_PORT))
-    _require_free(api_port, "set PORT to run the API on another port")
     worker = CeleryWorker(env, "local", logs / "worker.log")
     print("Starting the Celery worker ...", flush=True)
     stack.callback(worker.stop)
     worker.start()
     running.append(_Running("Celery worker", lambda: worker.alive, worker.log_path))
-    api = ApiServer(env, logs / "api.log", api_port)
-    print(f"Starting the API on port {api_port} ...", flush=True)
+    api = ApiServer(env, logs / "api.log", _api_port())
+    print(f"Starting the API on port {api.port} ...", flush=True)
     stack.callback(api.stop)
     api.start()
     running.append(_Running("API server", lambda: api.alive, api.log_path))
@@ -133,6 +141,7 @@ def run() -> int:
     """Start Redis, TorchServe, a worker and the API; stop them all (reverse order) on exit."""
     # SIGTERM (e.g. from a process manager) shuts down like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
+    _check_ports()
     running: list[_Running] = []
     with ExitStack() as stack:
         try:

@@ -85,11 +85,15 @@ class ManagedProcess:
         *,
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
+        terminate_group: bool = True,
     ) -> None:
+        """`terminate_group=False`: `stop()` sends SIGTERM to the leader only, for a parent that
+        shuts its children down itself (SIGKILL after the timeout still goes to the group)."""
         self.argv = list(argv)
         self.log_path = log_path
         self.cwd = cwd
         self.env = dict(env) if env is not None else None
+        self.terminate_group = terminate_group
         self._popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         # Set once the whole group is gone: later stop()/kill() calls must not signal a
@@ -136,10 +140,13 @@ class ManagedProcess:
         return None if self._popen is None else self._popen.poll()
 
     def stop(self, timeout: float = 10) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left after `timeout` seconds."""
+        """SIGTERM the process group (or leader), then SIGKILL what is left after `timeout` s."""
         if self._popen is None or self._finished:
             return
-        self._signal_group(signal.SIGTERM)
+        if self.terminate_group:
+            self._signal_group(signal.SIGTERM)
+        elif self._popen.poll() is None:
+            self._popen.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._group_alive():
             time.sleep(0.05)

@@ -21,10 +21,23 @@ HOST = "127.0.0.1"
 class _Service(ABC):
     """A ManagedProcess run from the repository root with os.environ plus `env`."""
 
-    def __init__(self, argv: list[str], env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        terminate_group: bool = True,
+    ) -> None:
         self.env = dict(env)
         self.log_path = log_path
-        self.process = ManagedProcess(argv, log_path, cwd=REPO_ROOT, env={**os.environ, **self.env})
+        self.process = ManagedProcess(
+            argv,
+            log_path,
+            cwd=REPO_ROOT,
+            env={**os.environ, **self.env},
+            terminate_group=terminate_group,
+        )
 
     @property
     def pid(self) -> int:
@@ -106,7 +119,10 @@ class CeleryWorker(_Service):
             "--without-gossip",
             "--without-mingle",
         ]  # fmt: skip
-        super().__init__(argv, env, log_path)
+        # SIGTERM to the main process only: it runs the warm shutdown and ends its pool. Prefork
+        # children reset SIGTERM to the default, so a group-wide SIGTERM would kill running
+        # tasks ("WorkerLostError: ... signal 15").
+        super().__init__(argv, env, log_path, terminate_group=False)
         self.name = name
 
     def start(self, timeout: float = 60) -> Self:

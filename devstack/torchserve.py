@@ -143,10 +143,12 @@ class TorchServe:
     def _key(self, which: str) -> str | None:
         if not self.token_auth:
             return None
-        # TorchServe writes key_file.json into the directory it was started from, once it runs.
+        # TorchServe writes key_file.json into the directory it was started from once it runs,
+        # not atomically: while starting, the file can be missing or empty. (Keys expire after
+        # `token_expiration_min`, 60 by default.)
         try:
             keys = json.loads((self.workdir / "key_file.json").read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):
             return None
         key: str = keys[which]["key"]
         return key
@@ -213,12 +215,13 @@ class TorchServe:
             "--ts-config", str(self.config_path),
             "--model-store", str(self.model_store),
         ]  # fmt: skip
+        names = self.model_names()
         began = time.monotonic()
         self._process = ManagedProcess(
             argv, self.log_path, cwd=self.workdir, env=self.process_env()
         ).start()
         try:
-            wait_until(self._all_models_ready, timeout, f"TorchServe models {self.models}", 0.1)
+            wait_until(lambda: self._all_ready(names), timeout, f"TorchServe models {names}", 0.1)
         except BaseException:
             self.stop()
             raise
@@ -264,7 +267,11 @@ class TorchServe:
         )
 
     def register(self, mar_name: str, initial_workers: int = 1, timeout: float = 120) -> None:
-        """Register an archive of the model store (e.g. a second version) and wait for workers."""
+        """Register an archive of the model store (e.g. a second version) and wait for workers.
+
+        Registrations are not kept across a restart (`--ncs`: no config snapshots); `start()`
+        loads `models` only.
+        """
         params: dict[str, str | int] = {
             "url": mar_name,
             "initial_workers": initial_workers,
@@ -288,10 +295,15 @@ class TorchServe:
         if response.status_code != 200:
             raise RuntimeError(f"scaling {model} to {workers} workers failed: {response.text}")
 
-    def _all_models_ready(self) -> bool:
+    def _all_ready(self, names: Sequence[str]) -> bool:
         assert self._process is not None
         self._process.check_alive("TorchServe")
-        return all(self.ready(name) for name in self.model_names())
+        if not names:
+            try:
+                return self._management("GET", "/models").status_code == 200
+            except httpx.HTTPError:
+                return False
+        return all(self.ready(name) for name in names)
 
     def _management(
         self,

@@ -114,7 +114,10 @@ def _ensure_redis(redis_server: RedisServer) -> None:
 
 
 class StackFactory:
-    """Starts dispatcher stacks (Celery workers + API) against the session's Redis and TorchServe."""
+    """Starts dispatcher stacks (Celery workers + API) on `redis_server` and the session TorchServe.
+
+    `redis_server` is started (again) on first use unless `env` brings its own REDIS_URL.
+    """
 
     def __init__(self, redis_server: RedisServer, torchserve: TorchServe, log_root: Path) -> None:
         self.redis_server = redis_server
@@ -129,13 +132,22 @@ class StackFactory:
         }
 
     def start(
-        self, workers: int = 1, env: Mapping[str, str] | None = None, concurrency: int = 8
+        self,
+        workers: int = 1,
+        env: Mapping[str, str] | None = None,
+        concurrency: int = 8,
+        pool: str = "threads",
     ) -> Stack:
         """Start `workers` workers and the API with REDIS_URL, TORCHSERVE_URL plus `env`."""
-        _ensure_redis(self.redis_server)
+        if "REDIS_URL" not in (env or {}):
+            _ensure_redis(self.redis_server)
         log_dir = self.log_root / f"stack-{len(self.stacks) + 1}"
         stack = start_stack(
-            {**self.base_env(), **(env or {})}, log_dir, workers=workers, concurrency=concurrency
+            {**self.base_env(), **(env or {})},
+            log_dir,
+            workers=workers,
+            concurrency=concurrency,
+            pool=pool,
         )
         self.stacks.append(stack)
         return stack
@@ -150,17 +162,21 @@ class StackFactory:
 
 @pytest.fixture
 def stack_factory(
-    request: pytest.FixtureRequest,
-    redis_server: RedisServer,
-    torchserve: TorchServe,
-    tmp_path: Path,
+    request: pytest.FixtureRequest, torchserve: TorchServe, tmp_path: Path
 ) -> Iterator[StackFactory]:
-    """`stack_factory.start(workers=1, env={...}, concurrency=8)`; all stopped after the test."""
-    factory = StackFactory(redis_server, torchserve, tmp_path)
+    """`stack_factory.start(workers=1, env={...}, concurrency=8)`; all stopped after the test.
+
+    Its stacks get a private redis-server (`stack_factory.redis_server`, started on first use)
+    unless `env` sets REDIS_URL: on the session's Redis, the workers of a module's `stack` would
+    consume their queue too (one `dispatch` queue per Redis), with that stack's settings.
+    """
+    private_redis = RedisServer(tmp_path / "redis")
+    factory = StackFactory(private_redis, torchserve, tmp_path)
     try:
         yield factory
     finally:
         factory.stop_all()
+        private_redis.stop()
         if _failed(request.node):
             print(factory.logs())  # shown in the failure report's captured output
 
@@ -177,3 +193,60 @@ def stack(
         yield factory.start(workers=2)
     finally:
         factory.stop_all()
+
+
+class TorchServeFactory:
+    """Dedicated TorchServe instances for tests that stop, restart or overload one."""
+
+    def __init__(self, model_store: Path, root: Path) -> None:
+        self.model_store = model_store
+        self.root = root
+        self.servers: list[TorchServe] = []
+
+    def start(
+        self,
+        models: tuple[str, ...] = ("counting.mar",),
+        *,
+        workers: int = 1,
+        job_queue_size: int = 100,
+        counting_log: Path | None = None,
+    ) -> TorchServe:
+        """A started TorchServe on free ports serving `models` from the session's model store."""
+        workdir = self.root / f"torchserve-{len(self.servers) + 1}"
+        log = counting_log or workdir / "counting.jsonl"
+        server = TorchServe(
+            workdir,
+            self.model_store,
+            models,
+            workers_per_model=workers,
+            job_queue_size=job_queue_size,
+            env={"COUNTING_MODEL_LOG": str(log)},
+        )
+        self.servers.append(server)
+        return server.start()
+
+    def stop_all(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def torchserve_factory(
+    model_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TorchServeFactory]:
+    """`torchserve_factory.start(models, workers=, job_queue_size=, counting_log=)`; module-wide."""
+    factory = TorchServeFactory(model_store, tmp_path_factory.mktemp("dedicated-torchserve"))
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture
+def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server (AOF on) for tests that stop it or must see only their own keys.
+
+    Request it before `stack_factory`, so the stack is stopped before this server.
+    """
+    with RedisServer(tmp_path / "dedicated-redis") as server:
+        yield server

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from conftest import StackFactory
 
 from devstack import (
     ApiServer,
@@ -63,7 +64,8 @@ def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
     pid_file = tmp_path / "child.pid"
     script = f"sleep 60 & echo $! > {pid_file}; wait"
     with ManagedProcess(["sh", "-c", script], tmp_path / "p.log") as process:
-        child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 5, "pid"))
+        written = wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 5, "pid")
+        child = int(written)
         assert _running(child)
     assert not process.alive
     assert not _running(child)
@@ -173,7 +175,10 @@ def test_echo_returns_the_body(torchserve: TorchServe) -> None:
 
 # nn.Linear(3, 2) initialised after torch.manual_seed(0), computed once with torch 2.13 (this
 # process does not import torch: without numpy installed its import warns, and warnings fail).
-LINEAR_EXPECTED = [[-0.8218859434127808, 0.0526045560836792], [-0.5587476491928101, 0.757554292678833]]
+LINEAR_EXPECTED = [
+    [-0.8218859434127808, 0.0526045560836792],
+    [-0.5587476491928101, 0.757554292678833],
+]
 
 
 def test_linear_is_deterministic(torchserve: TorchServe) -> None:
@@ -278,9 +283,7 @@ def test_api_server_health_and_stop(tmp_path: Path) -> None:
     assert not api.alive
 
 
-def test_start_stack_starts_and_stops_everything(
-    redis_server: RedisServer, tmp_path: Path
-) -> None:
+def test_start_stack_starts_and_stops_everything(redis_server: RedisServer, tmp_path: Path) -> None:
     env = {"REDIS_URL": redis_server.url}
     with start_stack(
         env, tmp_path, workers=2, worker_app=FAKES_WORKER_APP, api_app=FAKES_API_APP
@@ -291,3 +294,29 @@ def test_start_stack_starts_and_stops_everything(
         assert stack.logs().count("ready.") == 2
     assert not stack.api.alive
     assert not any(worker.alive for worker in stack.workers)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_worker_stop_is_a_warm_shutdown(stack_factory: StackFactory, pool: str) -> None:
+    # SIGTERM reaches the worker's main process only: prefork children would die mid-task.
+    stack = stack_factory.start(workers=1, concurrency=1, pool=pool)
+    with httpx.Client(base_url=stack.api_url, timeout=10) as http:
+        body = {"model_name": "slow", "input": {"sleep": 2}}
+        status_url = http.post(
+            "/dispatch_model", json=body, headers={"Prefer": "respond-async"}
+        ).json()["status_url"]
+        wait_until(lambda: http.get(status_url).json()["status"] == "running", 10, "task start")
+        stack.workers[0].stop()
+        assert http.get(status_url).json()["status"] == "succeeded"
+    assert "WorkerLostError" not in stack.logs()
+
+
+def test_torchserve_without_models_starts_and_registers(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    archive_demo_models(store)
+    with TorchServe(tmp_path / "ts", store, []) as server:
+        assert httpx.get(f"{server.management_url}/models").json() == {"models": []}
+        server.register("echo.mar")
+        assert server.ready("echo")
+        assert _predict(server, "echo", [1, 2]).json() == [1, 2]

@@ -2,17 +2,20 @@
 
 Tests read that file to prove what reached TorchServe (e.g. that a canceled task never did).
 TorchServe's model workers inherit the frontend's environment, which sets the variable.
+A JSON object body with `"sleep": seconds` (at most 30) is logged first, then answered that late.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from _payload import json_body
 
 LOG_ENV = "COUNTING_MODEL_LOG"
+MAX_SLEEP = 30.0
 
 
 def _record(body: Any) -> int:
@@ -27,4 +30,11 @@ def _record(body: Any) -> int:
 def handle(data: list[dict[str, Any]] | None, context: Any) -> list[Any] | None:
     if data is None:
         return None
-    return [{"count": _record(json_body(request))} for request in data]
+    answers = []
+    for request in data:
+        body = json_body(request)
+        count = _record(body)  # on arrival: a request that is cut short still counts
+        if isinstance(body, dict) and isinstance(body.get("sleep"), int | float):
+            time.sleep(min(max(float(body["sleep"]), 0.0), MAX_SLEEP))
+        answers.append({"count": count})
+    return answers

