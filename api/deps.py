@@ -1,4 +1,8 @@
-"""Dependencies every route shares, declared once as `Annotated` aliases."""
+"""Dependencies every route shares, declared once as `Annotated` aliases.
+
+All are `async def` although none awaits: FastAPI runs plain `def` dependencies in a threadpool,
+and those hops were a quarter of the API's CPU per request (see docs/BENCHMARKS.md).
+"""
 
 from __future__ import annotations
 
@@ -13,17 +17,17 @@ from api.waiting import ResultWaiter
 from shared.settings import Settings
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _store(request: Request) -> ApiStore:
+async def _store(request: Request) -> ApiStore:
     store: ApiStore = request.app.state.store
     return store
 
 
-def _waiter(request: Request) -> ResultWaiter:
+async def _waiter(request: Request) -> ResultWaiter:
     waiter: ResultWaiter = request.app.state.waiter
     return waiter
 
@@ -33,7 +37,7 @@ StoreDep = Annotated[ApiStore, Depends(_store)]
 WaiterDep = Annotated[ResultWaiter, Depends(_waiter)]
 
 
-def _owner(
+async def _owner(
     settings: SettingsDep,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
     x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
@@ -44,7 +48,7 @@ def _owner(
 OwnerDep = Annotated[str, Depends(_owner)]
 
 
-def _wait(
+async def _wait(
     settings: SettingsDep,
     prefer: Annotated[
         str | None,

@@ -22,6 +22,7 @@ HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    413: "payload_too_large",
     415: "unsupported_media_type",
 }
 

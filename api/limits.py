@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
@@ -36,7 +37,9 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise self._error()
+                    # FastAPI turns any other exception from the body into a 400 "error parsing
+                    # the body"; an HTTPException passes through to the 413 handler.
+                    raise HTTPException(self._error().status, self._error().msg)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -125,6 +125,10 @@ class ApiStore:
     async def cancel(self, task_id: str, owner: str) -> TaskView:
         """Cancel a queued task at once, flag a running one; 409 for a finished one."""
         view = await self.get(task_id, owner)
+        if view.status.terminal:  # CANCEL would answer `canceled` for a task canceled before
+            raise TaskAlreadyFinished(
+                f"task {task_id} already ended as {view.status.value}; there is nothing to cancel"
+            )
         canceled = TaskCanceled("the task was canceled before a worker started it")
         outcome = await self._cancel(
             keys=[records.task_key(task_id)],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from shared.errors import TargetNotAllowed
+from shared.errors import InvalidRequest, TargetNotAllowed
 from shared.models import PredictionRequest
 from shared.settings import Settings, normalize_origin
 
@@ -22,7 +22,10 @@ def resolve_origin(request: PredictionRequest, settings: Settings) -> str:
     port = request.port or default.port or (443 if scheme == "https" else 80)
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    origin = normalize_origin(f"{scheme}://{host}:{port}")
+    try:
+        origin = normalize_origin(f"{scheme}://{host}:{port}")
+    except ValueError as error:  # e.g. "[0]": bracketed, but no IPv6 address
+        raise InvalidRequest(f"host: {request.host!r} is not a host name or IP address") from error
     if origin not in settings.allowed_origins:
         raise TargetNotAllowed(
             f"{origin} is not an allowed TorchServe target; leave host/port/http_protocol out to "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
@@ -18,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared import records
-from shared.models import TaskView
+from shared.models import TaskStatus, TaskView
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 RECHECK_SECONDS = 15.0
 # Pause between reconnect attempts while Redis is down.
 RECONNECT_SECONDS = 0.5
+# A queued task's expiry is published by no one until a worker takes it: re-read it this long
+# after its deadline, when reading settles it as expired.
+EXPIRY_GRACE_SECONDS = 0.05
 
 
 class ResultWaiter:
@@ -64,8 +68,12 @@ class ResultWaiter:
                 remaining = until - loop.time()
                 if view.status.terminal or remaining <= 0:
                     return view
+                pause = min(remaining, RECHECK_SECONDS)
+                if view.status is TaskStatus.queued:
+                    until_expiry = max(0.0, view.deadline.timestamp() - time.time())
+                    pause = min(pause, until_expiry + EXPIRY_GRACE_SECONDS)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(remaining, RECHECK_SECONDS))
+                    await asyncio.wait_for(event.wait(), pause)
                 event.clear()
         finally:
             events = self._events[task_id]

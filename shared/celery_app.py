@@ -27,10 +27,15 @@ _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 def create_celery_app(settings: Settings) -> Celery:
     """A Celery app configured for at-least-once delivery over Redis, JSON only."""
+    visibility = settings.visibility_timeout
     transport_options = {
-        # Redis has no acks: a fetched, unacked message is redelivered after this long. It must
-        # exceed the longest a task can run, or a slow task is delivered to a second worker.
-        "visibility_timeout": settings.visibility_timeout,
+        # Redis has no acks: a fetched, unacked message is redelivered after this long. Live
+        # workers renew the lease of every message they hold each heartbeat (worker/heartbeat.py),
+        # so only a dead worker's messages come back, this long after it stopped renewing.
+        "visibility_timeout": visibility,
+        # How often workers look for such messages; kombu's default (10 s x 10) adds ~100 s.
+        "unacked_restore_interval": max(1, min(10, visibility // 4)),
+        "unacked_restore_throttle": 1,
         # Fail fast when Redis is gone, so reconnect logic (not a hung socket) takes over.
         "socket_timeout": 10,
         "socket_connect_timeout": 5,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -73,6 +74,16 @@ class PredictionRequest(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     token: SecretStr | None = None
+
+    @field_validator("input", "max_model_page", "postprocessingsteps", "input_media_type")
+    @classmethod
+    def _finite_json(cls, value: Any) -> Any:
+        # Python's JSON parser accepts NaN and Infinity; JSON, and the TorchServe call, do not.
+        try:
+            json.dumps(value, allow_nan=False)
+        except ValueError:
+            raise ValueError("NaN and Infinity are not JSON; send finite numbers") from None
+        return value
 
     @field_validator("http_protocol", mode="before")
     @classmethod

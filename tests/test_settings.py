@@ -19,7 +19,9 @@ def build(**values: object) -> Settings:
 def test_defaults_are_consistent() -> None:
     settings = build()
     assert settings.default_origin == "http://127.0.0.1:8080"
-    assert settings.visibility_timeout > settings.task_time_limit > settings.dispatch_max_timeout
+    assert settings.task_time_limit > settings.dispatch_max_timeout
+    # Leases are renewed every heartbeat: the timeout outlasts missed heartbeats, not tasks.
+    assert settings.visibility_timeout >= 3 * settings.worker_heartbeat_interval
 
 
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,11 +41,7 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"dispatch_default_wait": 10, "dispatch_max_wait": 5}, "DISPATCH_DEFAULT_WAIT"),
         ({"dispatch_default_timeout": 100, "dispatch_max_timeout": 50}, "DISPATCH_DEFAULT_TIMEOUT"),
         (
-            {
-                "dispatch_default_timeout": 60,
-                "dispatch_max_timeout": 60,
-                "broker_visibility_timeout": 30,
-            },
+            {"worker_heartbeat_interval": 5, "broker_visibility_timeout": 10},
             "BROKER_VISIBILITY_TIMEOUT",
         ),
         ({"retry_backoff_initial": 9, "retry_backoff_max": 1}, "RETRY_BACKOFF_INITIAL"),

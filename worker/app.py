@@ -8,5 +8,9 @@ from shared.settings import get_settings
 # Module-level because Celery's CLI loads the app by name; settings come from the environment.
 app = create_celery_app(get_settings())
 app.conf.include = ["worker.tasks", "worker.heartbeat"]
-# httpx logs every request at INFO: one line per task that Celery's own lines already cover.
+# Per-task INFO lines ("received", "succeeded", httpx's "HTTP Request") cost ~15% of a worker's
+# CPU per task (docs/BENCHMARKS.md); failures still log at WARNING and above, start-up at INFO.
 logging.getLogger("httpx").setLevel(logging.WARNING)
+if not get_settings().worker_log_tasks:
+    for per_task_logger in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(per_task_logger).setLevel(logging.WARNING)

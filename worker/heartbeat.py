@@ -1,6 +1,7 @@
 """Liveness for `/ready`: each worker refreshes a key while its process lives.
 
 Whether workers also *complete* work is judged from `dispatch:last_finished` (api/readiness.py).
+The same beat renews the broker lease of every message the worker holds (see `_renew_leases`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import redis
 from celery.signals import worker_ready, worker_shutdown
+from celery.worker import state as worker_state
+from kombu.transport.redis import Channel
 
 from shared import records
 from shared.settings import get_settings
@@ -28,10 +31,32 @@ def _payload() -> str:
     return json.dumps({"pid": os.getpid(), "at": time.time()})
 
 
+def _held_delivery_tags() -> list[str]:
+    """The delivery tags of every message this worker holds, running or prefetched."""
+    try:
+        held = tuple(worker_state.requests.values())
+    except RuntimeError:  # changed while copied; the next beat renews
+        return []
+    return [str(request.message.delivery_tag) for request in held]
+
+
+def _renew_leases(client: redis.Redis) -> None:
+    """Push back the redelivery of the messages this worker holds: it is alive and on them.
+
+    Kombu's Redis transport redelivers an unacked message once its score (delivery time) in this
+    sorted set is older than the visibility timeout; a dead worker stops renewing, so its
+    messages come back within that timeout. XX: an acked (removed) message is never re-added.
+    """
+    tags = _held_delivery_tags()
+    if tags:
+        client.zadd(Channel.unacked_index_key, dict.fromkeys(tags, time.time()), xx=True)
+
+
 def _beat(client: redis.Redis, key: str, interval: float) -> None:
     while not _stop.wait(interval):
         try:
             client.set(key, _payload(), ex=max(1, int(interval * 3)))
+            _renew_leases(client)
         except redis.RedisError as error:
             log.warning("heartbeat failed: %s", type(error).__name__)
 

@@ -6,11 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 
 from api.deps import OwnerDep, SettingsDep, StoreDep, WaitDep, WaiterDep
 from api.errors import error_response
 from api.targets import resolve_origin
-from shared.errors import DispatchError
+from shared.errors import DispatchError, QueueUnavailable
 from shared.models import Accepted, PredictionRequest, TaskError, TaskStatus, TaskView
 
 router = APIRouter(tags=["dispatch"])
@@ -76,7 +77,13 @@ async def dispatch_model(
         if preference.seconds > 0:
             view = await waiter.wait(task_id, preference.seconds, lambda: store.get(task_id, owner))
         result = task_response(view)
-    except DispatchError as error:  # e.g. Redis lost mid-wait: the task itself is safe
+    except RedisError:  # Redis lost mid-wait: the task itself is safe, so name it
+        lost = QueueUnavailable(
+            "the task queue (Redis) became unavailable while waiting; the task is kept: "
+            f"poll /tasks/{task_id} in a few seconds"
+        )
+        result = error_response(lost, task_id)
+    except DispatchError as error:
         result = error_response(error, task_id)
     if preference.applied:
         (result if isinstance(result, Response) else response).headers["Preference-Applied"] = (

@@ -1,0 +1,36 @@
+"""Benchmark model: sleeps 20 ms per request, then echoes the JSON body.
+
+With 2 TorchServe workers its capacity is 2 / 0.020 s = 100 requests per second: the yardstick
+of the burst and waiting-clients scenarios.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+SLEEP_SECONDS = 0.020
+
+
+def _body(request: dict[str, Any]) -> Any:
+    body = request.get("body", request.get("data"))
+    if isinstance(body, bytes | bytearray):
+        body = body.decode("utf-8", errors="replace")
+    if isinstance(body, str):
+        try:
+            return json.loads(body)
+        except ValueError:
+            return body
+    return body
+
+
+def handle(data: list[dict[str, Any]] | None, context: Any) -> list[Any] | None:
+    """TorchServe entry point: one answer per request of the batch, 20 ms each."""
+    if data is None:  # TorchServe's initialization call
+        return None
+    answers = []
+    for request in data:
+        time.sleep(SLEEP_SECONDS)
+        answers.append(_body(request))
+    return answers

@@ -1,0 +1,91 @@
+"""How big each scenario is: the full run, and the smoke run that keeps the harness from rotting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Counts, durations and the stack's shape; every load loop is bounded by these."""
+
+    smoke: bool
+    # (1) latency: sequential requests per side, after a few unmeasured warm-up requests.
+    latency_requests: int
+    latency_warmup: int
+    # (2, 3) wrk throughput: connections and seconds per side.
+    connections: int
+    wrk_seconds: float
+    # (4) burst on the slow model: requests fired at once.
+    burst_requests: int
+    # (5) waiting clients on the slow model, opened over `waiting_ramp_seconds`.
+    waiting_clients: int
+    waiting_ramp_seconds: float
+    # (6) horizontal scale: seconds per worker count; fixed concurrency per worker.
+    scale_seconds: float
+    scale_worker_counts: tuple[int, ...]
+    scale_concurrency: int
+    scale_torchserve_workers: int
+    # (7) async submit rate: seconds of wrk.
+    submit_seconds: float
+    # The dispatcher's Celery workers for the tiny-model and burst scenarios (and the peer's).
+    workers: int
+    concurrency: int
+    pool: str
+    # TorchServe workers of the slow model for bursts and waiting clients (issue: 2).
+    slow_workers: int
+    # Processes that fire raw HTTP requests for the burst and waiting scenarios.
+    client_processes: int
+    profile: bool = False
+
+    def with_options(
+        self,
+        *,
+        profile: bool,
+        workers: int | None = None,
+        concurrency: int | None = None,
+        pool: str | None = None,
+    ) -> Plan:
+        """This plan with the command line's choices (None keeps the plan's value)."""
+        return replace(
+            self,
+            profile=profile,
+            workers=self.workers if workers is None else workers,
+            concurrency=self.concurrency if concurrency is None else concurrency,
+            pool=self.pool if pool is None else pool,
+        )
+
+
+FULL = Plan(
+    smoke=False,
+    latency_requests=1_000,
+    latency_warmup=50,
+    connections=64,
+    wrk_seconds=10.0,
+    burst_requests=2_000,
+    waiting_clients=5_000,
+    waiting_ramp_seconds=2.0,
+    scale_seconds=10.0,
+    scale_worker_counts=(1, 2, 4),
+    scale_concurrency=1,
+    scale_torchserve_workers=8,
+    submit_seconds=10.0,
+    workers=2,
+    concurrency=8,
+    pool="threads",
+    slow_workers=2,
+    client_processes=2,
+)
+
+SMOKE = replace(
+    FULL,
+    smoke=True,
+    latency_requests=60,
+    latency_warmup=10,
+    wrk_seconds=1.0,
+    burst_requests=150,
+    waiting_clients=200,
+    waiting_ramp_seconds=0.2,
+    scale_seconds=1.0,
+    submit_seconds=1.0,
+)

@@ -1,0 +1,78 @@
+"""One benchmark run: start the stack, play the scenarios in order, build the report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import profiling
+from bench.loadgen import ensure_wrk
+from bench.machine import machine, raise_open_files_limit
+from bench.plan import Plan
+from bench.progress import say
+from bench.report import Report
+from bench.scenarios import burst, latency, scale, submit, throughput, waiting
+from bench.scenarios.context import Context
+from bench.stack import JOB_QUEUE_SIZE, BenchStack
+
+SCENARIOS: list[Callable[[Context], None]] = [
+    latency.run,
+    throughput.run,
+    burst.run,
+    waiting.run,
+    scale.run,
+    submit.run,
+    submit.check_subscriptions,
+]
+
+
+def describe_stack(plan: Plan) -> str:
+    return (
+        f"TorchServe 0.12 (echo: 1 worker; slow20: {plan.slow_workers} workers, "
+        f"{plan.scale_torchserve_workers} for the scale scenario; job_queue_size "
+        f"{JOB_QUEUE_SIZE}); dispatcher: 1 API process (uvicorn), {plan.workers} Celery workers "
+        f"({plan.pool} x {plan.concurrency}); redis-server without persistence; the peer: "
+        f"its own API process, {plan.workers} Celery workers ({plan.pool} x {plan.concurrency}) "
+        "and its own redis-server"
+    )
+
+
+def prepare(workdir: Path, plan: Plan) -> None:
+    """Fail fast on missing tools, before a minute of stack start-up."""
+    ensure_wrk()
+    if plan.profile:
+        profiling.py_spy()
+    raise_open_files_limit()
+    # The work directory belongs to the benchmark: a previous run's logs are replaced.
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+
+
+def run(plan: Plan, workdir: Path, command: str) -> Report:
+    """Run every scenario against a fresh stack under `workdir`; the stack is always stopped."""
+    prepare(workdir, plan)
+    began = time.monotonic()
+    report = Report(
+        command=command,
+        date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=machine(),
+        stack=describe_stack(plan),
+        load_before=os.getloadavg(),
+    )
+    with BenchStack(workdir) as stack:
+        stack.start(plan.slow_workers)
+        ctx = Context(plan, stack, workdir)
+        say(f"starting {plan.workers} Celery workers ({plan.pool} x {plan.concurrency}) ...")
+        ctx.workers = stack.start_workers(plan.workers, plan.concurrency, plan.pool)
+        for scenario in SCENARIOS:
+            scenario(ctx)
+        say("stopping the stack ...")
+    report.rows, report.notes, report.profile = ctx.rows, ctx.notes, ctx.profile
+    report.load_after = os.getloadavg()
+    report.seconds = time.monotonic() - began
+    report.notes.append(f"Logs of this run: {workdir}.")
+    return report

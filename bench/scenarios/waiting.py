@@ -1,0 +1,118 @@
+"""(5) Thousands of clients waiting at once on one API process: threads flat, memory bounded."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from bench.machine import rss_mb, threads
+from bench.progress import say
+from bench.scenarios.burst import wait_bound
+from bench.scenarios.context import SLOW_DISPATCH_BODY, SLOW_SECONDS, TINY_DISPATCH_BODY, Context
+from bench.shots import Volley, fire
+from bench.table import Row, number
+
+RSS_GROWTH_TARGET_MB = 200.0
+# "Flat": waiting clients add no threads. FastAPI's threadpool (sync dependencies) is bounded
+# and warmed up first; this slack covers it growing by a few threads meanwhile.
+THREAD_SLACK = 4
+SAMPLE_SECONDS = 0.2
+WARMUP_REQUESTS = 200
+
+
+@dataclass
+class Sampler:
+    """Samples an API process's thread count and RSS in a thread until stopped."""
+
+    pid: int
+    thread_counts: list[int] = field(default_factory=list)
+    rss: list[float] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def _loop(self) -> None:
+        while True:
+            self.thread_counts.append(threads(self.pid))
+            self.rss.append(rss_mb(self.pid))
+            if self._stop.wait(SAMPLE_SECONDS):
+                return
+
+    def __enter__(self) -> Sampler:
+        self._thread = threading.Thread(target=self._loop, name="api-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run(ctx: Context) -> None:
+    plan, stack = ctx.plan, ctx.stack
+    count = plan.waiting_clients
+    capacity = plan.slow_workers / SLOW_SECONDS
+    wait = wait_bound(count, capacity)
+    pid = stack.api_server.pid
+    # Warm the API (FastAPI's threadpool, Redis pool, allocator) so growth means waiting clients.
+    fire(Volley(stack.dispatch_url(), TINY_DISPATCH_BODY.encode(), WARMUP_REQUESTS), 1)
+    threads_before, rss_before = threads(pid), rss_mb(pid)
+    say(
+        f"waiting clients: {count} concurrent sync requests on the slow model, opened over "
+        f"{plan.waiting_ramp_seconds:g} s (ideal {count / capacity:.0f} s) ..."
+    )
+    volley = Volley(
+        stack.dispatch_url(),
+        SLOW_DISPATCH_BODY.encode(),
+        count,
+        headers=(("Prefer", f"wait={wait:g}"),),
+        ramp=plan.waiting_ramp_seconds,
+        timeout=wait + 15,
+    )
+    mark = ctx.log_mark()
+    with Sampler(pid) as sampler:
+        result = fire(volley, plan.client_processes)
+    problems = ctx.log_problems(mark)
+    if problems:
+        say(f"  logged: {problems}")
+        ctx.notes.append(f"Waiting clients: the stack logged {problems}.")
+    succeeded = result.count(200)
+    threads_max, rss_max = max(sampler.thread_counts), max(sampler.rss)
+    growth = max(0.0, rss_max - rss_before)
+    say(
+        f"  {succeeded}/{count} succeeded in {result.span:.1f} s; API threads {threads_before} -> "
+        f"max {threads_max}; RSS {rss_before:.0f} -> max {rss_max:.0f} MB"
+    )
+    if result.errors:
+        ctx.notes.append(f"Waiting clients: client-side errors {dict(result.errors)}.")
+    scenario = f"waiting clients, {number(count)} concurrent, slow model, 1 API process"
+    ctx.rows += [
+        Row(
+            key="waiting_succeeded",
+            scenario=scenario,
+            measure="succeeded",
+            direct="-",
+            dispatcher=f"{number(succeeded)} of {number(count)} in {result.span:.0f} s",
+            target="all",
+            met=succeeded == count,
+            figures={"succeeded": succeeded, "seconds": result.span},
+        ),
+        Row(
+            key="waiting_threads",
+            scenario=scenario,
+            measure="API threads (before -> max)",
+            direct="-",
+            dispatcher=f"{threads_before} -> {threads_max}",
+            target="flat",
+            met=threads_max <= threads_before + THREAD_SLACK,
+            figures={"threads_before": threads_before, "threads_max": threads_max},
+        ),
+        Row(
+            key="waiting_rss",
+            scenario=scenario,
+            measure="API RSS growth",
+            direct="-",
+            dispatcher=f"+{growth:.0f} MB ({rss_before:.0f} -> {rss_max:.0f})",
+            target=f"<= {RSS_GROWTH_TARGET_MB:g} MB",
+            met=growth <= RSS_GROWTH_TARGET_MB,
+            figures={"rss_before_mb": rss_before, "rss_max_mb": rss_max},
+        ),
+    ]

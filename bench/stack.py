@@ -1,0 +1,200 @@
+"""The benchmark's own stack: Redis, TorchServe (echo + slow20), the API, Celery workers, the peer.
+
+Everything binds 127.0.0.1 on free ports, lives under one run directory and is stopped by PID
+(devstack's ManagedProcess) when the ExitStack closes, whatever happened before.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import redis
+
+from bench.progress import say
+from devstack import (
+    DEMO_MODELS_DIR,
+    ApiServer,
+    CeleryWorker,
+    RedisServer,
+    TorchServe,
+    archive_model,
+)
+
+TINY_MODEL = "echo"
+SLOW_MODEL = "slow20"
+SLOW_HANDLER = Path(__file__).parent / "models" / "slow20.py"
+# TorchServe's queue per model; the burst scenario is about what happens beyond it.
+JOB_QUEUE_SIZE = 100
+PEER_API_APP = "bench.peer.app:create_app"
+PEER_WORKER_APP = "bench.peer.tasks"
+
+
+class BenchStack:
+    """Starts the shared servers once; worker sets and the peer come and go per scenario."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._exit = ExitStack()
+        self.redis = RedisServer(root / "redis", appendonly=False)
+        self.torchserve = TorchServe(
+            root / "torchserve",
+            root / "model-store",
+            [f"{TINY_MODEL}.mar", f"{SLOW_MODEL}.mar"],
+            job_queue_size=JOB_QUEUE_SIZE,
+        )
+        self.api: ApiServer | None = None
+        self._worker_serial = 0
+
+    # --- shared servers -------------------------------------------------------------------
+
+    def start(self, slow_workers: int) -> Self:
+        store = self.root / "model-store"
+        archive_model(TINY_MODEL, DEMO_MODELS_DIR / TINY_MODEL / "handler.py", store)
+        archive_model(SLOW_MODEL, SLOW_HANDLER, store)
+        say(f"starting redis-server and TorchServe ({TINY_MODEL}, {SLOW_MODEL}) ...")
+        self._exit.callback(self.redis.stop)
+        self.redis.start()
+        self._exit.callback(self.torchserve.stop)
+        self.torchserve.start()
+        self.scale_slow(slow_workers)
+        self.api = ApiServer(self.env(api=True), self.root / "logs" / "api.log")
+        self._exit.callback(self.api.stop)
+        self.api.start()
+        say(f"stack up: API {self.api.url}, TorchServe {self.torchserve.inference_url}")
+        return self
+
+    def env(self, *, api: bool = False) -> dict[str, str]:
+        env = {"REDIS_URL": self.redis.url, "TORCHSERVE_URL": self.torchserve.inference_url}
+        if api:
+            # The submit-rate scenario queues tens of thousands of tasks with no worker running:
+            # the 429 guard must not be what it measures.
+            env["MAX_QUEUE_DEPTH"] = "10000000"
+        return env
+
+    @property
+    def api_server(self) -> ApiServer:
+        if self.api is None:
+            raise RuntimeError("the stack has not been started")
+        return self.api
+
+    def scale_slow(self, workers: int) -> None:
+        self.torchserve.scale(SLOW_MODEL, workers)
+
+    def predictions_url(self, model: str) -> str:
+        return f"{self.torchserve.inference_url}/predictions/{model}"
+
+    def dispatch_url(self) -> str:
+        return f"{self.api_server.url}/dispatch_model"
+
+    def client(self) -> redis.Redis:
+        return self.redis.client(decode_responses=True)
+
+    # --- Celery workers -------------------------------------------------------------------
+
+    def start_workers(self, count: int, concurrency: int, pool: str) -> list[CeleryWorker]:
+        """`count` dispatcher workers, started in parallel; stopped by stop_workers or at exit."""
+        workers = []
+        for _ in range(count):
+            self._worker_serial += 1
+            name = f"bench{self._worker_serial}"
+            log = self.root / "logs" / f"worker-{self._worker_serial}.log"
+            worker = CeleryWorker(self.env(), name, log, concurrency, pool)
+            self._exit.callback(worker.stop)
+            workers.append(worker.launch())
+        for worker in workers:
+            worker.wait_ready(60)
+        return workers
+
+    @staticmethod
+    def stop_workers(workers: list[CeleryWorker]) -> None:
+        for worker in workers:
+            worker.stop()
+
+    def drop_queue(self) -> int:
+        """Delete what is still queued (after the submit-rate scenario); returns how many."""
+        with self.client() as client:
+            depth = int(client.llen("dispatch"))
+            client.delete("dispatch")
+        return depth
+
+    # --- the common-pattern peer ----------------------------------------------------------
+
+    def start_peer(self, workers: int, concurrency: int, pool: str) -> Peer:
+        peer = Peer(self.root / "peer", self.torchserve.inference_url, workers, concurrency, pool)
+        self._exit.push(peer)
+        return peer.start()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._exit.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class Peer:
+    """The peer's own redis-server (so its result subscriptions are counted apart), API, workers."""
+
+    def __init__(
+        self, root: Path, torchserve_url: str, workers: int, concurrency: int, pool: str
+    ) -> None:
+        self.redis = RedisServer(root / "redis", appendonly=False)
+        env = {"REDIS_URL": self.redis.url, "TORCHSERVE_URL": torchserve_url}
+        self.api = ApiServer(env, root / "api.log", app=PEER_API_APP)
+        self.workers = [
+            CeleryWorker(
+                env, f"peer{i}", root / f"worker-{i}.log", concurrency, pool, app=PEER_WORKER_APP
+            )
+            for i in range(1, workers + 1)
+        ]
+
+    @property
+    def dispatch_url(self) -> str:
+        return f"{self.api.url}/dispatch_model"
+
+    def start(self) -> Self:
+        try:
+            self.redis.start()
+            for worker in self.workers:
+                worker.launch()
+            self.api.launch()
+            for service in [*self.workers, self.api]:
+                service.wait_ready(60)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def channels(self) -> int:
+        """Pub/sub channels left on the peer's Redis (Celery's per-task result channels)."""
+        with self.redis.client() as client:
+            return len(client.pubsub_channels())
+
+    def stop(self) -> None:
+        self.api.stop()
+        for worker in self.workers:
+            worker.stop()
+        self.redis.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
