@@ -23,7 +23,10 @@ from shared.settings import Settings, get_settings
 
 # Requests share this many Redis connections and wait for a free one rather than open more:
 # thousands of waiting clients must not mean thousands of Redis connections.
-REDIS_POOL_SIZE = 64
+REDIS_POOL_SIZE = 128
+# How long a request may queue for a free connection in a burst. A Redis that is down fails
+# fast (refused), so this does not delay the 503 of an outage; a busy pool is not an outage.
+POOL_WAIT_SECONDS = 5.0
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
@@ -31,7 +34,7 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=REDIS_POOL_SIZE,
-        timeout=settings.redis_socket_timeout,
+        timeout=POOL_WAIT_SECONDS,
         decode_responses=True,
         socket_timeout=settings.redis_socket_timeout,
         socket_connect_timeout=min(1.0, settings.redis_socket_timeout),

@@ -28,6 +28,10 @@ from shared.settings import Settings
 ORPHAN_MARGIN = 60.0
 
 
+def new_task_id() -> str:
+    return str(uuid.uuid4())
+
+
 class ApiStore:
     """Task records as the API sees them; all writes are the atomic scripts of shared.records."""
 
@@ -38,11 +42,12 @@ class ApiStore:
         self._cancel = client.register_script(records.CANCEL)
         self._settle = client.register_script(records.SETTLE)
 
-    async def submit(self, request: PredictionRequest, origin: str, owner: str) -> TaskView:
+    async def submit(
+        self, request: PredictionRequest, origin: str, owner: str, task_id: str
+    ) -> TaskView:
         """Record and enqueue one task, or raise QueueFull having written nothing."""
         now = time.time()
         deadline = now + self._timeout(request)
-        task_id = str(uuid.uuid4())
         call = PredictionCall(
             origin=origin,
             model_name=request.model_name,

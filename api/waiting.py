@@ -1,9 +1,10 @@
 """Waiting for results without threads: one pub/sub connection per API process for every waiter.
 
-Workers publish a task's id on `shared.records.FINISHED_CHANNEL` when it ends. The listener
-subscribes once, at start-up, and wakes the waiters registered for that id. A waiter registers
-before it reads the record, so a task that ends between the read and the wait still wakes it, and
-it re-reads the record now and then (and after the listener reconnects) in case a message was lost.
+Workers publish a task's whole record on `shared.records.FINISHED_CHANNEL` when it ends. The
+listener subscribes once, at start-up, and hands the record to the waiters registered for that
+id, so a woken waiter needs no read. A waiter registers before it submits (or reads) the task,
+so a task that ends in between still wakes it; it re-reads the record now and then (and after
+the listener reconnects) in case a message was lost.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -31,19 +32,57 @@ RECONNECT_SECONDS = 0.5
 # after its deadline, when reading settles it as expired.
 EXPIRY_GRACE_SECONDS = 0.05
 
+Read = Callable[[], Awaitable[TaskView]]
+
+
+class Watch:
+    """One waiter's registration: woken with the task's record, or to re-read it."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        self.woken = asyncio.Event()
+        self.published: dict[str, str] | None = None
+
+    def wake(self, published: dict[str, str] | None) -> None:
+        if published is not None:
+            self.published = published
+        self.woken.set()
+
+    async def until_terminal(self, view: TaskView, seconds: float, read: Read) -> TaskView:
+        """The task once it is terminal, or as it is when `seconds` have passed."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while True:
+            remaining = until - loop.time()
+            if view.status.terminal or remaining <= 0:
+                return view
+            pause = min(remaining, RECHECK_SECONDS)
+            if view.status is TaskStatus.queued:
+                until_expiry = max(0.0, view.deadline.timestamp() - time.time())
+                pause = min(pause, until_expiry + EXPIRY_GRACE_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self.woken.wait()
+            self.woken.clear()
+            if self.published is not None:
+                view = records.decode_record(self.task_id, self.published)
+                self.published = None
+            else:
+                view = await read()
+
 
 class ResultWaiter:
-    """Wakes coroutines waiting on task ids when the id is published as finished."""
+    """Routes published task records to the watches registered for them."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
-        self._events: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._watches: defaultdict[str, set[Watch]] = defaultdict(set)
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
     @property
     def waiting(self) -> int:
-        return sum(len(events) for events in self._events.values())
+        return sum(len(watches) for watches in self._watches.values())
 
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="result-listener")
@@ -54,41 +93,31 @@ class ResultWaiter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
 
-    async def wait(
-        self, task_id: str, seconds: float, read: Callable[[], Awaitable[TaskView]]
-    ) -> TaskView:
-        """`read()` once the task is terminal or `seconds` have passed, whichever is first."""
-        event = asyncio.Event()
-        self._events[task_id].add(event)
+    @contextlib.asynccontextmanager
+    async def watch(self, task_id: str) -> AsyncIterator[Watch]:
+        """Register for `task_id`'s end; enter before submitting or reading the task."""
+        watch = Watch(task_id)
+        self._watches[task_id].add(watch)
         try:
-            loop = asyncio.get_running_loop()
-            until = loop.time() + seconds
-            while True:
-                view = await read()
-                remaining = until - loop.time()
-                if view.status.terminal or remaining <= 0:
-                    return view
-                pause = min(remaining, RECHECK_SECONDS)
-                if view.status is TaskStatus.queued:
-                    until_expiry = max(0.0, view.deadline.timestamp() - time.time())
-                    pause = min(pause, until_expiry + EXPIRY_GRACE_SECONDS)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), pause)
-                event.clear()
+            yield watch
         finally:
-            events = self._events[task_id]
-            events.discard(event)
-            if not events:
-                del self._events[task_id]
+            watches = self._watches[task_id]
+            watches.discard(watch)
+            if not watches:
+                del self._watches[task_id]
 
-    def _wake(self, task_id: str) -> None:
-        for event in self._events.get(task_id, ()):
-            event.set()
+    def _deliver(self, message: str) -> None:
+        watches = self._watches.get(records.published_task_id(message))
+        if not watches:
+            return  # another API process's task
+        _, fields = records.parse_published(message)
+        for watch in watches:
+            watch.wake(fields)
 
     def _wake_all(self) -> None:
-        for events in self._events.values():
-            for event in events:
-                event.set()
+        for watches in self._watches.values():
+            for watch in watches:
+                watch.wake(None)
 
     async def _listen(self) -> None:
         while True:
@@ -107,4 +136,4 @@ class ResultWaiter:
         while True:
             message = await pubsub.get_message(timeout=RECHECK_SECONDS)
             if message and message["type"] == "message":
-                self._wake(message["data"])
+                self._deliver(message["data"])

@@ -22,6 +22,14 @@ LAST_FINISHED_KEY = "dispatch:last_finished"
 TERMINAL = tuple(s.value for s in TaskStatus if s.terminal)
 
 
+PUBLISH_RECORD = """
+-- Publishes the task's whole record, so waiters need no read after the wake-up.
+local function publish_record(key, channel, task_id)
+  redis.call('PUBLISH', channel, cjson.encode({task_id, redis.call('HGETALL', key)}))
+end
+"""
+
+
 def task_key(task_id: str) -> str:
     return TASK_KEY_PREFIX + task_id
 
@@ -39,7 +47,9 @@ return 1
 # KEYS: record. ARGV: now, max deliveries, ttl, channel, task id, error of an expiry, worker name.
 # Returns {verdict, deliveries}: 'run', a terminal status (a redelivered copy of a finished task),
 # 'missing', or 'too_many'. A task past its deadline becomes 'expired' here, before TorchServe.
-START = """
+START = (
+    PUBLISH_RECORD
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
 if status ~= 'queued' and status ~= 'running' then return {status, 0} end
@@ -48,35 +58,41 @@ if deliveries > tonumber(ARGV[2]) then return {'too_many', deliveries} end
 if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'deadline')) then
   redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', ARGV[1], 'error', ARGV[6])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  publish_record(KEYS[1], ARGV[4], ARGV[5])
   return {'expired', deliveries}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[7])
 return {'run', deliveries}
 """
+)
 
 # KEYS: record, LAST_FINISHED_KEY. ARGV: status, now, field ('result' or 'error'), value, ttl,
 # channel, task id. Only a live task finishes; a record that already ended keeps its first outcome.
 # LAST_FINISHED_KEY lets /ready tell workers that complete work from workers that merely live.
-FINISH = """
+FINISH = (
+    PUBLISH_RECORD
+    + """
 redis.call('SET', KEYS[2], ARGV[2])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], ARGV[3], ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('PUBLISH', ARGV[6], ARGV[7])
+publish_record(KEYS[1], ARGV[6], ARGV[7])
 return 1
 """
+)
 
 # KEYS: record. ARGV: now, ttl, channel, task id, error of a cancel.
 # Returns the status after the call: 'canceled', 'cancel_requested' (running) or the terminal one.
-CANCEL = """
+CANCEL = (
+    PUBLISH_RECORD
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1], 'error', ARGV[5])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  publish_record(KEYS[1], ARGV[3], ARGV[4])
   return 'canceled'
 end
 if status == 'running' then
@@ -85,17 +101,32 @@ if status == 'running' then
 end
 return status
 """
+)
 
 
 # KEYS: record. ARGV: expected status, new status, now, error, ttl, channel, task id.
 # Settles a task that outlived its bounds (see api/store.py) unless it moved on meanwhile.
-SETTLE = """
+SETTLE = (
+    PUBLISH_RECORD
+    + """
 if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('PUBLISH', ARGV[6], ARGV[7])
+publish_record(KEYS[1], ARGV[6], ARGV[7])
 return 1
 """
+)
+
+
+def parse_published(message: str) -> tuple[str, dict[str, str]]:
+    """(task id, record fields) from a FINISHED_CHANNEL message."""
+    task_id, flat = json.loads(message)
+    return task_id, dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def published_task_id(message: str) -> str:
+    """The task id alone, without parsing the record (most messages are for other processes)."""
+    return message.split('"', 2)[1]
 
 
 def _timestamp(raw: str | None) -> datetime | None:

@@ -27,11 +27,12 @@ async def get_task(
     ] = 0,
 ) -> TaskView:
     """The task's status, timestamps, and `prediction_value` or `error` once it ended."""
-    view = await store.get(task_id, owner)
     seconds = min(wait, settings.dispatch_max_wait)
-    if seconds > 0 and not view.status.terminal:
-        view = await waiter.wait(task_id, seconds, lambda: store.get(task_id, owner))
-    return view
+    if seconds <= 0:
+        return await store.get(task_id, owner)
+    async with waiter.watch(task_id) as watch:  # before the read: an end in between is seen
+        view = await store.get(task_id, owner)
+        return await watch.until_terminal(view, seconds, lambda: store.get(task_id, owner))
 
 
 @router.delete("/{task_id}", response_model=TaskView, responses=ERROR_RESPONSES)
