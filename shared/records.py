@@ -44,7 +44,8 @@ redis.call('LPUSH', KEYS[2], ARGV[3])
 return 1
 """
 
-# KEYS: record. ARGV: now, max deliveries, ttl, channel, task id, error of an expiry, worker name.
+# KEYS: record. ARGV: now, max deliveries, ttl, channel, task id, error of an expiry, worker name,
+# error of a redelivered task whose deadline passed.
 # Returns {verdict, deliveries}: 'run', a terminal status (a redelivered copy of a finished task),
 # 'missing', or 'too_many'. A task past its deadline becomes 'expired' here, before TorchServe.
 START = (
@@ -56,7 +57,12 @@ if status ~= 'queued' and status ~= 'running' then return {status, 0} end
 local deliveries = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 if deliveries > tonumber(ARGV[2]) then return {'too_many', deliveries} end
 if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'deadline')) then
-  redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', ARGV[1], 'error', ARGV[6])
+  -- Never started: expired. Started by a worker that died: it ran out of time (ARGV[8]).
+  if status == 'queued' then
+    redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', ARGV[1], 'error', ARGV[6])
+  else
+    redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error', ARGV[8])
+  end
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   publish_record(KEYS[1], ARGV[4], ARGV[5])
   return {'expired', deliveries}

@@ -70,10 +70,10 @@ class Settings(BaseSettings):
 
     result_ttl: int = Field(86_400, gt=0, description="How long finished task records are kept.")
     retry_max_attempts: int = Field(
-        5, ge=1, le=20, description="TorchServe attempts per task for 503, refused, timeout."
+        10, ge=1, le=20, description="TorchServe attempts per task for 503, refused, timeout."
     )
     retry_backoff_initial: float = Field(0.2, gt=0, description="First retry delay (s).")
-    retry_backoff_max: float = Field(5.0, gt=0, description="Longest retry delay (s).")
+    retry_backoff_max: float = Field(3.0, gt=0, description="Longest retry delay (s).")
 
     max_queue_depth: int = Field(50_000, gt=0, description="Beyond it submissions get 429.")
     max_body_bytes: int = Field(6 * MIB, gt=0, description="TorchServe's own default limit.")

@@ -14,7 +14,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from shared import records
-from shared.errors import DispatchError, TaskExpired
+from shared.errors import DeadlineExceeded, DispatchError, TaskExpired
 from shared.models import TaskStatus
 from shared.settings import Settings
 
@@ -54,6 +54,7 @@ class WorkerStore:
 
     def start(self, task_id: str) -> tuple[StartVerdict, int]:
         expired = TaskExpired("the task's deadline passed before a worker could start it")
+        overran = DeadlineExceeded("the task's worker was lost and its deadline passed meanwhile")
         verdict, deliveries = self._start(
             keys=[records.task_key(task_id)],
             args=[
@@ -64,6 +65,7 @@ class WorkerStore:
                 task_id,
                 expired.body(task_id).model_dump_json(),
                 self._worker_name,
+                overran.body(task_id).model_dump_json(),
             ],
         )
         if verdict in (StartVerdict.run, StartVerdict.too_many, StartVerdict.missing):
