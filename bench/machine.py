@@ -8,6 +8,8 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
+from devstack import proc_stats
+
 PROC = Path("/proc")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -91,17 +93,11 @@ def group_cpu_seconds(pgid: int) -> dict[int, float]:
     (TorchServe's Java frontend and its Python model workers too). By pid, because processes
     come and go (TorchServe scaling its workers): a difference is only taken per process.
     """
-    seconds: dict[int, float] = {}
-    for stat in PROC.glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # the process ended while we looked
-            continue
-        # Fields after the command name, which may itself contain spaces and parentheses.
-        fields = text.rpartition(")")[2].split()
-        if len(fields) > 12 and int(fields[2]) == pgid:
-            seconds[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return seconds
+    return {
+        pid: (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        for pid, fields in proc_stats()
+        if len(fields) > 12 and int(fields[2]) == pgid
+    }
 
 
 def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import redis
 
 from bench.progress import say
 from devstack import (
-    DEMO_MODELS_DIR,
+    PAYLOAD_MODULE,
     ApiServer,
     CeleryWorker,
     RedisServer,
+    Stack,
+    StopsOnExit,
     TorchServe,
+    archive_demo_model,
     archive_model,
 )
 
@@ -32,7 +34,7 @@ PEER_API_APP = "bench.peer.app:create_app"
 PEER_WORKER_APP = "bench.peer.tasks"
 
 
-class BenchStack:
+class BenchStack(StopsOnExit):
     """Starts the shared servers once; worker sets and the peer come and go per scenario."""
 
     def __init__(self, root: Path) -> None:
@@ -52,8 +54,8 @@ class BenchStack:
 
     def start(self, slow_workers: int) -> Self:
         store = self.root / "model-store"
-        archive_model(TINY_MODEL, DEMO_MODELS_DIR / TINY_MODEL / "handler.py", store)
-        archive_model(SLOW_MODEL, SLOW_HANDLER, store)
+        archive_demo_model(TINY_MODEL, store)
+        archive_model(SLOW_MODEL, SLOW_HANDLER, store, extra_files=[PAYLOAD_MODULE])
         say(f"starting redis-server and TorchServe ({TINY_MODEL}, {SLOW_MODEL}) ...")
         self._exit.callback(self.redis.stop)
         self.redis.start()
@@ -132,19 +134,8 @@ class BenchStack:
     def stop(self) -> None:
         self._exit.close()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class Peer:
+class Peer(StopsOnExit):
     """The peer's own redis-server (so its result subscriptions are counted apart), API, workers."""
 
     def __init__(
@@ -152,26 +143,23 @@ class Peer:
     ) -> None:
         self.redis = RedisServer(root / "redis", appendonly=False)
         env = {"REDIS_URL": self.redis.url, "TORCHSERVE_URL": torchserve_url}
-        self.api = ApiServer(env, root / "api.log", app=PEER_API_APP)
-        self.workers = [
+        api = ApiServer(env, root / "api.log", app=PEER_API_APP)
+        peer_workers = [
             CeleryWorker(
                 env, f"peer{i}", root / f"worker-{i}.log", concurrency, pool, app=PEER_WORKER_APP
             )
             for i in range(1, workers + 1)
         ]
+        self.services = Stack(env, api, peer_workers)
 
     @property
     def dispatch_url(self) -> str:
-        return f"{self.api.url}/dispatch_model"
+        return f"{self.services.api_url}/dispatch_model"
 
     def start(self) -> Self:
         try:
             self.redis.start()
-            for worker in self.workers:
-                worker.launch()
-            self.api.launch()
-            for service in [*self.workers, self.api]:
-                service.wait_ready(60)
+            self.services.start(60)
         except BaseException:
             self.stop()
             raise
@@ -183,18 +171,5 @@ class Peer:
             return len(client.pubsub_channels())
 
     def stop(self) -> None:
-        self.api.stop()
-        for worker in self.workers:
-            worker.stop()
+        self.services.stop()
         self.redis.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

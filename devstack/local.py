@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from devstack.models import REPO_ROOT, archive_demo_models
 from devstack.redis import RedisServer
@@ -29,6 +30,25 @@ class _Running:
     name: str
     alive: Callable[[], bool]
     log_path: Path
+
+
+class _Server(Protocol):
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def log_path(self) -> Path: ...
+
+    def start(self) -> object: ...
+
+    def stop(self) -> None: ...
+
+
+def _launch(stack: ExitStack, running: list[_Running], name: str, server: _Server) -> None:
+    """Start `server` (stopped when `stack` closes, even if starting fails); supervise it."""
+    stack.callback(server.stop)
+    server.start()
+    running.append(_Running(name, lambda: server.alive, server.log_path))
 
 
 def _port_in_use(port: int) -> bool:
@@ -61,9 +81,7 @@ def _start_redis(stack: ExitStack, running: list[_Running]) -> str:
     # A fixed data directory: the append-only file keeps queued tasks from one run to the next.
     server = RedisServer(WORKDIR / "redis")
     print(f"Starting redis-server on port {server.port} ...", flush=True)
-    stack.callback(server.stop)
-    server.start()
-    running.append(_Running("redis-server", lambda: server.alive, server.log_path))
+    _launch(stack, running, "redis-server", server)
     return server.url
 
 
@@ -76,10 +94,8 @@ def _start_torchserve(stack: ExitStack, running: list[_Running]) -> str:
     models = archive_demo_models(store)
     server = TorchServe(WORKDIR / "torchserve", store, models, ports=TORCHSERVE_PORTS)
     print(f"Starting TorchServe with {', '.join(models)} (takes a few seconds) ...", flush=True)
-    stack.callback(server.stop)
-    server.start()
+    _launch(stack, running, "TorchServe", server)
     print(f"TorchServe ready after {server.start_seconds:.1f} s")
-    running.append(_Running("TorchServe", lambda: server.alive, server.log_path))
     return server.inference_url
 
 
@@ -87,14 +103,10 @@ def _start_dispatcher(stack: ExitStack, running: list[_Running], env: dict[str, 
     logs = WORKDIR / "logs"
     worker = CeleryWorker(env, "local", logs / "worker.log")
     print("Starting the Celery worker ...", flush=True)
-    stack.callback(worker.stop)
-    worker.start()
-    running.append(_Running("Celery worker", lambda: worker.alive, worker.log_path))
+    _launch(stack, running, "Celery worker", worker)
     api = ApiServer(env, logs / "api.log", _api_port())
     print(f"Starting the API on port {api.port} ...", flush=True)
-    stack.callback(api.stop)
-    api.start()
-    running.append(_Running("API server", lambda: api.alive, api.log_path))
+    _launch(stack, running, "API server", api)
     return api.url
 
 

@@ -8,10 +8,11 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self, TypeVar
+from typing import IO, ClassVar, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -46,6 +47,21 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, fields of /proc/<pid>/stat after the command name) of every process right now.
+
+    Field 0 is the state (Z: zombie), 2 the process group id, 11 and 12 user and system CPU
+    time in clock ticks.
+    """
+    for stat in _PROC.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        # After the command name, which may itself contain spaces and parentheses.
+        yield int(stat.parent.name), text.rpartition(")")[2].split()
+
+
 def _group_has_live_members(pgid: int) -> bool:
     """Whether any non-zombie process is left in the process group.
 
@@ -58,19 +74,34 @@ def _group_has_live_members(pgid: int) -> bool:
         except ProcessLookupError:
             return False
         return True
-    for stat in _PROC.glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # the process ended while we looked
-            continue
-        # Fields after the command name, which may itself contain spaces and parentheses.
-        fields = text.rpartition(")")[2].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+    return any(
+        len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z"
+        for _, fields in proc_stats()
+    )
 
 
-class ManagedProcess:
+class StopsOnExit(ABC):
+    """A context manager whose `with` block ends in `stop()`.
+
+    `__enter__` returns the object as it is; classes that start on entry override it.
+    """
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ManagedProcess(StopsOnExit):
     """One child process with its output in a log file; a context manager that stops it.
 
     The child leads a new session, so its process group holds it and everything it spawns
@@ -192,10 +223,41 @@ class ManagedProcess:
     def __enter__(self) -> Self:
         return self if self.started else self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+
+class ProcessServer(StopsOnExit):
+    """A server run as one ManagedProcess at a time (`start()` makes a new one); `with` starts
+    it unless it is running already, and stops it at the end."""
+
+    program: ClassVar[str]  # the server's name in messages
+
+    def __init__(self) -> None:
+        self._process: ManagedProcess | None = None
+
+    @abstractmethod
+    def start(self) -> Self: ...
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.alive
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError(f"{self.program} has not been started")
+        return self._process.pid
+
+    def log_text(self) -> str:
+        return self._process.log_text() if self._process is not None else ""
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM the server's process group, then SIGKILL what is left after `timeout` s."""
+        if self._process is not None:
+            self._process.stop(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group at once (a crash, as far as it can tell)."""
+        if self._process is not None:
+            self._process.kill()
+
+    def __enter__(self) -> Self:
+        return self if self.alive else self.start()

@@ -7,12 +7,11 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import redis
 
-from devstack.processes import ManagedProcess, free_port, wait_until
+from devstack.processes import ManagedProcess, ProcessServer, free_port, wait_until
 
 HOST = "127.0.0.1"
 
@@ -34,8 +33,14 @@ def find_redis_server() -> Path:
     )
 
 
-class RedisServer:
-    """One redis-server bound to 127.0.0.1; `restart()` keeps its port and data directory."""
+class RedisServer(ProcessServer):
+    """One redis-server bound to 127.0.0.1; `restart()` keeps its port and data directory.
+
+    `stop()` shuts down cleanly: on SIGTERM redis-server flushes the append-only file. `kill()`
+    is SIGKILL: with `appendfsync everysec` up to the last second of writes can be lost.
+    """
+
+    program = "redis-server"
 
     def __init__(
         self,
@@ -50,22 +55,12 @@ class RedisServer:
         self.appendonly = appendonly
         self.password = password
         self.log_path = workdir / "redis-server.log"
-        self._process: ManagedProcess | None = None
+        super().__init__()
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}{HOST}:{self.port}/0"
-
-    @property
-    def alive(self) -> bool:
-        return self._process is not None and self._process.alive
-
-    @property
-    def pid(self) -> int:
-        if self._process is None:
-            raise RuntimeError("redis-server has not been started")
-        return self._process.pid
 
     def argv(self) -> list[str]:
         argv = [
@@ -98,22 +93,9 @@ class RedisServer:
         wait_until(self._answers_ping, timeout, f"redis-server on port {self.port}")
         return self
 
-    def stop(self, timeout: float = 10) -> None:
-        """Shut down cleanly: on SIGTERM redis-server flushes the append-only file."""
-        if self._process is not None:
-            self._process.stop(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL: with `appendfsync everysec` up to the last second of writes can be lost."""
-        if self._process is not None:
-            self._process.kill()
-
     def restart(self, timeout: float = 15) -> Self:
         self.stop()
         return self.start(timeout)
-
-    def log_text(self) -> str:
-        return self._process.log_text() if self._process is not None else ""
 
     def _answers_ping(self) -> bool:
         assert self._process is not None
@@ -125,14 +107,3 @@ class RedisServer:
             return False
         finally:
             client.close()
-
-    def __enter__(self) -> Self:
-        return self if self.alive else self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

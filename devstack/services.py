@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import os
 import sys
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import httpx
 
 from devstack.models import REPO_ROOT
-from devstack.processes import ManagedProcess, free_port, wait_until
+from devstack.processes import ManagedProcess, StopsOnExit, free_port, wait_until
 
 HOST = "127.0.0.1"
 
 
-class _Service(ABC):
+class _Service(StopsOnExit):
     """A ManagedProcess run from the repository root with os.environ plus `env`."""
 
     def __init__(
@@ -83,14 +82,6 @@ class _Service(ABC):
 
     def __enter__(self) -> Self:
         return self if self.process.started else self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class CeleryWorker(_Service):

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
+from devstack.processes import StopsOnExit
 from devstack.services import ApiServer, CeleryWorker
 
 
 @dataclass
-class Stack:
+class Stack(StopsOnExit):
     """The dispatcher's processes; `stop()` ends them in reverse start order (API first)."""
 
     env: dict[str, str]
@@ -34,22 +34,27 @@ class Stack:
             f"===== {service.log_path} =====\n{service.log_text()}" for service in services
         )
 
+    def start(self, timeout: float = 60) -> Self:
+        """Launch the workers and the API in parallel, then wait until each is ready.
+
+        If anything fails to start, what did start is stopped before the error propagates.
+        """
+        try:
+            for worker in self.workers:
+                worker.launch()
+            self.api.launch()
+            for service in [*self.workers, self.api]:
+                service.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def stop(self, timeout: float = 10) -> None:
         # The API first, so nothing new is enqueued while the workers drain.
         self.api.stop(timeout)
         for worker in reversed(self.workers):
             worker.stop(timeout)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def start_stack(
@@ -69,7 +74,7 @@ def start_stack(
     Logs go to `log_dir/worker-<i>.log` and `log_dir/api.log`. If anything fails to start,
     what did start is stopped before the error propagates.
     """
-    stack = Stack(
+    return Stack(
         env=dict(env),
         api=ApiServer(env, log_dir / "api.log", api_port, app=api_app),
         workers=[
@@ -78,14 +83,4 @@ def start_stack(
             )
             for i in range(1, workers + 1)
         ],
-    )
-    try:
-        for worker in stack.workers:
-            worker.launch()
-        stack.api.launch()
-        for service in [*stack.workers, stack.api]:
-            service.wait_ready(timeout)
-    except BaseException:
-        stack.stop()
-        raise
-    return stack
+    ).start(timeout)

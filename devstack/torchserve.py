@@ -12,12 +12,11 @@ import time
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
-from devstack.processes import ManagedProcess, free_port, wait_until
+from devstack.processes import ManagedProcess, ProcessServer, free_port, wait_until
 
 HOST = "127.0.0.1"
 VENV_BIN = Path(sys.executable).parent
@@ -77,12 +76,15 @@ def manifest(mar: Path) -> dict[str, Any]:
         return data
 
 
-class TorchServe:
+class TorchServe(ProcessServer):
     """One TorchServe (Java frontend plus a Python worker per model worker) in its own workdir.
 
     The workdir holds config.properties, TorchServe's logs, its key file and its temp dir
     (unpacked archives, worker sockets, the pid file), so several instances can run side by side.
+    `stop()` and `kill()` end the frontend and its model workers (one process group).
     """
+
+    program = "TorchServe"
 
     def __init__(
         self,
@@ -115,7 +117,7 @@ class TorchServe:
         self.log_path = workdir / "torchserve.log"
         self.config_path = workdir / "config.properties"
         self.start_seconds: float | None = None
-        self._process: ManagedProcess | None = None
+        super().__init__()
 
     # --- addresses and credentials -------------------------------------------------------
 
@@ -152,19 +154,6 @@ class TorchServe:
             return None
         key: str = keys[which]["key"]
         return key
-
-    @property
-    def alive(self) -> bool:
-        return self._process is not None and self._process.alive
-
-    @property
-    def pid(self) -> int:
-        if self._process is None:
-            raise RuntimeError("TorchServe has not been started")
-        return self._process.pid
-
-    def log_text(self) -> str:
-        return self._process.log_text() if self._process is not None else ""
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -227,15 +216,6 @@ class TorchServe:
             raise
         self.start_seconds = time.monotonic() - began
         return self
-
-    def stop(self, timeout: float = 10) -> None:
-        """Stop the frontend and its model workers (one process group)."""
-        if self._process is not None:
-            self._process.stop(timeout)
-
-    def kill(self) -> None:
-        if self._process is not None:
-            self._process.kill()
 
     # --- management API -------------------------------------------------------------------
 
@@ -322,14 +302,3 @@ class TorchServe:
             headers=headers,
             timeout=timeout,
         )
-
-    def __enter__(self) -> Self:
-        return self if self.alive else self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from devstack import (
+    PAYLOAD_MODULE,
     RedisServer,
     Stack,
     TorchServe,
@@ -22,9 +23,6 @@ from devstack import (
 )
 
 TEST_MODELS_DIR = Path(__file__).parent / "models"
-# Archived next to every test model; the handlers import it (TorchServe puts the model's
-# directory on the worker's path).
-PAYLOAD_MODULE = TEST_MODELS_DIR / "_payload.py"
 TEST_MODELS = ("slow", "failing", "rejecting", "counting")
 LOADED_AT_START = (
     "echo.mar",
@@ -66,6 +64,7 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo and test models; `versioned` as versioned.mar (1.0) and versioned_v2.mar (2.0)."""
     store = tmp_path_factory.mktemp("model-store")
     archive_demo_models(store)
+    # Every test model gets models/payload.py next to it, as the demo models do.
     for name in TEST_MODELS:
         archive_model(name, TEST_MODELS_DIR / f"{name}.py", store, extra_files=[PAYLOAD_MODULE])
     archive_model("versioned", TEST_MODELS_DIR / "versioned_v1.py", store, "1.0", [PAYLOAD_MODULE])

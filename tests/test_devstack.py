@@ -13,6 +13,7 @@ import redis
 from conftest import StackFactory
 
 from devstack import (
+    PAYLOAD_MODULE,
     ApiServer,
     CeleryWorker,
     ManagedProcess,
@@ -127,13 +128,13 @@ def test_redis_password(tmp_path: Path) -> None:
 def test_archive_model_names_the_file_and_the_model(tmp_path: Path) -> None:
     models = Path(__file__).parent / "models"
     mar = archive_model(
-        "versioned", models / "versioned_v2.py", tmp_path, "2.0", [models / "_payload.py"],
+        "versioned", models / "versioned_v2.py", tmp_path, "2.0", [PAYLOAD_MODULE],
         mar_name="versioned_v2",
     )  # fmt: skip
     assert mar == tmp_path / "versioned_v2.mar"
     with zipfile.ZipFile(mar) as archive:
         manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
-        assert {"versioned_v2.py", "_payload.py"} <= set(archive.namelist())
+        assert {"versioned_v2.py", "payload.py"} <= set(archive.namelist())
     assert manifest["model"]["modelName"] == "versioned"
     assert manifest["model"]["modelVersion"] == "2.0"
     assert [path.name for path in tmp_path.iterdir()] == ["versioned_v2.mar"]  # no scratch left

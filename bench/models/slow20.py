@@ -6,23 +6,12 @@ of the burst and waiting-clients scenarios.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
+from payload import json_body
+
 SLEEP_SECONDS = 0.020
-
-
-def _body(request: dict[str, Any]) -> Any:
-    body = request.get("body", request.get("data"))
-    if isinstance(body, bytes | bytearray):
-        body = body.decode("utf-8", errors="replace")
-    if isinstance(body, str):
-        try:
-            return json.loads(body)
-        except ValueError:
-            return body
-    return body
 
 
 def handle(data: list[dict[str, Any]] | None, context: Any) -> list[Any] | None:
@@ -32,5 +21,5 @@ def handle(data: list[dict[str, Any]] | None, context: Any) -> list[Any] | None:
     answers = []
     for request in data:
         time.sleep(SLEEP_SECONDS)
-        answers.append(_body(request))
+        answers.append(json_body(request))
     return answers

@@ -83,10 +83,7 @@ def run(ctx: Context) -> None:
         plan.client_processes,
     )
     say(f"  {_summary(ours)}")
-    problems = ctx.log_problems(mark)
-    if problems:
-        say(f"  logged: {problems}")
-        ctx.notes.append(f"Burst: the stack logged {problems}.")
+    ctx.report_log_problems(mark, "Burst")
     rejected = direct.count(SERVICE_UNAVAILABLE)
     direct_failed = count - direct.count(200)
     ours_failed = count - ours.count(200)

@@ -9,11 +9,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from bench.machine import children_cpu_seconds, cpu_used, group_cpu_seconds
 from bench.plan import Plan
+from bench.progress import say
 from bench.stack import SLOW_MODEL, TINY_MODEL, BenchStack
 from bench.table import Row
 from devstack import CeleryWorker
@@ -86,6 +86,13 @@ class Context:
                     counts[f"{path.stem}: {_normalize(line)}"] += 1
         return "; ".join(f"{count} x {message}" for message, count in counts.most_common(5))
 
+    def report_log_problems(self, mark: dict[Path, int], scenario: str) -> None:
+        """Say and note (under `scenario`) the warnings and errors logged since `mark`, if any."""
+        problems = self.log_problems(mark)
+        if problems:
+            say(f"  logged: {problems}")
+            self.notes.append(f"{scenario}: the stack logged {problems}.")
+
     def stop_workers(self) -> None:
         self.stack.stop_workers(self.workers)
         self.workers = []
@@ -107,12 +114,7 @@ class CpuMeter:
         self._children = children_cpu_seconds()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         wall = time.monotonic() - self._began
         for name, pid in self.groups.items():
             used = cpu_used(self._before[name], group_cpu_seconds(pid))

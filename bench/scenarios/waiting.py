@@ -70,10 +70,7 @@ def run(ctx: Context) -> None:
     mark = ctx.log_mark()
     with Sampler(pid) as sampler:
         result = fire(volley, plan.client_processes)
-    problems = ctx.log_problems(mark)
-    if problems:
-        say(f"  logged: {problems}")
-        ctx.notes.append(f"Waiting clients: the stack logged {problems}.")
+    ctx.report_log_problems(mark, "Waiting clients")
     succeeded = result.count(200)
     threads_max, rss_max = max(sampler.thread_counts), max(sampler.rss)
     growth = max(0.0, rss_max - rss_before)

@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from _payload import json_body
+from payload import json_body
 
 LOG_ENV = "COUNTING_MODEL_LOG"
 MAX_SLEEP = 30.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from _payload import json_body
+from payload import json_body
 
 DEFAULT_SLEEP = 0.5
 MAX_SLEEP = 30.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _payload import json_body
+from payload import json_body
 
 VERSION = "1.0"
 
