@@ -1,54 +1,69 @@
-"""`python -m devstack run` (what `make run` runs): the whole stack on this machine until Ctrl-C."""
+"""`python -m devstack run` (what `make run` runs): the whole stack on this machine until Ctrl-C.
+
+The embedded single-machine deployment: a supervisor (devstack/supervisor.py) restarts any of
+redis-server, TorchServe, the Celery worker and the API that dies, and Ctrl-C or SIGTERM stops
+everything it started. Knobs (the tests use them to run it on free ports in a temporary
+directory): `PORT` (API, default 8000), `DEVSTACK_WORKDIR` (default `.local/`),
+`DEVSTACK_REDIS_PORT` (default: a free port), `DEVSTACK_TORCHSERVE_PORTS` (inference, management,
+metrics; default `8080,8081,8082`); `REDIS_URL` / `TORCHSERVE_URL` use servers of your own instead.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
-import time
-from collections.abc import Callable
-from contextlib import ExitStack
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
 
 from devstack.models import REPO_ROOT, archive_demo_models
 from devstack.redis import RedisServer
 from devstack.services import ApiServer, CeleryWorker
+from devstack.supervisor import Supervisor
 from devstack.torchserve import TorchServe
 
-WORKDIR = REPO_ROOT / ".local"
-TORCHSERVE_PORTS = (8080, 8081, 8082)
+DEFAULT_WORKDIR = REPO_ROOT / ".local"
+DEFAULT_TORCHSERVE_PORTS = (8080, 8081, 8082)
 DEFAULT_API_PORT = 8000
 
 
-@dataclass
-class _Running:
-    """One started process, for supervision: its name, liveness check and log file."""
+@dataclass(frozen=True)
+class LocalConfig:
+    """Where `make run` keeps its files and which ports it binds (all on 127.0.0.1)."""
 
-    name: str
-    alive: Callable[[], bool]
-    log_path: Path
+    workdir: Path = DEFAULT_WORKDIR
+    api_port: int = DEFAULT_API_PORT
+    redis_port: int | None = None  # None: a free port, kept across restarts of redis-server
+    torchserve_ports: tuple[int, int, int] = DEFAULT_TORCHSERVE_PORTS
+    redis_url: str | None = None  # set: use that Redis, start none
+    torchserve_url: str | None = None  # set: use that TorchServe, start none
 
-
-class _Server(Protocol):
-    @property
-    def alive(self) -> bool: ...
-
-    @property
-    def log_path(self) -> Path: ...
-
-    def start(self) -> object: ...
-
-    def stop(self) -> None: ...
-
-
-def _launch(stack: ExitStack, running: list[_Running], name: str, server: _Server) -> None:
-    """Start `server` (stopped when `stack` closes, even if starting fails); supervise it."""
-    stack.callback(server.stop)
-    server.start()
-    running.append(_Running(name, lambda: server.alive, server.log_path))
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> LocalConfig:
+        try:
+            listed = environ.get("DEVSTACK_TORCHSERVE_PORTS", "").split(",")
+            ports = tuple(int(port) for port in listed if port) or DEFAULT_TORCHSERVE_PORTS
+            if len(ports) != 3:
+                raise ValueError("DEVSTACK_TORCHSERVE_PORTS needs three ports")
+            redis_port = environ.get("DEVSTACK_REDIS_PORT")
+            return cls(
+                workdir=Path(environ.get("DEVSTACK_WORKDIR") or DEFAULT_WORKDIR).resolve(),
+                api_port=int(environ.get("PORT") or DEFAULT_API_PORT),
+                redis_port=int(redis_port) if redis_port else None,
+                torchserve_ports=(ports[0], ports[1], ports[2]),
+                redis_url=environ.get("REDIS_URL") or None,
+                torchserve_url=environ.get("TORCHSERVE_URL") or None,
+            )
+        except ValueError as exc:
+            raise SystemExit(
+                f"bad devstack setting: {exc} (PORT, DEVSTACK_REDIS_PORT and "
+                "DEVSTACK_TORCHSERVE_PORTS take port numbers, the last one three of them, "
+                "comma-separated)"
+            ) from exc
 
 
 def _port_in_use(port: int) -> bool:
@@ -61,62 +76,61 @@ def _require_free(port: int, hint: str) -> None:
         raise SystemExit(f"127.0.0.1:{port} is in use already; {hint}")
 
 
-def _api_port() -> int:
-    return int(os.environ.get("PORT", DEFAULT_API_PORT))
-
-
-def _check_ports() -> None:
+def _check_ports(config: LocalConfig) -> None:
     """Fail before starting anything if a fixed port is taken (e.g. by a previous run)."""
-    if not os.environ.get("TORCHSERVE_URL"):
-        for port in TORCHSERVE_PORTS:
+    if config.torchserve_url is None:
+        for port in config.torchserve_ports:
             _require_free(port, "stop what listens there, or set TORCHSERVE_URL to use it")
-    _require_free(_api_port(), "stop what listens there, or set PORT to use another port")
+    if config.redis_url is None and config.redis_port is not None:
+        _require_free(config.redis_port, "stop what listens there, or set DEVSTACK_REDIS_PORT")
+    _require_free(config.api_port, "stop what listens there, or set PORT to use another port")
 
 
-def _start_redis(stack: ExitStack, running: list[_Running]) -> str:
-    url = os.environ.get("REDIS_URL")
-    if url:
-        print(f"Using Redis at {url} (REDIS_URL)")
-        return url
-    # A fixed data directory: the append-only file keeps queued tasks from one run to the next.
-    server = RedisServer(WORKDIR / "redis")
+def _start_redis(supervisor: Supervisor, config: LocalConfig) -> str:
+    if config.redis_url:
+        print(f"Using Redis at {config.redis_url} (REDIS_URL)")
+        return config.redis_url
+    # A fixed data directory, and the append-only file fsynced on every write: Redis answers a
+    # write only once it is on disk, so a task the API accepted (202) survives a SIGKILL or a
+    # power cut of redis-server, and a restart (same directory, same port) replays it. The cost,
+    # one fsync per write, is small next to a prediction; `everysec` could lose the last second.
+    server = RedisServer(config.workdir / "redis", config.redis_port, appendfsync="always")
     print(f"Starting redis-server on port {server.port} ...", flush=True)
-    _launch(stack, running, "redis-server", server)
+    supervisor.start("redis-server", server)
     return server.url
 
 
-def _start_torchserve(stack: ExitStack, running: list[_Running]) -> str:
-    url = os.environ.get("TORCHSERVE_URL")
-    if url:
-        print(f"Using TorchServe at {url} (TORCHSERVE_URL)")
-        return url
-    store = WORKDIR / "model-store"
+def _start_torchserve(supervisor: Supervisor, config: LocalConfig) -> str:
+    if config.torchserve_url:
+        print(f"Using TorchServe at {config.torchserve_url} (TORCHSERVE_URL)")
+        return config.torchserve_url
+    store = config.workdir / "model-store"
     models = archive_demo_models(store)
-    server = TorchServe(WORKDIR / "torchserve", store, models, ports=TORCHSERVE_PORTS)
+    server = TorchServe(config.workdir / "torchserve", store, models, ports=config.torchserve_ports)
     print(f"Starting TorchServe with {', '.join(models)} (takes a few seconds) ...", flush=True)
-    _launch(stack, running, "TorchServe", server)
+    supervisor.start("TorchServe", server)
     print(f"TorchServe ready after {server.start_seconds:.1f} s")
     return server.inference_url
 
 
-def _start_dispatcher(stack: ExitStack, running: list[_Running], env: dict[str, str]) -> str:
-    logs = WORKDIR / "logs"
+def _start_dispatcher(supervisor: Supervisor, config: LocalConfig, env: dict[str, str]) -> str:
+    logs = config.workdir / "logs"
     worker = CeleryWorker(env, "local", logs / "worker.log")
     print("Starting the Celery worker ...", flush=True)
-    _launch(stack, running, "Celery worker", worker)
-    api = ApiServer(env, logs / "api.log", _api_port())
+    supervisor.start("Celery worker", worker)
+    api = ApiServer(env, logs / "api.log", config.api_port)
     print(f"Starting the API on port {api.port} ...", flush=True)
-    _launch(stack, running, "API server", api)
+    supervisor.start("API server", api)
     return api.url
 
 
-def _banner(api_url: str, running: list[_Running]) -> str:
-    logs = "\n".join(f"  {item.name:<14} {item.log_path}" for item in running)
+def _banner(api_url: str, logs: Sequence[tuple[str, Path]]) -> str:
+    log_lines = "\n".join(f"  {name:<14} {path}" for name, path in logs)
     return f"""
-The dispatcher is up at {api_url}  (Ctrl-C stops everything)
+The dispatcher is up at {api_url}  (Ctrl-C stops everything; a process that dies is restarted)
 
 Logs:
-{logs}
+{log_lines}
 
 Try:
   # synchronous: waits for the prediction
@@ -135,42 +149,46 @@ Try:
 """
 
 
-def _supervise(running: list[_Running]) -> int:
-    """Block until a process dies (exit 1) or Ctrl-C / SIGTERM arrives (KeyboardInterrupt)."""
-    while True:
-        for item in running:
-            if not item.alive():
-                print(f"\n{item.name} exited; see {item.log_path}. Stopping the rest.")
-                return 1
-        time.sleep(1)
-
-
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run() -> int:
-    """Start Redis, TorchServe, a worker and the API; stop them all (reverse order) on exit."""
+def _log_to_stdout() -> None:
+    """The supervisor's restart lines, timestamped, between the other output of `make run`."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("devstack.supervisor")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def run(config: LocalConfig | None = None) -> int:
+    """Start Redis, TorchServe, a worker and the API; keep them up; stop them all on exit."""
+    config = config or LocalConfig.from_env()
     # SIGTERM (e.g. from a process manager) shuts down like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
-    _check_ports()
-    running: list[_Running] = []
-    with ExitStack() as stack:
-        try:
-            env = {
-                "REDIS_URL": _start_redis(stack, running),
-                "TORCHSERVE_URL": _start_torchserve(stack, running),
-            }
-            api_url = _start_dispatcher(stack, running, env)
-            print(_banner(api_url, running), flush=True)
-            return _supervise(running)
-        except KeyboardInterrupt:
-            print("\nStopping ...", flush=True)
-            return 0
-        except (TimeoutError, RuntimeError, FileNotFoundError) as exc:
-            print(f"\nCould not start the stack: {exc}\nStopping what did start ...", flush=True)
-            return 1
-        finally:
-            # A second Ctrl-C must not cut the teardown short and leave servers running.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _check_ports(config)
+    _log_to_stdout()
+    supervisor = Supervisor()
+    try:
+        env = {
+            "REDIS_URL": _start_redis(supervisor, config),
+            "TORCHSERVE_URL": _start_torchserve(supervisor, config),
+        }
+        api_url = _start_dispatcher(supervisor, config, env)
+        logs = [(child.name, child.log_path) for child in supervisor.children]
+        print(_banner(api_url, logs), flush=True)
+        while True:  # the watcher threads do the work; this thread waits for Ctrl-C / SIGTERM
+            signal.pause()
+    except KeyboardInterrupt:
+        print("\nStopping ...", flush=True)
+        return 0
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        print(f"\nCould not start the stack: {exc}\nStopping what did start ...", flush=True)
+        return 1
+    finally:
+        # A second Ctrl-C must not cut the teardown short and leave servers running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        supervisor.stop()
+        print(supervisor.summary(), flush=True)

@@ -131,6 +131,16 @@ class ManagedProcess(StopsOnExit):
         # process group id the OS may have handed out again.
         self._finished = False
 
+    def fresh(self) -> ManagedProcess:
+        """An unstarted copy (same command, log, directory and environment), to run it again."""
+        return ManagedProcess(
+            self.argv,
+            self.log_path,
+            cwd=self.cwd,
+            env=self.env,
+            terminate_group=self.terminate_group,
+        )
+
     def start(self) -> Self:
         if self._popen is not None:
             raise RuntimeError(f"{self.argv[0]} was started already (pid {self._popen.pid})")
@@ -245,6 +255,11 @@ class ProcessServer(StopsOnExit):
         if self._process is None:
             raise RuntimeError(f"{self.program} has not been started")
         return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of the current process (None: running or never started)."""
+        return self._process.returncode if self._process is not None else None
 
     def log_text(self) -> str:
         return self._process.log_text() if self._process is not None else ""

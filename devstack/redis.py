@@ -37,7 +37,8 @@ class RedisServer(ProcessServer):
     """One redis-server bound to 127.0.0.1; `restart()` keeps its port and data directory.
 
     `stop()` shuts down cleanly: on SIGTERM redis-server flushes the append-only file. `kill()`
-    is SIGKILL: with `appendfsync everysec` up to the last second of writes can be lost.
+    is SIGKILL: with `appendfsync everysec` (the default) up to the last second of writes can be
+    lost; with `appendfsync="always"` every write is on disk before Redis answers it.
     """
 
     program = "redis-server"
@@ -48,11 +49,16 @@ class RedisServer(ProcessServer):
         port: int | None = None,
         appendonly: bool = True,
         password: str | None = None,
+        *,
+        appendfsync: str = "everysec",
     ) -> None:
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
         self.workdir = workdir
         # Fixed at construction, so clients built from `url` keep working across restarts.
         self.port = port if port is not None else free_port()
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.password = password
         self.log_path = workdir / "redis-server.log"
         super().__init__()
@@ -69,7 +75,7 @@ class RedisServer(ProcessServer):
             "--bind", HOST,
             "--save", "",  # no RDB snapshots: the AOF (if on) is the only persistence
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
             "--dir", str(self.workdir),
         ]  # fmt: skip
         if self.password:
@@ -89,6 +95,8 @@ class RedisServer(ProcessServer):
         if self.alive:
             raise RuntimeError(f"redis-server is running already on port {self.port}")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self._process is not None:
+            self._process.stop()  # a previous run that exited: reap it, close its log
         self._process = ManagedProcess(self.argv(), self.log_path, cwd=self.workdir).start()
         wait_until(self._answers_ping, timeout, f"redis-server on port {self.port}")
         return self

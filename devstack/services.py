@@ -46,11 +46,24 @@ class _Service(StopsOnExit):
     def alive(self) -> bool:
         return self.process.alive
 
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
     def log_text(self) -> str:
         return self.process.log_text()
 
     def launch(self) -> Self:
-        """Start the process without waiting for it (to start several in parallel)."""
+        """Start the process without waiting for it (to start several in parallel).
+
+        A service whose process has exited starts a new one (same command, log and port): the
+        supervisor of `make run` restarts services this way.
+        """
+        if self.process.alive:
+            raise RuntimeError(f"{self.describe()} is running already (pid {self.pid})")
+        if self.process.started:
+            self.process.stop()  # reap it and whatever is left of its process group
+            self.process = self.process.fresh()
         self.process.start()
         return self
 
