@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv with the project and its local-stack and dev extras. Idempotent and fast when done:
-# it reinstalls only when pyproject.toml changed since the last successful install.
+# it reinstalls only when pyproject.toml or requirements.lock changed since the last successful install.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -13,12 +13,13 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
-wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+wanted="$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$wanted" ]]; then
-    echo "bootstrap: installing the project into $VENV (pyproject.toml changed or first run)"
-    # torch==2.13.0 is pinned in the `local` extra and comes from the machine's pip config
-    # (a local CPU wheel); nothing here asks for another torch.
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[local,dev]'
+    echo "bootstrap: installing the project into $VENV (pyproject.toml or the lock changed, or first run)"
+    # Every version comes from requirements.lock (scripts/lock.sh), so this installs what CI
+    # passed with. torch==2.13.0 is the machine's local CPU wheel; nothing asks for another.
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        -c requirements.lock -e '.[local,dev]'
     # Written last: an interrupted install is retried on the next run.
     echo "$wanted" > "$STAMP"
 fi
