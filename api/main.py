@@ -8,17 +8,14 @@ from contextlib import asynccontextmanager
 import httpx
 import redis.asyncio as aioredis
 from fastapi import FastAPI
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from api.deps import OwnerDep
+from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
+from api.metrics import MeteredStore, MeteredWaiter, install_metrics, release_process_metrics
 from api.routes import dispatch, health, tasks
-from api.store import ApiStore
-from api.waiting import ResultWaiter
 from shared.settings import Settings, get_settings
 
 # Requests share this many Redis connections and wait for a free one rather than open more:
@@ -44,32 +41,15 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
-def _keyed_docs(app: FastAPI) -> None:
-    """/openapi.json and /docs that need an API key like every endpoint but /health.
-
-    (A browser cannot send the key, so Swagger UI then fails to load the schema: fetch
-    /openapi.json with the key instead.)
-    """
-
-    @app.get("/openapi.json", include_in_schema=False)
-    async def openapi(_: OwnerDep) -> JSONResponse:
-        return JSONResponse(app.openapi())
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs(_: OwnerDep) -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    keyed = bool(settings.dispatcher_api_keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis_client(settings)
-        waiter = ResultWaiter(client)
+        waiter = MeteredWaiter(client)
         app.state.settings = settings
-        app.state.store = ApiStore(client, settings)
+        app.state.store = MeteredStore(client, settings)
         app.state.waiter = waiter
         app.state.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
         await waiter.start()
@@ -79,22 +59,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await waiter.stop()
             await app.state.http.aclose()
             await client.aclose()
+            release_process_metrics()
 
     app = FastAPI(
         title="model-dispatcher",
         summary="Dependable TorchServe inference: sync or async, queued on Celery over Redis.",
         version="0.1.0",
         lifespan=lifespan,
-        # With API keys, FastAPI's public documentation routes give way to keyed ones.
-        openapi_url=None if keyed else "/openapi.json",
-        docs_url=None if keyed else "/docs",
-        redoc_url=None if keyed else "/redoc",
+        # FastAPI's documentation pages load their scripts from a CDN: api/docs.py serves them.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(dispatch.router)
     app.include_router(tasks.router)
     app.include_router(health.router)
-    if keyed:
-        _keyed_docs(app)
+    install_docs(app, settings)
+    install_metrics(app, settings)  # last: its middleware wraps the others
     return app

@@ -54,6 +54,7 @@ class ApiStore:
             model_version=request.model_version,
             body=request.torchserve_body(),
             deadline=deadline,
+            submitted_at=now,
             token=request.token.get_secret_value() if request.token else None,
             username=request.username,
             password=request.password.get_secret_value() if request.password else None,

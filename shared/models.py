@@ -111,6 +111,8 @@ class PredictionCall(BaseModel):
     model_version: str | None
     body: Any
     deadline: float  # epoch seconds
+    # When the API accepted it (epoch seconds), for the queue-wait metrics; None from older APIs.
+    submitted_at: float | None = None
     # Credentials travel only inside the broker message, never into records, logs or errors.
     token: str | None = Field(None, repr=False)
     username: str | None = Field(None, repr=False)

@@ -94,6 +94,18 @@ class Settings(BaseSettings):
     worker_heartbeat_interval: float = Field(
         5.0, gt=0, description="Seconds between worker heartbeats (for /ready)."
     )
+    worker_metrics_port: int = Field(
+        9808, ge=0, le=65535, description="Each worker's Prometheus /metrics port; 0 = off."
+    )
+    worker_metrics_host: str = Field(
+        "0.0.0.0", description="Address the worker's metrics server binds (127.0.0.1: local only)."
+    )
+    metrics_require_key: bool = Field(
+        False, description="Whether the API's /metrics needs an API key like the endpoints."
+    )
+    docs_public: bool = Field(
+        True, description="Serve /docs, /redoc and /openapi.json (without a key); false hides them."
+    )
 
     @field_validator("torchserve_allowed_targets", "dispatcher_api_keys", mode="before")
     @classmethod

@@ -128,6 +128,9 @@ class StackFactory:
         return {
             "REDIS_URL": self.redis_server.url,
             "TORCHSERVE_URL": self.torchserve.inference_url,
+            # No metrics server per test worker (it would bind 0.0.0.0:9808); tests that scrape
+            # one pass a free port and 127.0.0.1.
+            "WORKER_METRICS_PORT": "0",
         }
 
     def start(

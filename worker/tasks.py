@@ -10,6 +10,7 @@ from shared.celery_app import TASK_PREDICT
 from shared.errors import DispatchError, WorkerLost
 from shared.models import PredictionCall
 from shared.settings import get_settings
+from worker import metrics
 from worker.app import app
 from worker.store import StartVerdict, WorkerStore
 from worker.torchserve import TorchServeClient
@@ -41,20 +42,26 @@ def run_prediction(
     task_id: str, call: PredictionCall, store: WorkerStore, client: TorchServeClient
 ) -> None:
     verdict, deliveries = store.start(task_id)
+    observed = metrics.TaskObservation(call, deliveries)
     if verdict is StartVerdict.too_many:
         log.warning("task %s given up after %d deliveries", task_id, deliveries - 1)
         store.fail(task_id, WorkerLost(f"the task's worker was lost {deliveries - 1} times"))
+        observed.finished("failed", WorkerLost.code)
         return
     if verdict is not StartVerdict.run:
         log.info("task %s skipped: %s", task_id, verdict.value)
+        observed.skipped(missing=verdict is StartVerdict.missing)
         return
     try:
         value = client.predict(call)
     except DispatchError as error:
         log.info("task %s %r failed: %s (%d)", task_id, call, error.code, error.status)
         store.fail(task_id, error)
+        observed.finished("failed", error.code)
     except Exception:
         log.exception("task %s %r crashed", task_id, call)
         store.fail(task_id, DispatchError("the worker crashed running this task; see worker logs"))
+        observed.finished("failed", DispatchError.code)
     else:
         store.succeed(task_id, value)
+        observed.finished("succeeded")

@@ -24,6 +24,7 @@ from shared.errors import (
 )
 from shared.models import PredictionCall
 from shared.settings import Settings
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ class TorchServeClient:
         attempt = 1
         while True:
             try:
-                return self._attempt(call)
+                with metrics.torchserve_request(call.model_name):
+                    return self._attempt(call)
             except DispatchError as error:
                 delay = self._backoff(attempt)
                 if not error.retryable or attempt >= self._settings.retry_max_attempts:
@@ -116,6 +118,7 @@ class TorchServeClient:
                         f"deadline passed while retrying {call.origin}: {error.msg}"
                     ) from error
                 log.info("retrying %r in %.2fs after %s", call, delay, error.code)
+                metrics.count_retry(call.model_name, error.code)
                 self._sleep(delay)
                 attempt += 1
 

@@ -1,0 +1,233 @@
+"""The worker's Prometheus metrics, served by each worker on WORKER_METRICS_PORT (0: off).
+
+worker/tasks.py reports each delivery's outcome (`TaskObservation`), worker/torchserve.py each
+TorchServe attempt (`torchserve_request`) and retry (`count_retry`). With the prefork pool, set
+PROMETHEUS_MULTIPROC_DIR (see shared/metrics.py): tasks run in child processes, and the main
+process serves what they all wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from celery.signals import worker_ready, worker_shutdown
+from prometheus_client import Counter, Histogram, start_http_server
+
+from shared.errors import DispatchError, ModelNotFound
+from shared.metrics import (
+    LATENCY_BUCKETS,
+    STALE_BEATS,
+    UNKNOWN_MODEL,
+    WORKERS_KEY,
+    ModelLabels,
+    multiprocess_dir,
+    scrape_registry,
+)
+from shared.models import PredictionCall
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+TASKS_FINISHED = Counter(
+    "dispatcher_tasks_finished",
+    "Task deliveries by outcome: status succeeded/failed/expired/skipped, code the error code "
+    "(ok on success; duplicate/missing for a skipped copy).",
+    ["model", "status", "code"],
+)
+QUEUE_WAIT = Histogram(
+    "dispatcher_task_queue_wait_seconds",
+    "Submission to the start of the run (s).",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+TASK_RUN = Histogram(
+    "dispatcher_task_run_seconds",
+    "Start of the run to its end, retries included (s).",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+TASK_TOTAL = Histogram(
+    "dispatcher_task_total_seconds",
+    "Submission to the end of the run (s).",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+TORCHSERVE_DURATION = Histogram(
+    "dispatcher_torchserve_request_duration_seconds",
+    "One TorchServe attempt (s); outcome is ok or the attempt's error code.",
+    ["model", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+TORCHSERVE_RETRIES = Counter(
+    "dispatcher_torchserve_retries",
+    "TorchServe attempts retried, by the code of the error that caused the retry.",
+    ["model", "code"],
+)
+REDELIVERIES = Counter(
+    "dispatcher_redeliveries",
+    "Deliveries of a task after its first (its worker was lost), counted when they start.",
+    ["model"],
+)
+
+_models = ModelLabels()
+
+
+def model_label(model: str, code: str = "ok") -> str:
+    """The model's label; a model TorchServe does not have never takes one of the bounded slots."""
+    return UNKNOWN_MODEL if code == ModelNotFound.code else _models(model)
+
+
+class TaskObservation:
+    """One delivery of a task, from START to its outcome; `run_prediction` reports it once."""
+
+    def __init__(self, call: PredictionCall, deliveries: int) -> None:
+        self.model = call.model_name
+        self.submitted_at = call.submitted_at
+        self.started_at = time.time()
+        self.deliveries = deliveries
+
+    def finished(self, status: str, code: str = "ok") -> None:
+        now = time.time()
+        model = model_label(self.model, code)
+        TASKS_FINISHED.labels(model, status, code).inc()
+        if self.deliveries > 1:
+            REDELIVERIES.labels(model).inc()
+        TASK_RUN.labels(model).observe(now - self.started_at)
+        if self.submitted_at is not None:  # messages from before the field existed have none
+            QUEUE_WAIT.labels(model).observe(max(0.0, self.started_at - self.submitted_at))
+            TASK_TOTAL.labels(model).observe(max(0.0, now - self.submitted_at))
+
+    def skipped(self, missing: bool = False) -> None:
+        """START ran nothing. Its `deliveries` tell why (see shared.records.START): 0 for a copy of
+        a task that ended already, or whose record is gone (`missing`); 1 for a task that expired
+        in the queue; more for a redelivered task whose deadline passed while its worker was
+        lost."""
+        if self.deliveries == 0:
+            code = "missing" if missing else "duplicate"
+            TASKS_FINISHED.labels(model_label(self.model), "skipped", code).inc()
+        elif self.deliveries == 1:
+            self.finished("expired", "expired")
+        else:
+            self.finished("failed", "deadline_exceeded")
+
+
+@contextmanager
+def torchserve_request(model: str) -> Iterator[None]:
+    """Time one TorchServe attempt; its outcome is `ok` or the code of the error it raised."""
+    started = time.perf_counter()
+    outcome = "internal_error"
+    try:
+        yield
+        outcome = "ok"
+    except DispatchError as error:
+        outcome = error.code
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        TORCHSERVE_DURATION.labels(model_label(model, outcome), outcome).observe(elapsed)
+
+
+def count_retry(model: str, code: str) -> None:
+    TORCHSERVE_RETRIES.labels(model_label(model, code), code).inc()
+
+
+# --- serving and the live-worker registry (main process) --------------------------------------
+
+
+class WorkerRegistry:
+    """This worker's entry in WORKERS_KEY, scored by its last beat, removed when it stops.
+
+    The API counts entries newer than 3 beats as live workers; each beat also drops entries of
+    workers that died without removing theirs.
+    """
+
+    def __init__(self, client: redis.Redis, name: str, interval: float) -> None:
+        self._client = client
+        self._name = name
+        self._interval = interval
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="worker-registry", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self._client.zrem(WORKERS_KEY, self._name)
+        except redis.RedisError as error:
+            log.warning("could not leave the worker registry: %s", type(error).__name__)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.time()
+            try:
+                with self._client.pipeline(transaction=False) as pipe:
+                    pipe.zadd(WORKERS_KEY, {self._name: now})
+                    pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - STALE_BEATS * self._interval)
+                    pipe.execute()
+            except redis.RedisError as error:
+                log.warning("worker registry beat failed: %s", type(error).__name__)
+            self._stop.wait(self._interval)
+
+
+def _check_pool(sender: Any) -> None:
+    pool = getattr(getattr(sender, "controller", None), "pool", None) or getattr(sender, "pool", 0)
+    if "prefork" in type(pool).__module__ and not multiprocess_dir():
+        log.warning(
+            "the prefork pool runs tasks in child processes: set PROMETHEUS_MULTIPROC_DIR to an "
+            "empty directory, or /metrics shows none of their task metrics"
+        )
+
+
+def serve(settings: Settings) -> Any:
+    """Start the metrics HTTP server; None when disabled or the port is taken (logged)."""
+    if not settings.worker_metrics_port:
+        return None
+    try:
+        server, _ = start_http_server(
+            settings.worker_metrics_port, settings.worker_metrics_host, scrape_registry()
+        )
+    except OSError as error:
+        log.warning(
+            "worker metrics not served: %s:%d is unavailable (%s); set WORKER_METRICS_PORT to a "
+            "free port, or 0 to turn them off",
+            settings.worker_metrics_host,
+            settings.worker_metrics_port,
+            error.strerror,
+        )
+        return None
+    log.info(
+        "metrics on http://%s:%d/metrics",
+        settings.worker_metrics_host,
+        settings.worker_metrics_port,
+    )
+    return server
+
+
+_running: dict[str, Any] = {}
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def start_metrics(sender: Any = None, **_: Any) -> None:
+    settings = get_settings()
+    _check_pool(sender)
+    _running["server"] = serve(settings)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    name = getattr(sender, "hostname", None) or "worker"
+    registry = WorkerRegistry(client, name, settings.worker_heartbeat_interval)
+    registry.start()
+    _running["registry"] = registry
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def stop_metrics(**_: Any) -> None:
+    if registry := _running.pop("registry", None):
+        registry.stop()
+    if server := _running.pop("server", None):
+        server.shutdown()
