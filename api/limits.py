@@ -8,9 +8,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import error_response
 from shared.errors import PayloadTooLarge
 
+# Room for the request fields around a payload of MAX_BODY_BYTES (JSON keys, form fields and
+# part headers). The payload itself is bounded exactly by api/inputs.py.
+ENVELOPE_BYTES = 64 * 1024
+
+
+def body_limit(content_type: bytes, max_bytes: int) -> int:
+    """How much body to read at most for this Content-Type: MAX_BODY_BYTES bounds the payload
+    as TorchServe receives it, so a JSON body may carry a data URI of that many decoded bytes
+    (base64: 4/3 as long) and a multipart body the fields beside the file parts."""
+    media = content_type.partition(b";")[0].strip().lower()
+    if media == b"application/json":
+        return -(-max_bytes // 3) * 4 + ENVELOPE_BYTES
+    if media == b"multipart/form-data":
+        return max_bytes + ENVELOPE_BYTES
+    return max_bytes
+
 
 class BodySizeLimit:
-    """ASGI middleware: 413 when Content-Length or the streamed body exceeds `max_bytes`."""
+    """ASGI middleware: 413 when Content-Length or the streamed body exceeds the body limit."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -25,10 +41,16 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        content_type, length = b"", b""
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await error_response(self._error())(scope, receive, send)
-                return
+            if name == b"content-length":
+                length = value
+            elif name == b"content-type":
+                content_type = value
+        limit = body_limit(content_type, self.max_bytes)
+        if length.isdigit() and int(length) > limit:
+            await error_response(self._error())(scope, receive, send)
+            return
         received = 0
 
         async def limited_receive() -> Message:
@@ -36,7 +58,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     # FastAPI turns any other exception from the body into a 400 "error parsing
                     # the body"; an HTTPException passes through to the 413 handler.
                     raise HTTPException(self._error().status, self._error().msg)

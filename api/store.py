@@ -21,6 +21,7 @@ from shared.errors import (
     WorkerLost,
 )
 from shared.models import PredictionCall, PredictionRequest, TaskStatus, TaskView
+from shared.payloads import Payload, payload_key
 from shared.settings import Settings
 
 # How long after its deadline a `running` task may still be waiting for redelivery before the
@@ -43,16 +44,27 @@ class ApiStore:
         self._settle = client.register_script(records.SETTLE)
 
     async def submit(
-        self, request: PredictionRequest, origin: str, owner: str, task_id: str
+        self,
+        request: PredictionRequest,
+        origin: str,
+        owner: str,
+        task_id: str,
+        payload: Payload | None = None,
     ) -> TaskView:
-        """Record and enqueue one task, or raise QueueFull having written nothing."""
+        """Record and enqueue one task, or raise QueueFull having written nothing.
+
+        `payload`: bytes to send instead of the JSON body; above the claim-check size they are
+        stored under their own key in the same script, and the message carries the reference.
+        """
         now = time.time()
         deadline = now + self._timeout(request)
+        ref, stored = payload.reference(task_id) if payload is not None else (None, None)
         call = PredictionCall(
             origin=origin,
             model_name=request.model_name,
             model_version=request.model_version,
-            body=request.torchserve_body(),
+            body=request.torchserve_body() if payload is None else None,
+            payload=ref,
             deadline=deadline,
             submitted_at=now,
             token=request.token.get_secret_value() if request.token else None,
@@ -70,10 +82,12 @@ class ApiStore:
         }
         message = encode_task_message(task_id, {"call": call.model_dump()})
         flat = [item for pair in fields.items() for item in pair]
-        accepted = await self._submit(
-            keys=[records.task_key(task_id), QUEUE],
-            args=[self._settings.max_queue_depth, self._settings.result_ttl, message, *flat],
-        )
+        keys = [records.task_key(task_id), QUEUE]
+        args: list[Any] = [self._settings.max_queue_depth, self._settings.result_ttl, message]
+        if stored is not None:
+            keys.append(payload_key(task_id))
+            args.append(stored)
+        accepted = await self._submit(keys=keys, args=[*args, *flat])
         if not accepted:
             raise QueueFull(
                 f"{self._settings.max_queue_depth} tasks are already queued; retry later"

@@ -73,6 +73,13 @@ class PayloadTooLarge(DispatchError):
     code = "payload_too_large"
 
 
+class ResultNotAvailable(DispatchError):
+    """`/tasks/{id}/result` of a task that has not succeeded (yet): it has no answer."""
+
+    status = 409
+    code = "no_result"
+
+
 class QueueFull(DispatchError):
     """MAX_QUEUE_DEPTH tasks are waiting already; retry after the Retry-After delay."""
 
@@ -132,6 +139,13 @@ class TorchServeFailed(DispatchError):
 
     status = 502
     code = "torchserve_error"
+
+
+class PayloadLost(DispatchError):
+    """The task's claim-checked payload is gone from Redis (expired or evicted) before it ran."""
+
+    status = 503
+    code = "payload_lost"
 
 
 class DeadlineExceeded(DispatchError):

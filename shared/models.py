@@ -8,7 +8,17 @@ from enum import Enum
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+)
+
+from shared.payloads import PayloadRef
 
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
 
@@ -58,6 +68,12 @@ class PredictionRequest(BaseModel):
     input: Any = Field(
         None, description="Any JSON value; sent as the JSON body of the TorchServe request."
     )
+    data: str | None = Field(
+        None,
+        description="Instead of `input`: bytes as a data URI, `data:<media type>;base64,<...>`; "
+        "TorchServe receives the decoded bytes as the raw body with that Content-Type.",
+        examples=["data:image/png;base64,iVBORw0KGgo="],
+    )
     timeout: float | None = Field(
         None,
         gt=0,
@@ -83,6 +99,14 @@ class PredictionRequest(BaseModel):
             json.dumps(value, allow_nan=False)
         except ValueError:
             raise ValueError("NaN and Infinity are not JSON; send finite numbers") from None
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _one_payload(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # `input` is declared first, so it is validated (or missing) by now.
+        if value is not None and info.data.get("input") is not None:
+            raise ValueError("send either input (JSON) or data (a data URI), not both")
         return value
 
     @field_validator("http_protocol", mode="before")
@@ -113,6 +137,8 @@ class PredictionCall(BaseModel):
     deadline: float  # epoch seconds
     # When the API accepted it (epoch seconds), for the queue-wait metrics; None from older APIs.
     submitted_at: float | None = None
+    # Bytes instead of the JSON `body` (shared/payloads.py): inline, or a claim-check key.
+    payload: PayloadRef | None = None
     # Credentials travel only inside the broker message, never into records, logs or errors.
     token: str | None = Field(None, repr=False)
     username: str | None = Field(None, repr=False)
@@ -155,6 +181,8 @@ class TaskView(BaseModel):
     worker: str | None = Field(None, description="The worker that ran (or runs) the task.")
     cancel_requested: bool = False
     prediction_value: Any = None
+    # The answer's Content-Type (None: JSON), for `/tasks/{id}/result`; a data URI carries its own.
+    prediction_content_type: str | None = Field(None, exclude=True)
     error: TaskError | None = None
 
 

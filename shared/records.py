@@ -23,8 +23,11 @@ TERMINAL = tuple(s.value for s in TaskStatus if s.terminal)
 
 
 PUBLISH_RECORD = """
--- Publishes the task's whole record, so waiters need no read after the wake-up.
+-- Publishes the task's whole record, so waiters need no read after the wake-up. Every caller ends
+-- the task, so this is also where its claim-checked payload (shared/payloads.py) goes: the key is
+-- derived from the id rather than passed in KEYS, which is fine on the single Redis used here.
 local function publish_record(key, channel, task_id)
+  redis.call('DEL', 'dispatch:payload:' .. task_id)
   redis.call('PUBLISH', channel, cjson.encode({task_id, redis.call('HGETALL', key)}))
 end
 """
@@ -34,11 +37,17 @@ def task_key(task_id: str) -> str:
     return TASK_KEY_PREFIX + task_id
 
 
-# KEYS: record, queue. ARGV: max depth, ttl, message, field, value, ...
-# The depth check, the record and the message go in together, so a 429 leaves nothing behind.
+# KEYS: record, queue[, payload]. ARGV: max depth, ttl, message[, payload bytes], field, value, ...
+# The depth check, the record, the message (and a claim-checked payload, with the record's TTL) go
+# in together, so a 429 leaves nothing behind.
 SUBMIT = """
 if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+local fields = 4
+if KEYS[3] then
+  redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[2])
+  fields = 5
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, fields))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('LPUSH', KEYS[2], ARGV[3])
 return 1
@@ -73,7 +82,8 @@ return {'run', deliveries}
 )
 
 # KEYS: record, LAST_FINISHED_KEY. ARGV: status, now, field ('result' or 'error'), value, ttl,
-# channel, task id. Only a live task finishes; a record that already ended keeps its first outcome.
+# channel, task id[, field, value, ...] (e.g. the answer's content type).
+# Only a live task finishes; a record that already ended keeps its first outcome.
 # LAST_FINISHED_KEY lets /ready tell workers that complete work from workers that merely live.
 FINISH = (
     PUBLISH_RECORD
@@ -81,7 +91,8 @@ FINISH = (
 redis.call('SET', KEYS[2], ARGV[2])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], ARGV[3], ARGV[4],
+  unpack(ARGV, 8))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 publish_record(KEYS[1], ARGV[6], ARGV[7])
 return 1
@@ -158,5 +169,6 @@ def decode_record(task_id: str, fields: Mapping[str, str]) -> TaskView:
         worker=fields.get("worker") or None,
         cancel_requested=fields.get("cancel_requested") == "1",
         prediction_value=json.loads(result) if result is not None else None,
+        prediction_content_type=fields.get("result_type"),
         error=TaskError.model_validate_json(error) if error else None,
     )

@@ -76,7 +76,11 @@ class Settings(BaseSettings):
     retry_backoff_max: float = Field(3.0, gt=0, description="Longest retry delay (s).")
 
     max_queue_depth: int = Field(50_000, gt=0, description="Beyond it submissions get 429.")
-    max_body_bytes: int = Field(6 * MIB, gt=0, description="TorchServe's own default limit.")
+    max_body_bytes: int = Field(
+        6_553_500,
+        gt=0,
+        description="Largest payload as TorchServe receives it (TorchServe's max_request_size).",
+    )
     dispatcher_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Comma-separated; when set, every call needs a key."
     )

@@ -23,7 +23,7 @@ from devstack import (
 )
 
 TEST_MODELS_DIR = Path(__file__).parent / "models"
-TEST_MODELS = ("slow", "failing", "rejecting", "counting")
+TEST_MODELS = ("slow", "failing", "rejecting", "counting", "digest", "mirror")
 LOADED_AT_START = (
     "echo.mar",
     "linear.mar",
@@ -32,6 +32,8 @@ LOADED_AT_START = (
     "rejecting.mar",
     "counting.mar",
     "versioned.mar",
+    "digest.mar",
+    "mirror.mar",
 )
 SLOW_WORKERS = 2
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()

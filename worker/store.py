@@ -72,13 +72,15 @@ class WorkerStore:
             return StartVerdict(verdict), int(deliveries)
         return StartVerdict.done, int(deliveries)
 
-    def succeed(self, task_id: str, value: Any) -> bool:
-        return self._end(task_id, TaskStatus.succeeded, "result", json.dumps(value))
+    def succeed(self, task_id: str, value: Any, content_type: str | None = None) -> bool:
+        """`content_type`: the answer's when it is not JSON (kept for /tasks/{id}/result)."""
+        extra = ("result_type", content_type) if content_type else ()
+        return self._end(task_id, TaskStatus.succeeded, "result", json.dumps(value), *extra)
 
     def fail(self, task_id: str, error: DispatchError) -> bool:
         return self._end(task_id, TaskStatus.failed, "error", error.body(task_id).model_dump_json())
 
-    def _end(self, task_id: str, status: TaskStatus, field: str, value: str) -> bool:
+    def _end(self, task_id: str, status: TaskStatus, field: str, value: str, *extra: str) -> bool:
         ended = self._finish(
             keys=[records.task_key(task_id), records.LAST_FINISHED_KEY],
             args=[
@@ -89,6 +91,7 @@ class WorkerStore:
                 self._settings.result_ttl,
                 records.FINISHED_CHANNEL,
                 task_id,
+                *extra,
             ],
         )
         return bool(ended)

@@ -9,6 +9,7 @@ from typing import Any
 from shared.celery_app import TASK_PREDICT
 from shared.errors import DispatchError, WorkerLost
 from shared.models import PredictionCall
+from shared.payloads import read_payload
 from shared.settings import get_settings
 from worker import metrics
 from worker.app import app
@@ -53,7 +54,10 @@ def run_prediction(
         observed.skipped(missing=verdict is StartVerdict.missing)
         return
     try:
-        value = client.predict(call)
+        # A claim-checked payload is read only now: a redelivered copy of a finished task (its
+        # key deleted) never gets here.
+        payload = read_payload(store.redis, call.payload) if call.payload else None
+        answer = client.predict_answer(call, payload)
     except DispatchError as error:
         log.info("task %s %r failed: %s (%d)", task_id, call, error.code, error.status)
         store.fail(task_id, error)
@@ -63,5 +67,5 @@ def run_prediction(
         store.fail(task_id, DispatchError("the worker crashed running this task; see worker logs"))
         observed.finished("failed", DispatchError.code)
     else:
-        store.succeed(task_id, value)
+        store.succeed(task_id, answer.value, answer.content_type)
         observed.finished("succeeded")

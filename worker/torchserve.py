@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import codecs
 import json
 import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -23,6 +26,7 @@ from shared.errors import (
     TorchServeUnavailable,
 )
 from shared.models import PredictionCall
+from shared.payloads import DEFAULT_MEDIA_TYPE, encode_multipart
 from shared.settings import Settings
 from worker import metrics
 
@@ -40,6 +44,47 @@ def parse_body(content: bytes) -> Any:
         return json.loads(content)
     except ValueError:
         return content.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A prediction as stored: JSON parsed, text as str, anything else as a data URI.
+
+    `content_type` is None for JSON (the common case stores nothing extra), else the answer's.
+    """
+
+    value: Any
+    content_type: str | None = None
+
+
+def _charset(params: str) -> str:
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset" and value.strip():
+            return value.strip().strip('"')
+    return "utf-8"
+
+
+def parse_answer(content: bytes, content_type: str | None) -> Answer:
+    """TorchServe's 200 kept with its Content-Type (TorchServe sends none for JSON): JSON parses,
+    text decodes, and bytes are never decoded as text, they become a data URI."""
+    media, _, params = (content_type or "").partition(";")
+    media = media.strip().lower()
+    if not media or media == "application/json" or media.endswith("+json"):
+        try:
+            return Answer(json.loads(content))
+        except ValueError:
+            pass
+    if not media or media.startswith("text/"):
+        try:
+            charset = _charset(params)
+            codecs.lookup(charset)
+            return Answer(content.decode(charset), content_type or "text/plain; charset=utf-8")
+        except (LookupError, UnicodeDecodeError):
+            pass
+    media_type = content_type or DEFAULT_MEDIA_TYPE
+    encoded = base64.b64encode(content).decode("ascii")
+    return Answer(f"data:{media_type};base64,{encoded}", media_type)
 
 
 def _torchserve_message(response: httpx.Response) -> tuple[str, str]:
@@ -101,14 +146,23 @@ class TorchServeClient:
         self._http.close()
 
     def predict(self, call: PredictionCall) -> Any:
-        """The parsed prediction, or a DispatchError after bounded retries."""
+        """The parsed prediction of a JSON call, or a DispatchError after bounded retries."""
+        return self.predict_answer(call).value
+
+    def predict_answer(self, call: PredictionCall, payload: bytes | None = None) -> Answer:
+        """The answer, or a DispatchError after bounded retries.
+
+        `payload`: the bytes of `call.payload` (read from the message or the claim check), sent
+        as the raw body or as multipart parts; without it the call's JSON `body` is sent.
+        """
         if call.origin not in self._settings.allowed_origins:
             raise TargetNotAllowed(f"{call.origin} is not an allowed TorchServe target")
+        request = self._request_body(call, payload)
         attempt = 1
         while True:
             try:
                 with metrics.torchserve_request(call.model_name):
-                    return self._attempt(call)
+                    return self._attempt(call, request)
             except DispatchError as error:
                 delay = self._backoff(attempt)
                 if not error.retryable or attempt >= self._settings.retry_max_attempts:
@@ -130,7 +184,19 @@ class TorchServeClient:
         jitter: float = 1 - JITTER + JITTER * random.random()  # noqa: S311 - not crypto
         return ceiling * jitter
 
-    def _attempt(self, call: PredictionCall) -> Any:
+    @staticmethod
+    def _request_body(call: PredictionCall, payload: bytes | None) -> dict[str, Any]:
+        """httpx arguments for the body, built once for every attempt."""
+        ref = call.payload
+        if ref is None or payload is None:
+            return {"json": call.body}
+        if ref.multipart:
+            content, content_type = encode_multipart(ref.parts, payload)
+        else:
+            content, content_type = payload, ref.parts[0].content_type or DEFAULT_MEDIA_TYPE
+        return {"content": content, "headers": {"Content-Type": content_type}}
+
+    def _attempt(self, call: PredictionCall, body: dict[str, Any]) -> Answer:
         remaining = call.deadline - time.time()
         if remaining <= 0:
             raise DeadlineExceeded(f"the task's deadline passed before {call.origin} answered")
@@ -140,8 +206,9 @@ class TorchServeClient:
         try:
             response = self._http.post(
                 call.origin + call.path,
-                json=call.body,
-                headers=headers,
+                json=body.get("json"),
+                content=body.get("content"),
+                headers={**headers, **body.get("headers", {})},
                 auth=basic_auth or httpx.USE_CLIENT_DEFAULT,
                 timeout=timeout,
             )
@@ -160,7 +227,7 @@ class TorchServeClient:
                 f"connection to TorchServe at {call.origin} failed ({type(error).__name__})"
             ) from error
         if response.status_code == 200:
-            return parse_body(response.content)
+            return parse_answer(response.content, response.headers.get("content-type"))
         raise error_for_response(response, call.origin, call.model_name)
 
     def _credentials(self, call: PredictionCall) -> tuple[dict[str, str], httpx.BasicAuth | None]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from api.deps import OwnerDep, SettingsDep, StoreDep, WaitDep, WaiterDep
 from api.errors import error_response
+from api.inputs import read_request
 from api.store import new_task_id
 from api.targets import resolve_origin
 from api.waiting import Read, Watch
@@ -52,6 +53,60 @@ def task_response(view: TaskView) -> Response:
     )
 
 
+_RAW_TYPES = (
+    "application/octet-stream",
+    "image/*",
+    "audio/*",
+    "video/*",
+    "application/pdf",
+    "text/plain",
+)
+_FORM_FIELDS = ("model_name", "model_version", "timeout", "input_media_type")
+
+
+def _request_body_doc() -> dict[str, Any]:
+    """The four forms for /docs: the body is read by api/inputs.py, not declared as a model."""
+    schema = PredictionRequest.model_json_schema()
+    form_fields = {name: schema["properties"][name] for name in _FORM_FIELDS}
+    binary = {"type": "string", "format": "binary"}
+    multipart = {
+        "type": "object",
+        "required": ["model_name", "data"],
+        "properties": {
+            **form_fields,
+            "data": {
+                **binary,
+                "description": "The payload; more file parts (any names) are forwarded too.",
+            },
+        },
+    }
+    raw = {**binary, "description": "The payload as it is; the fields go in the query string."}
+    query = [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": form_fields[name],
+            "description": "Raw-body form only (any Content-Type other than JSON or multipart)"
+            + ("; required there." if name == "model_name" else "."),
+        }
+        for name in _FORM_FIELDS
+    ]
+    return {
+        "parameters": query,
+        "requestBody": {
+            "required": True,
+            "description": "JSON (`input`, or `data` as a data URI), multipart/form-data with "
+            "file parts, or a raw body of any other Content-Type (fields in the query string).",
+            "content": {
+                "application/json": {"schema": schema},
+                "multipart/form-data": {"schema": multipart},
+                **{media: {"schema": raw} for media in _RAW_TYPES},
+            },
+        },
+    }
+
+
 @router.post(
     "/dispatch_model",
     response_model=TaskView,
@@ -60,9 +115,12 @@ def task_response(view: TaskView) -> Response:
         **ERROR_RESPONSES,
     },
     summary="Run a prediction on TorchServe, synchronously or not",
+    openapi_extra=_request_body_doc(),
 )
+# The original service's path: answered here, not redirected (clients rarely re-POST a 307).
+@router.post("/dispatch_model/", include_in_schema=False)
 async def dispatch_model(
-    request: PredictionRequest,
+    http: Request,
     settings: SettingsDep,
     store: StoreDep,
     waiter: WaiterDep,
@@ -73,16 +131,18 @@ async def dispatch_model(
 
     Finished in time: 200 with `prediction_value`, or the error with its status. Otherwise 202
     with `Location: /tasks/{task_id}`. `Prefer: respond-async` (or `?wait=0`) answers at once.
+    The body is JSON, multipart/form-data, or raw bytes with the fields in the query string.
     """
+    request, payload = await read_request(http, settings.max_body_bytes)
     origin = resolve_origin(request, settings)
     task_id = new_task_id()
     if preference.seconds > 0:
         # Watching before the task exists: even a result that comes back at once is seen.
         async with waiter.watch(task_id) as watch:
-            view = await store.submit(request, origin, owner, task_id)
+            view = await store.submit(request, origin, owner, task_id, payload)
             result = await _wait(watch, view, preference.seconds, lambda: store.get(task_id, owner))
     else:
-        result = task_response(await store.submit(request, origin, owner, task_id))
+        result = task_response(await store.submit(request, origin, owner, task_id, payload))
     if preference.applied:
         result.headers["Preference-Applied"] = preference.applied
     return result

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import base64
+import json
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
 
 from api.deps import OwnerDep, SettingsDep, StoreDep, WaiterDep
 from api.routes.dispatch import ERROR_RESPONSES
-from shared.models import TaskView
+from shared.errors import ResultNotAvailable
+from shared.models import TaskStatus, TaskView
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -33,6 +36,44 @@ async def get_task(
     async with waiter.watch(task_id) as watch:  # before the read: an end in between is seen
         view = await store.get(task_id, owner)
         return await watch.until_terminal(view, seconds, lambda: store.get(task_id, owner))
+
+
+@router.get(
+    "/{task_id}/result",
+    responses={
+        200: {
+            "description": "The answer itself, with its content type (JSON as application/json)",
+            "content": {"application/json": {}, "*/*": {"schema": {"type": "string"}}},
+        },
+        **ERROR_RESPONSES,
+    },
+    response_class=Response,
+)
+async def get_result(task_id: TaskId, store: StoreDep, owner: OwnerDep) -> Response:
+    """The answer of a succeeded task, raw (an image as its bytes); 409 until it succeeded."""
+    view = await store.get(task_id, owner)
+    if view.status is not TaskStatus.succeeded:
+        raise ResultNotAvailable(
+            f"task {task_id} is {view.status.value}: only a succeeded task has a result"
+            + ("; wait with GET /tasks/{id}?wait=N" if not view.status.terminal else "")
+        )
+    return raw_answer(view.prediction_value, view.prediction_content_type)
+
+
+def raw_answer(value: Any, content_type: str | None) -> Response:
+    """The answer as TorchServe sent it, from what the worker stored (worker/torchserve.py)."""
+    if content_type is None:  # JSON
+        return Response(json.dumps(value), media_type="application/json")
+    if isinstance(value, str) and value.startswith("data:"):
+        header, _, encoded = value.partition(",")
+        if header.endswith(";base64"):
+            return Response(base64.b64decode(encoded), headers={"Content-Type": content_type})
+    charset = "utf-8"
+    for param in content_type.split(";")[1:]:
+        key, _, found = param.partition("=")
+        if key.strip().lower() == "charset" and found.strip():
+            charset = found.strip().strip('"')
+    return Response(str(value).encode(charset), headers={"Content-Type": content_type})
 
 
 @router.delete("/{task_id}", response_model=TaskView, responses=ERROR_RESPONSES)
