@@ -82,6 +82,20 @@ def test_stop_kills_what_ignores_sigterm(tmp_path: Path) -> None:
     process.stop()  # a second stop is harmless
 
 
+def test_managed_process_fresh_runs_the_same_command_again(tmp_path: Path) -> None:
+    first = ManagedProcess(["sh", "-c", "echo run"], tmp_path / "p.log", cwd=tmp_path).start()
+    wait_until(lambda: not first.alive, 5, "sh to exit")
+    with pytest.raises(RuntimeError, match="started already"):
+        first.start()
+    second = first.fresh()
+    assert (second.argv, second.cwd, second.started) == (first.argv, tmp_path, False)
+    second.start()
+    wait_until(lambda: not second.alive, 5, "sh to exit again")
+    first.stop()
+    second.stop()
+    assert second.log_text().splitlines() == ["run", "run"]  # one log, appended
+
+
 # --- Redis -------------------------------------------------------------------------------------
 
 
@@ -108,6 +122,21 @@ def test_redis_restart_keeps_data_in_the_append_only_file(tmp_path: Path) -> Non
             client.ping()
         server.start()
         assert client.llen("queue") == 3
+        client.close()
+
+
+def test_redis_appendfsync_always_and_a_restart_after_sigkill(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="appendfsync"):
+        RedisServer(tmp_path, appendfsync="sometimes")
+    with RedisServer(tmp_path, appendfsync="always") as server:
+        client = server.client(decode_responses=True)
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
+        client.rpush("queue", *range(100))
+        server.kill()  # no shutdown flush: only what was fsynced survives
+        port = server.port
+        server.start()
+        assert server.port == port
+        assert client.llen("queue") == 100
         client.close()
 
 
@@ -276,6 +305,20 @@ def test_celery_worker_reports_ready_and_stops(redis_server: RedisServer, tmp_pa
         assert "ready." in worker.log_text()
         assert "fake@" in worker.log_text()
     assert not worker.alive
+
+
+def test_a_dead_service_starts_again_on_the_same_port(tmp_path: Path) -> None:
+    with ApiServer({}, tmp_path / "api.log", app=FAKES_API_APP) as api:
+        first = api.pid
+        with pytest.raises(RuntimeError, match="running already"):
+            api.start()
+        api.process.popen.kill()  # the server alone dies, as a crash would
+        wait_until(lambda: not api.alive, 5, "the API to die")
+        assert api.returncode == -9
+        api.start()
+        assert api.pid != first
+        assert httpx.get(f"{api.url}/health").status_code == 200
+    assert not api.alive
 
 
 def test_api_server_health_and_stop(tmp_path: Path) -> None:
