@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap run test lint bench
+.PHONY: bootstrap run test lint bench chaos
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -20,3 +20,7 @@ lint: bootstrap
 
 bench: bootstrap
 	$(PY) -m bench
+
+# The fault scenarios many times each on a loaded machine (tests/chaos.py); not part of `make test`.
+chaos: bootstrap
+	$(PY) tests/chaos.py
