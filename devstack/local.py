@@ -5,7 +5,8 @@ redis-server, TorchServe, the Celery worker and the API that dies, and Ctrl-C or
 everything it started. Knobs (the tests use them to run it on free ports in a temporary
 directory): `PORT` (API, default 8000), `DEVSTACK_WORKDIR` (default `.local/`),
 `DEVSTACK_REDIS_PORT` (default: a free port), `DEVSTACK_TORCHSERVE_PORTS` (inference, management,
-metrics; default `8080,8081,8082`); `REDIS_URL` / `TORCHSERVE_URL` use servers of your own instead.
+metrics, optionally gRPC inference and management; default `8080,8081,8082` and free gRPC ports);
+`REDIS_URL` / `TORCHSERVE_URL` use servers of your own instead.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class LocalConfig:
     api_port: int = DEFAULT_API_PORT
     redis_port: int | None = None  # None: a free port, kept across restarts of redis-server
     torchserve_ports: tuple[int, int, int] = DEFAULT_TORCHSERVE_PORTS
+    torchserve_grpc_ports: tuple[int, int] | None = None  # None: free ports
     redis_url: str | None = None  # set: use that Redis, start none
     torchserve_url: str | None = None  # set: use that TorchServe, start none
 
@@ -47,22 +49,23 @@ class LocalConfig:
         try:
             listed = environ.get("DEVSTACK_TORCHSERVE_PORTS", "").split(",")
             ports = tuple(int(port) for port in listed if port) or DEFAULT_TORCHSERVE_PORTS
-            if len(ports) != 3:
-                raise ValueError("DEVSTACK_TORCHSERVE_PORTS needs three ports")
+            if len(ports) not in (3, 5):
+                raise ValueError("DEVSTACK_TORCHSERVE_PORTS needs three or five ports")
             redis_port = environ.get("DEVSTACK_REDIS_PORT")
             return cls(
                 workdir=Path(environ.get("DEVSTACK_WORKDIR") or DEFAULT_WORKDIR).resolve(),
                 api_port=int(environ.get("PORT") or DEFAULT_API_PORT),
                 redis_port=int(redis_port) if redis_port else None,
                 torchserve_ports=(ports[0], ports[1], ports[2]),
+                torchserve_grpc_ports=(ports[3], ports[4]) if len(ports) == 5 else None,
                 redis_url=environ.get("REDIS_URL") or None,
                 torchserve_url=environ.get("TORCHSERVE_URL") or None,
             )
         except ValueError as exc:
             raise SystemExit(
                 f"bad devstack setting: {exc} (PORT, DEVSTACK_REDIS_PORT and "
-                "DEVSTACK_TORCHSERVE_PORTS take port numbers, the last one three of them, "
-                "comma-separated)"
+                "DEVSTACK_TORCHSERVE_PORTS take port numbers, the last one three or five of "
+                "them, comma-separated)"
             ) from exc
 
 
@@ -79,7 +82,7 @@ def _require_free(port: int, hint: str) -> None:
 def _check_ports(config: LocalConfig) -> None:
     """Fail before starting anything if a fixed port is taken (e.g. by a previous run)."""
     if config.torchserve_url is None:
-        for port in config.torchserve_ports:
+        for port in (*config.torchserve_ports, *(config.torchserve_grpc_ports or ())):
             _require_free(port, "stop what listens there, or set TORCHSERVE_URL to use it")
     if config.redis_url is None and config.redis_port is not None:
         _require_free(config.redis_port, "stop what listens there, or set DEVSTACK_REDIS_PORT")
@@ -106,7 +109,18 @@ def _start_torchserve(supervisor: Supervisor, config: LocalConfig) -> str:
         return config.torchserve_url
     store = config.workdir / "model-store"
     models = archive_demo_models(store)
-    server = TorchServe(config.workdir / "torchserve", store, models, ports=config.torchserve_ports)
+    grpc = config.torchserve_grpc_ports
+    server = TorchServe(
+        config.workdir / "torchserve",
+        store,
+        models,
+        ports=config.torchserve_ports,
+        extra_config=(
+            {"grpc_inference_port": str(grpc[0]), "grpc_management_port": str(grpc[1])}
+            if grpc
+            else None
+        ),
+    )
     print(f"Starting TorchServe with {', '.join(models)} (takes a few seconds) ...", flush=True)
     supervisor.start("TorchServe", server)
     print(f"TorchServe ready after {server.start_seconds:.1f} s")

@@ -53,6 +53,12 @@ def test_free_port_can_be_bound() -> None:
     assert 1024 <= port <= 65535
 
 
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    # This machine kind's kernel gives consecutive bind(0) probes the same port.
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+
+
 def test_managed_process_logs_output(tmp_path: Path) -> None:
     process = ManagedProcess(["sh", "-c", "echo out; echo err >&2"], tmp_path / "p.log").start()
     wait_until(lambda: not process.alive, 5, "sh to exit")

@@ -76,6 +76,9 @@ def test_local_config_from_env(tmp_path: Path) -> None:
     )
     assert (config.workdir, config.api_port, config.redis_port) == (tmp_path, 9000, 9001)
     assert config.torchserve_ports == (9002, 9003, 9004)
+    assert config.torchserve_grpc_ports is None
+    grpc = LocalConfig.from_env({"DEVSTACK_TORCHSERVE_PORTS": "1,2,3,4,5"}).torchserve_grpc_ports
+    assert grpc == (4, 5)
     with pytest.raises(SystemExit, match="DEVSTACK_TORCHSERVE_PORTS"):
         LocalConfig.from_env({"DEVSTACK_TORCHSERVE_PORTS": "1,2"})
 
@@ -266,7 +269,7 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeRun]:
         "slow", TEST_MODELS_DIR / "slow.py", workdir / "model-store", extra_files=[PAYLOAD_MODULE]
     )
     api_port, redis_port = free_port(), free_port()
-    ts_ports = (free_port(), free_port(), free_port())
+    ts_ports = [free_port() for _ in range(5)]  # gRPC too: no port chosen in another process
     ours = {"REDIS_URL", "TORCHSERVE_URL", "PORT"}  # make run must start its own
     env = {
         **{key: value for key, value in os.environ.items() if key not in ours},
