@@ -12,7 +12,13 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from shared.errors import DispatchError, InvalidRequest, QueueFull, QueueUnavailable
+from shared.errors import (
+    DispatchError,
+    InvalidRequest,
+    QueueFull,
+    QueueUnavailable,
+    redis_write_refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +31,13 @@ HTTP_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
+
+
+def queue_refuses_writes(reason: str, outcome: str) -> QueueUnavailable:
+    """The 503 for a Redis that answers but refuses writes; `outcome`: what that left undone."""
+    return QueueUnavailable(
+        f"the task queue (Redis) refuses writes: {reason}; {outcome}: retry once it accepts them"
+    )
 
 
 def error_response(error: DispatchError, task_id: str | None = None) -> JSONResponse:
@@ -72,6 +85,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
     async def redis_error(_: Request, error: Exception) -> JSONResponse:
+        refusal = redis_write_refusal(error)
+        if refusal is not None:  # it answers, but this request needed a write
+            log.warning("Redis refuses writes: %s", refusal)
+            return error_response(queue_refuses_writes(refusal, "nothing was changed"))
         log.warning("Redis unavailable: %s", type(error).__name__)
         return error_response(
             QueueUnavailable("the task queue (Redis) is unavailable; retry in a few seconds")

@@ -8,16 +8,20 @@ from typing import Any
 
 import httpx
 from pydantic import BaseModel
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from shared import records
 from shared.celery_app import QUEUE
+from shared.errors import redis_write_refusal
 from shared.settings import Settings
 
 # Queued work and nothing finished for this long means the workers stopped consuming
 # (seen after Redis reconnects: celery#8030), even if their processes still beat.
 STALL_SECONDS = 60.0
 CHECK_TIMEOUT = 2.0
+# Written on every check: a Redis that answers PING may still refuse writes (out of memory under
+# noeviction, a read-only replica after a failover), and then nothing can be submitted.
+WRITE_PROBE_KEY = "dispatch:ready_probe"
 
 
 class Readiness(BaseModel):
@@ -32,20 +36,34 @@ async def _check_redis_and_workers(state: Any) -> dict[str, str]:
     try:
         async with asyncio.timeout(CHECK_TIMEOUT):
             await client.ping()
+            refusal = await _refuses_writes(client)
             workers = [key async for key in client.scan_iter(records.WORKER_KEY_PREFIX + "*")]
             depth = await client.llen(QUEUE)
             last_finished = await client.get(records.LAST_FINISHED_KEY)
     except (RedisError, OSError, TimeoutError) as error:
         return {"redis": f"unreachable ({type(error).__name__})", "workers": "unknown"}
+    redis_check = f"refuses writes: {refusal}" if refusal else "ok"
     if not workers:
-        return {"redis": "ok", "workers": "no worker has sent a heartbeat recently"}
+        return {"redis": redis_check, "workers": "no worker has sent a heartbeat recently"}
     idle = time.time() - float(last_finished) if last_finished else 0.0
     if depth and idle > STALL_SECONDS:
         return {
-            "redis": "ok",
+            "redis": redis_check,
             "workers": f"{depth} tasks queued but none finished for {idle:.0f}s: workers stalled",
         }
-    return {"redis": "ok", "workers": "ok"}
+    return {"redis": redis_check, "workers": "ok"}
+
+
+async def _refuses_writes(client: Any) -> str | None:
+    """Why Redis refuses writes, or None when it accepts them."""
+    try:
+        await client.set(WRITE_PROBE_KEY, str(time.time()), ex=60)
+    except ResponseError as error:
+        reason = redis_write_refusal(error)
+        if reason is None:
+            raise
+        return reason
+    return None
 
 
 async def _check_torchserve(http: httpx.AsyncClient, settings: Settings) -> str:

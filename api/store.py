@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
+from api.errors import queue_refuses_writes
 from shared import records
 from shared.celery_app import QUEUE, encode_task_message
 from shared.errors import (
@@ -19,6 +23,7 @@ from shared.errors import (
     TaskExpired,
     TaskNotFound,
     WorkerLost,
+    redis_write_refusal,
 )
 from shared.models import PredictionCall, PredictionRequest, TaskStatus, TaskView
 from shared.payloads import Payload, payload_key
@@ -87,7 +92,9 @@ class ApiStore:
         if stored is not None:
             keys.append(payload_key(task_id))
             args.append(stored)
-        accepted = await self._submit(keys=keys, args=[*args, *flat])
+        accepted = await _write(
+            self._submit, "nothing was enqueued", keys=keys, args=[*args, *flat]
+        )
         if not accepted:
             raise QueueFull(
                 f"{self._settings.max_queue_depth} tasks are already queued; retry later"
@@ -109,12 +116,17 @@ class ApiStore:
         if not fields or fields.get("owner", "") != owner:
             raise TaskNotFound(f"no task {task_id!r}: it was never submitted or has expired")
         view = records.decode_record(task_id, fields)
-        if await self._settle_overdue(view):
+        settled = await self._settle_overdue(view)
+        if settled is True:
             return await self.get(task_id, owner)
-        return view
+        return settled or view
 
-    async def _settle_overdue(self, view: TaskView) -> bool:
-        """End a task that can no longer end by itself, so nothing stays queued/running forever."""
+    async def _settle_overdue(self, view: TaskView) -> TaskView | bool:
+        """End a task that can no longer end by itself, so nothing stays queued/running forever.
+
+        True when it was ended in Redis; while Redis refuses writes, the view as it would be once
+        ended (a read must not fail for that: the next read or the worker's START stores it).
+        """
         now = time.time()
         deadline = view.deadline.timestamp()
         error: DispatchError
@@ -128,18 +140,29 @@ class ApiStore:
             new_status = TaskStatus.failed
         else:
             return False
-        settled = await self._settle(
-            keys=[records.task_key(view.task_id)],
-            args=[
-                view.status.value,
-                new_status.value,
-                now,
-                error.body(view.task_id).model_dump_json(),
-                self._settings.result_ttl,
-                records.FINISHED_CHANNEL,
-                view.task_id,
-            ],
-        )
+        try:
+            settled = await self._settle(
+                keys=[records.task_key(view.task_id)],
+                args=[
+                    view.status.value,
+                    new_status.value,
+                    now,
+                    error.body(view.task_id).model_dump_json(),
+                    self._settings.result_ttl,
+                    records.FINISHED_CHANNEL,
+                    view.task_id,
+                ],
+            )
+        except ResponseError as refused:
+            if redis_write_refusal(refused) is None:
+                raise
+            return view.model_copy(
+                update={
+                    "status": new_status,
+                    "finished_at": datetime.fromtimestamp(now, UTC),
+                    "error": error.body(view.task_id),
+                }
+            )
         return bool(settled)
 
     async def cancel(self, task_id: str, owner: str) -> TaskView:
@@ -150,7 +173,9 @@ class ApiStore:
                 f"task {task_id} already ended as {view.status.value}; there is nothing to cancel"
             )
         canceled = TaskCanceled("the task was canceled before a worker started it")
-        outcome = await self._cancel(
+        outcome = await _write(
+            self._cancel,
+            "the task was not canceled",
             keys=[records.task_key(task_id)],
             args=[
                 time.time(),
@@ -168,3 +193,18 @@ class ApiStore:
 
     async def queue_depth(self) -> int:
         return int(await self.redis.llen(QUEUE))
+
+
+async def _write(script: AsyncScript, outcome: str, **call: Any) -> Any:
+    """Run a write script; 503 saying why when Redis refuses writes (OOM, read-only replica).
+
+    Every script's first write is the one Redis can refuse (it checks memory at a script's first
+    write and lets the rest through), so a refused script has written nothing.
+    """
+    try:
+        return await script(**call)
+    except ResponseError as error:
+        reason = redis_write_refusal(error)
+        if reason is None:
+            raise
+        raise queue_refuses_writes(reason, outcome) from error

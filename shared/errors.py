@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+
 from shared.models import TaskError
 
 
@@ -88,10 +90,41 @@ class QueueFull(DispatchError):
 
 
 class QueueUnavailable(DispatchError):
-    """Redis cannot be reached, so nothing can be enqueued or looked up."""
+    """Redis cannot be reached (or refuses writes), so nothing can be enqueued or looked up."""
 
     status = 503
     code = "queue_unavailable"
+
+
+# Error replies with which a Redis that otherwise answers refuses writes, and why, in the words an
+# operator needs. Reads still work, so these are not connection errors: see redis_write_refusal.
+REDIS_WRITE_REFUSALS = {
+    "OOM": "it is out of memory (used memory over 'maxmemory' under the noeviction policy; "
+    "free memory or raise maxmemory)",
+    "READONLY": "it is a read-only replica (after a failover, REDIS_URL must name the new primary)",
+    "MISCONF": "it cannot save to disk (stop-writes-on-bgsave-error; see its log)",
+    "NOREPLICAS": "too few replicas are connected (min-replicas-to-write)",
+}
+
+
+def redis_write_refusal(error: BaseException) -> str | None:
+    """Why Redis refused a write, or None when `error` is something else.
+
+    redis-py maps a plain `OOM`/`READONLY` reply to its own classes, but inside a Lua script
+    Redis 6 wraps the reply ("Error running script ... -OOM command not allowed ..."), and Redis 7
+    passes it on as the script's error: match the reply code in the text as well.
+    """
+    if isinstance(error, OutOfMemoryError):
+        return REDIS_WRITE_REFUSALS["OOM"]
+    if isinstance(error, ReadOnlyError):
+        return REDIS_WRITE_REFUSALS["READONLY"]
+    if not isinstance(error, ResponseError):
+        return None
+    text = str(error)
+    for code, reason in REDIS_WRITE_REFUSALS.items():
+        if text.startswith(code + " ") or f"-{code} " in text:
+            return reason
+    return None
 
 
 # --- Raised by a worker while running a task --------------------------------------------------

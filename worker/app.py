@@ -4,10 +4,15 @@ import logging
 
 from shared.celery_app import create_celery_app
 from shared.settings import get_settings
+from worker import broker_fixes, refusals
 
 # Module-level because Celery's CLI loads the app by name; settings come from the environment.
 app = create_celery_app(get_settings())
 app.conf.include = ["worker.tasks", "worker.heartbeat"]
+# A Redis that refuses writes (OOM, read-only replica) must not crash the worker or lose messages.
+refusals.install()
+# A broker connection loss must not end the worker either: acks of tasks that ran across the loss.
+broker_fixes.install()
 # Per-task INFO lines ("received", "succeeded", httpx's "HTTP Request") cost ~15% of a worker's
 # CPU per task (docs/BENCHMARKS.md); failures still log at WARNING and above, start-up at INFO.
 logging.getLogger("httpx").setLevel(logging.WARNING)

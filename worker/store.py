@@ -17,6 +17,7 @@ from shared import records
 from shared.errors import DeadlineExceeded, DispatchError, TaskExpired
 from shared.models import TaskStatus
 from shared.settings import Settings
+from worker.refusals import retry_while_refused
 
 # A short Redis restart should not turn into a rerun of the task: keep retrying record writes.
 REDIS_RETRIES = 12
@@ -55,18 +56,23 @@ class WorkerStore:
     def start(self, task_id: str) -> tuple[StartVerdict, int]:
         expired = TaskExpired("the task's deadline passed before a worker could start it")
         overran = DeadlineExceeded("the task's worker was lost and its deadline passed meanwhile")
-        verdict, deliveries = self._start(
-            keys=[records.task_key(task_id)],
-            args=[
-                time.time(),
-                self._settings.max_deliveries,
-                self._settings.result_ttl,
-                records.FINISHED_CHANNEL,
-                task_id,
-                expired.body(task_id).model_dump_json(),
-                self._worker_name,
-                overran.body(task_id).model_dump_json(),
-            ],
+        # While Redis refuses writes nothing is started (a refused script wrote nothing), and
+        # the message stays unacknowledged: wait, never run the task unrecorded or ack it away.
+        verdict, deliveries = retry_while_refused(
+            lambda: self._start(
+                keys=[records.task_key(task_id)],
+                args=[
+                    time.time(),
+                    self._settings.max_deliveries,
+                    self._settings.result_ttl,
+                    records.FINISHED_CHANNEL,
+                    task_id,
+                    expired.body(task_id).model_dump_json(),
+                    self._worker_name,
+                    overran.body(task_id).model_dump_json(),
+                ],
+            ),
+            f"starting task {task_id}",
         )
         if verdict in (StartVerdict.run, StartVerdict.too_many, StartVerdict.missing):
             return StartVerdict(verdict), int(deliveries)
@@ -81,17 +87,21 @@ class WorkerStore:
         return self._end(task_id, TaskStatus.failed, "error", error.body(task_id).model_dump_json())
 
     def _end(self, task_id: str, status: TaskStatus, field: str, value: str, *extra: str) -> bool:
-        ended = self._finish(
-            keys=[records.task_key(task_id), records.LAST_FINISHED_KEY],
-            args=[
-                status.value,
-                time.time(),
-                field,
-                value,
-                self._settings.result_ttl,
-                records.FINISHED_CHANNEL,
-                task_id,
-                *extra,
-            ],
+        # The outcome is in hand: keep it until Redis accepts the write rather than run again.
+        ended = retry_while_refused(
+            lambda: self._finish(
+                keys=[records.task_key(task_id), records.LAST_FINISHED_KEY],
+                args=[
+                    status.value,
+                    time.time(),
+                    field,
+                    value,
+                    self._settings.result_ttl,
+                    records.FINISHED_CHANNEL,
+                    task_id,
+                    *extra,
+                ],
+            ),
+            f"storing the outcome of task {task_id}",
         )
         return bool(ended)
