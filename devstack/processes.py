@@ -142,6 +142,7 @@ class ManagedProcess(StopsOnExit):
         self.terminate_group = terminate_group
         self._popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._log_start = 0  # where this run's output begins in the (appended) log
         # Set once the whole group is gone: later stop()/kill() calls must not signal a
         # process group id the OS may have handed out again.
         self._finished = False
@@ -162,6 +163,7 @@ class ManagedProcess(StopsOnExit):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # Append: a restarted server (same log path) keeps the history of the previous run.
         self._log = self.log_path.open("ab")
+        self._log_start = self._log.tell()
         self._popen = subprocess.Popen(
             self.argv,
             cwd=self.cwd,
@@ -222,6 +224,15 @@ class ManagedProcess(StopsOnExit):
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def run_log_text(self) -> str:
+        """The log of this run only: what it wrote after `start()` (for readiness checks)."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_start)
+                return log.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 

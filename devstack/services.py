@@ -142,7 +142,8 @@ class CeleryWorker(_Service):
 
     def _ready(self) -> bool:
         self.process.check_alive(self.describe())
-        return "ready." in self.log_text()
+        # This run's output only: a restarted worker appends to the log of the one before it.
+        return "ready." in self.process.run_log_text()
 
 
 class ApiServer(_Service):

@@ -100,6 +100,7 @@ def test_managed_process_fresh_runs_the_same_command_again(tmp_path: Path) -> No
     first.stop()
     second.stop()
     assert second.log_text().splitlines() == ["run", "run"]  # one log, appended
+    assert second.run_log_text() == "run\n"
 
 
 # --- Redis -------------------------------------------------------------------------------------
@@ -325,6 +326,18 @@ def test_a_dead_service_starts_again_on_the_same_port(tmp_path: Path) -> None:
         assert api.pid != first
         assert httpx.get(f"{api.url}/health").status_code == 200
     assert not api.alive
+
+
+def test_a_restarted_celery_worker_waits_for_its_own_ready_line(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = {"REDIS_URL": redis_server.url}
+    with CeleryWorker(env, "again", tmp_path / "worker.log", app=FAKES_WORKER_APP) as worker:
+        worker.kill()
+        worker.start()  # the first run's "ready." is in the same log: it must not count
+        assert worker.alive
+        assert "ready." in worker.process.run_log_text()
+        assert worker.log_text().count("ready.") == 2
 
 
 def test_api_server_health_and_stop(tmp_path: Path) -> None:
