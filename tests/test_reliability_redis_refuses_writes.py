@@ -114,16 +114,20 @@ def test_redis_refusing_writes_answers_503_and_recovers_by_itself(
         time.sleep(max(0.0, REFUSED_FOR - (time.monotonic() - refused_at)))
         worker_alive_during = worker.alive
 
+    accepted_at = time.monotonic()
     after = submit(http, {"model_name": "counting", "input": {"id": f"{run}-after"}})
     final = wait_terminal(client, [*ids, after], timeout=60)
+    all_done = time.monotonic() - accepted_at
     wait_until(lambda: http.get("/ready").status_code == 200, 20, "ready again")
+    ready_again = time.monotonic() - accepted_at
     http.close()
 
     calls = model_calls(counting_log, run)
     statuses = Counter(f["status"] for f in final.values())
     print(
         f"\nREDIS REFUSES WRITES ({why}): submitted={TASKS}+1 statuses={dict(statuses)} "
-        f"ran_twice={sum(1 for c in calls.values() if c > 1)} "
+        f"ran_twice={sum(1 for c in calls.values() if c > 1)} refused for {REFUSED_FOR:g}s; "
+        f"after: all done in {all_done:.1f}s, /ready 200 in {ready_again:.1f}s; "
         f"submit={submitted.status_code} {submitted.json()} ready={ready.json()}"
     )
     for response in (submitted, sync, canceled):
