@@ -246,12 +246,12 @@ async def _read_multipart(
         raise InvalidRequest("the multipart/form-data body is malformed") from None
     if not reader.ended:
         raise InvalidRequest("the multipart/form-data body ended before its closing boundary")
-    request = _validate(reader.fields, "body")
     if not reader.parts:
         raise InvalidRequest(
             "the multipart request has no file part: send the payload as a part named data "
             "(curl -F data=@picture.png)"
         )
+    request = _validate(reader.fields, "body")
     fallback = _fallback_type(request)
     parts = [
         p.model_copy(update={"content_type": p.content_type or fallback}) for p in reader.parts
