@@ -40,3 +40,16 @@ if [[ ! -x /usr/bin/redis-server && "$(id -u)" == 0 ]] && command -v apt-get >/d
         echo "bootstrap: could not install redis-server; the Redis TLS test will be skipped" >&2
     fi
 fi
+
+# The metrics test runs a real Prometheus (promtool checks the alert rules) and the docs test a
+# real headless Chromium: Debian's packages, installed the same way (root only; else skipped).
+for tool in prometheus chromium; do
+    if [[ ! -x /usr/bin/$tool && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+        echo "bootstrap: installing Debian's $tool for its tests (takes a minute or two)"
+        if ! { apt-get install -y -qq --no-install-recommends "$tool" >/dev/null 2>&1 ||
+               { apt-get update -qq && apt-get install -y -qq --no-install-recommends "$tool"; }; }
+        then
+            echo "bootstrap: could not install $tool; the tests that need it will be skipped" >&2
+        fi
+    fi
+done
