@@ -3,13 +3,17 @@ was sent. Per part (`body` for a raw body, the part names of multipart): sha256,
 Python type TorchServe handed over and the part's content type as TorchServe saw it.
 
 str (text/*) is hashed as its UTF-8 bytes; JSON (application/json) as compact sorted JSON.
+A part named `sleep` (seconds, at most 30) makes it answer that late, for worker-kill tests.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
+
+MAX_SLEEP = 30.0
 
 
 def _bytes(value: Any) -> bytes:
@@ -39,5 +43,7 @@ def handle(data: list[dict[str, Any]] | None, context: Any) -> list[Any] | None:
                 "type": type(value).__name__,
                 "content_type": _content_type(context, index, name),
             }
+        if "sleep" in request:
+            time.sleep(min(float(_bytes(request["sleep"]).decode()), MAX_SLEEP))
         answers.append(parts)
     return answers
