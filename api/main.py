@@ -15,7 +15,7 @@ from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import MeteredStore, MeteredWaiter, install_metrics, release_process_metrics
-from api.routes import dispatch, health, tasks
+from api.routes import deliveries, dispatch, health, tasks
 from shared.settings import Settings, get_settings
 
 # Requests share this many Redis connections and wait for a free one rather than open more:
@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(dispatch.router)
     app.include_router(tasks.router)
+    app.include_router(deliveries.router)
     app.include_router(health.router)
     install_docs(app, settings)
     install_metrics(app, settings)  # last: its middleware wraps the others

@@ -132,6 +132,9 @@ def _start_dispatcher(supervisor: Supervisor, config: LocalConfig, env: dict[str
     worker = CeleryWorker(env, "local", logs / "worker.log")
     print("Starting the Celery worker ...", flush=True)
     supervisor.start("Celery worker", worker)
+    webhooks = CeleryWorker.webhook_consumer(env, logs / "webhooks.log")
+    print("Starting the webhook consumer ...", flush=True)
+    supervisor.start("webhook consumer", webhooks)
     api = ApiServer(env, logs / "api.log", config.api_port)
     print(f"Starting the API on port {api.port} ...", flush=True)
     supervisor.start("API server", api)
@@ -140,6 +143,7 @@ def _start_dispatcher(supervisor: Supervisor, config: LocalConfig, env: dict[str
 
 def _banner(api_url: str, logs: Sequence[tuple[str, Path]]) -> str:
     log_lines = "\n".join(f"  {name:<14} {path}" for name, path in logs)
+    picture = REPO_ROOT / "models" / "example.png"  # a small PNG shipped with the repository
     return f"""
 The dispatcher is up at {api_url}  (Ctrl-C stops everything; a process that dies is restarted)
 
@@ -157,6 +161,16 @@ Try:
   curl -s {api_url}/dispatch_model -H 'content-type: application/json' \\
     -H 'Prefer: respond-async' -d '{{"model_name":"echo","input":{{"hello":"later"}}}}'
   curl -s {api_url}/tasks/<task_id>
+
+  # bytes in: a picture as a file part, or as the raw body (fields in the query string)
+  curl -s {api_url}/dispatch_model -F model_name=image_info -F data=@{picture}
+  curl -s '{api_url}/dispatch_model?model_name=image_info' \
+    -H 'content-type: image/png' --data-binary @{picture}
+
+  # bytes out: the picture in grayscale; prediction_value is a data URI, /result the PNG
+  curl -s '{api_url}/dispatch_model?model_name=grayscale' \
+    -H 'content-type: image/png' --data-binary @{picture}
+  curl -s {api_url}/tasks/<task_id>/result -o out.png
 
   # the API's documentation, in a browser
   {api_url}/docs

@@ -98,7 +98,10 @@ class _Service(StopsOnExit):
 
 
 class CeleryWorker(_Service):
-    """`celery -A worker.app worker` consuming the dispatch queue, named `<name>@<host>`."""
+    """`celery -A worker.app worker` consuming the dispatch queue, named `<name>@<host>`.
+
+    `webhook_consumer()` builds the other kind: `worker.webhook_app` on the `webhooks` queue.
+    """
 
     def __init__(
         self,
@@ -109,12 +112,13 @@ class CeleryWorker(_Service):
         pool: str = "threads",
         *,
         app: str = "worker.app",
+        queue: str = "dispatch",
     ) -> None:
         argv = [
             sys.executable, "-m", "celery",
             "-A", app,
             "worker",
-            "-Q", "dispatch",
+            "-Q", queue,
             "-n", f"{name}@%h",
             "--pool", pool,
             "--concurrency", str(concurrency),
@@ -128,6 +132,21 @@ class CeleryWorker(_Service):
         # tasks ("WorkerLostError: ... signal 15").
         super().__init__(argv, env, log_path, terminate_group=False)
         self.name = name
+
+    @classmethod
+    def webhook_consumer(
+        cls, env: Mapping[str, str], log_path: Path, name: str = "webhooks", concurrency: int = 16
+    ) -> CeleryWorker:
+        """The webhook consumer (worker/webhooks.py): threads, as its sends wait on receivers."""
+        return cls(
+            env,
+            name,
+            log_path,
+            concurrency,
+            "threads",
+            app="worker.webhook_app",
+            queue="webhooks",
+        )
 
     def start(self, timeout: float = 60) -> Self:
         """Start and wait for Celery's "ready." line: the consumer is connected to the broker."""

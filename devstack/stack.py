@@ -18,6 +18,8 @@ class Stack(StopsOnExit):
     env: dict[str, str]
     api: ApiServer
     workers: list[CeleryWorker] = field(default_factory=list)
+    # The webhook consumers (worker/webhooks.py), on their own queue.
+    webhook_consumers: list[CeleryWorker] = field(default_factory=list)
 
     @property
     def api_url(self) -> str:
@@ -25,11 +27,12 @@ class Stack(StopsOnExit):
 
     @property
     def log_paths(self) -> list[Path]:
-        return [worker.log_path for worker in self.workers] + [self.api.log_path]
+        services = [*self.workers, *self.webhook_consumers, self.api]
+        return [service.log_path for service in services]
 
     def logs(self) -> str:
         """Every process's log, each under a header naming its file (for test failure output)."""
-        services = [*self.workers, self.api]
+        services = [*self.workers, *self.webhook_consumers, self.api]
         return "\n".join(
             f"===== {service.log_path} =====\n{service.log_text()}" for service in services
         )
@@ -40,10 +43,10 @@ class Stack(StopsOnExit):
         If anything fails to start, what did start is stopped before the error propagates.
         """
         try:
-            for worker in self.workers:
+            for worker in [*self.workers, *self.webhook_consumers]:
                 worker.launch()
             self.api.launch()
-            for service in [*self.workers, self.api]:
+            for service in [*self.workers, *self.webhook_consumers, self.api]:
                 service.wait_ready(timeout)
         except BaseException:
             self.stop()
@@ -53,7 +56,7 @@ class Stack(StopsOnExit):
     def stop(self, timeout: float = 10) -> None:
         # The API first, so nothing new is enqueued while the workers drain.
         self.api.stop(timeout)
-        for worker in reversed(self.workers):
+        for worker in reversed([*self.workers, *self.webhook_consumers]):
             worker.stop(timeout)
 
 
@@ -68,9 +71,11 @@ def start_stack(
     timeout: float = 60,
     worker_app: str = "worker.app",
     api_app: str = "api.main:create_app",
+    webhook_consumers: int = 1,
 ) -> Stack:
     """Start `workers` Celery workers (in parallel) and the API; all get os.environ plus `env`.
 
+    Plus `webhook_consumers` webhook consumers (`log_dir/webhooks-<i>.log`).
     Logs go to `log_dir/worker-<i>.log` and `log_dir/api.log`. If anything fails to start,
     what did start is stopped before the error propagates.
     """
@@ -82,5 +87,9 @@ def start_stack(
                 env, f"worker{i}", log_dir / f"worker-{i}.log", concurrency, pool, app=worker_app
             )
             for i in range(1, workers + 1)
+        ],
+        webhook_consumers=[
+            CeleryWorker.webhook_consumer(env, log_dir / f"webhooks-{i}.log", f"webhooks{i}")
+            for i in range(1, webhook_consumers + 1)
         ],
     ).start(timeout)

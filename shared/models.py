@@ -58,6 +58,12 @@ class TaskStatus(str, Enum):
         return self not in (TaskStatus.queued, TaskStatus.running)
 
 
+WebhookEventType = Literal[
+    "task.started", "task.succeeded", "task.failed", "task.canceled", "task.expired"
+]
+DEFAULT_WEBHOOK_EVENTS = ("task.succeeded", "task.failed", "task.canceled", "task.expired")
+
+
 class PredictionRequest(BaseModel):
     """`POST /dispatch_model`: the new fields plus every field the original proxy accepted."""
 
@@ -90,6 +96,30 @@ class PredictionRequest(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     token: SecretStr | None = None
+    webhook: str | None = Field(
+        None,
+        max_length=2048,
+        description="URL that receives the task's events, signed (Standard Webhooks); its origin "
+        "must be in WEBHOOK_ALLOWED_ORIGINS.",
+        examples=["https://hooks.example.com/dispatcher"],
+    )
+    webhook_events: list[WebhookEventType] | None = Field(
+        None,
+        min_length=1,
+        description="Events sent to `webhook` (a list, or comma-separated in forms and query "
+        "strings); default: the terminal ones.",
+    )
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _comma_separated_events(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def webhook_event_types(self) -> tuple[str, ...]:
+        """The subscribed event types, deduplicated and in a stable order (for the fingerprint)."""
+        return tuple(sorted(set(self.webhook_events or DEFAULT_WEBHOOK_EVENTS)))
 
     @field_validator("input", "max_model_page", "postprocessingsteps", "input_media_type")
     @classmethod

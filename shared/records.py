@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from shared.models import TaskError, TaskStatus, TaskView
+from shared.outbox import EMIT
 
 TASK_KEY_PREFIX = "dispatch:task:"
 FINISHED_CHANNEL = "dispatch:finished"
@@ -22,7 +23,10 @@ LAST_FINISHED_KEY = "dispatch:last_finished"
 TERMINAL = tuple(s.value for s in TaskStatus if s.terminal)
 
 
-PUBLISH_RECORD = """
+# With emit_webhook (shared/outbox.py): a transition writes its webhook event atomically.
+PUBLISH_RECORD = (
+    EMIT
+    + """
 -- Publishes the task's whole record, so waiters need no read after the wake-up. Every caller ends
 -- the task, so this is also where its claim-checked payload (shared/payloads.py) goes: the key is
 -- derived from the id rather than passed in KEYS, which is fine on the single Redis used here.
@@ -31,25 +35,36 @@ local function publish_record(key, channel, task_id)
   redis.call('PUBLISH', channel, cjson.encode({task_id, redis.call('HGETALL', key)}))
 end
 """
+)
 
 
 def task_key(task_id: str) -> str:
     return TASK_KEY_PREFIX + task_id
 
 
-# KEYS: record, queue[, payload]. ARGV: max depth, ttl, message[, payload bytes], field, value, ...
+# KEYS: record, queue, payload, idempotency key. ARGV: max depth, ttl, message, payload bytes ('':
+# none, the claim check is only for large ones), idempotency record ('' = no key:
+# "<fingerprint>:<task id>", see api/idempotency.py), its ttl, field, value, ...
 # The depth check, the record, the message (and a claim-checked payload, with the record's TTL) go
-# in together, so a 429 leaves nothing behind.
+# in together, so a 429 leaves nothing behind. With an idempotency key, a live task already
+# recorded under it is returned instead (its record), and a new one is recorded with the task:
+# concurrent first requests with one key create exactly one task.
 SUBMIT = """
-if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
-local fields = 4
-if KEYS[3] then
-  redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[2])
-  fields = 5
+if ARGV[5] ~= '' then
+  local held = redis.call('GET', KEYS[4])
+  if held then
+    local _, colon = string.find(held, ':', 1, true)
+    if redis.call('EXISTS', 'dispatch:task:' .. string.sub(held, colon + 1)) == 1 then
+      return held
+    end
+  end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, fields))
+if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[2]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('LPUSH', KEYS[2], ARGV[3])
+if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[6]) end
 return 1
 """
 
@@ -73,10 +88,13 @@ if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'deadline')) then
     redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error', ARGV[8])
   end
   redis.call('EXPIRE', KEYS[1], ARGV[3])
+  emit_webhook(KEYS[1], ARGV[5], redis.call('HGET', KEYS[1], 'status'), ARGV[1], ARGV[3])
   publish_record(KEYS[1], ARGV[4], ARGV[5])
   return {'expired', deliveries}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[7])
+-- A redelivered copy restarts a running task: task.started was sent for its first start.
+if status == 'queued' then emit_webhook(KEYS[1], ARGV[5], 'running', ARGV[1], ARGV[3]) end
 return {'run', deliveries}
 """
 )
@@ -94,6 +112,7 @@ if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], ARGV[3], ARGV[4],
   unpack(ARGV, 8))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+emit_webhook(KEYS[1], ARGV[7], ARGV[1], ARGV[2], ARGV[5])
 publish_record(KEYS[1], ARGV[6], ARGV[7])
 return 1
 """
@@ -109,6 +128,7 @@ if not status then return 'missing' end
 if status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1], 'error', ARGV[5])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
+  emit_webhook(KEYS[1], ARGV[4], 'canceled', ARGV[1], ARGV[2])
   publish_record(KEYS[1], ARGV[3], ARGV[4])
   return 'canceled'
 end
@@ -129,6 +149,7 @@ SETTLE = (
 if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+emit_webhook(KEYS[1], ARGV[7], ARGV[2], ARGV[3], ARGV[5])
 publish_record(KEYS[1], ARGV[6], ARGV[7])
 return 1
 """

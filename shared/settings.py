@@ -14,6 +14,8 @@ MIB = 1024 * 1024
 # (worker/heartbeat.py), so it only has to outlast a few missed heartbeats, not the longest task.
 LEASE_HEARTBEATS = 3
 DEFAULT_VISIBILITY_TIMEOUT = 60
+# Longest a webhook event's retries may last: its record is kept 3 days (shared/outbox.py).
+WEBHOOK_MAX_SPAN = 2 * 86_400
 
 
 def normalize_origin(url: str) -> str:
@@ -111,7 +113,40 @@ class Settings(BaseSettings):
         True, description="Serve /docs, /redoc and /openapi.json (without a key); false hides them."
     )
 
-    @field_validator("torchserve_allowed_targets", "dispatcher_api_keys", mode="before")
+    idempotency_ttl: int = Field(
+        86_400, gt=0, description="How long an Idempotency-Key is remembered (s)."
+    )
+    webhook_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins webhooks may go to (`https://h:port`, `https://*.example.com`, "
+        "`https://*`); empty: webhooks are refused.",
+    )
+    webhook_secret: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="`whsec_<base64>` signing secret(s); a second one while rotating (both sign).",
+    )
+    webhook_timeout: float = Field(
+        15.0, gt=0, le=60, description="A delivery succeeds only with a 2xx within this (s)."
+    )
+    webhook_max_attempts: int = Field(
+        10, ge=1, le=50, description="Attempts per webhook event before it is given up."
+    )
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 10800.0, 21600.0],
+        description="Delays (s) before the 2nd, 3rd, ... attempt (jittered); the last repeats.",
+    )
+    webhook_metrics_port: int = Field(
+        0, ge=0, le=65535, description="The webhook consumer's Prometheus /metrics port; 0 = off."
+    )
+
+    @field_validator(
+        "torchserve_allowed_targets",
+        "dispatcher_api_keys",
+        "webhook_allowed_origins",
+        "webhook_secret",
+        "webhook_retry_schedule",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
@@ -126,6 +161,29 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_targets(cls, value: list[str]) -> list[str]:
         return [normalize_origin(item) for item in value]
+
+    @field_validator("webhook_allowed_origins")
+    @classmethod
+    def _valid_webhook_origins(cls, value: list[str]) -> list[str]:
+        from shared.webhooks import OriginRule  # here: shared.webhooks imports this module
+
+        return [str(OriginRule.parse(item)) for item in value]
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _valid_webhook_secrets(cls, value: list[SecretStr]) -> list[SecretStr]:
+        from shared.webhooks import secret_bytes
+
+        for secret in value:
+            secret_bytes(secret.get_secret_value())  # raises ValueError naming the format
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _valid_schedule(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < delay <= 86_400 for delay in value):
+            raise ValueError("WEBHOOK_RETRY_SCHEDULE: one or more delays, each 0 < s <= 86400")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -143,6 +201,20 @@ class Settings(BaseSettings):
                 f"BROKER_VISIBILITY_TIMEOUT must be at least {LEASE_HEARTBEATS} x "
                 "WORKER_HEARTBEAT_INTERVAL: workers renew the lease of every task they hold once "
                 "a heartbeat, and a lease that runs out delivers a running task a second time"
+            )
+        last = len(self.webhook_retry_schedule) - 1
+        span = sum(
+            self.webhook_retry_schedule[min(i, last)] for i in range(self.webhook_max_attempts - 1)
+        )
+        if span > WEBHOOK_MAX_SPAN:
+            raise ValueError(
+                f"WEBHOOK_RETRY_SCHEDULE x WEBHOOK_MAX_ATTEMPTS spans {span:g} s; at most "
+                f"{WEBHOOK_MAX_SPAN} s (events are kept 3 days)"
+            )
+        if self.webhook_allowed_origins and not self.webhook_secret:
+            raise ValueError(
+                "WEBHOOK_ALLOWED_ORIGINS needs WEBHOOK_SECRET (whsec_<base64>): webhooks are "
+                "always signed"
             )
         return self
 

@@ -34,6 +34,8 @@ LOADED_AT_START = (
     "versioned.mar",
     "digest.mar",
     "mirror.mar",
+    "image_info.mar",
+    "grayscale.mar",
 )
 SLOW_WORKERS = 2
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
@@ -141,8 +143,10 @@ class StackFactory:
         env: Mapping[str, str] | None = None,
         concurrency: int = 8,
         pool: str = "threads",
+        webhook_consumers: int = 1,
     ) -> Stack:
-        """Start `workers` workers and the API with REDIS_URL, TORCHSERVE_URL plus `env`."""
+        """Start `workers` workers, `webhook_consumers` webhook consumers and the API with
+        REDIS_URL, TORCHSERVE_URL plus `env`."""
         if "REDIS_URL" not in (env or {}):
             _ensure_redis(self.redis_server)
         log_dir = self.log_root / f"stack-{len(self.stacks) + 1}"
@@ -152,6 +156,7 @@ class StackFactory:
             workers=workers,
             concurrency=concurrency,
             pool=pool,
+            webhook_consumers=webhook_consumers,
         )
         self.stacks.append(stack)
         return stack

@@ -8,12 +8,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
+from api import idempotency
 from api.deps import OwnerDep, SettingsDep, StoreDep, WaitDep, WaiterDep
 from api.errors import error_response
 from api.inputs import read_request
-from api.store import new_task_id
+from api.store import ApiStore, new_task_id
 from api.targets import resolve_origin
-from api.waiting import Read, Watch
+from api.waiting import Read, ResultWaiter, Watch
+from api.webhook_targets import check_webhook
 from shared.errors import DispatchError, QueueUnavailable
 from shared.models import Accepted, PredictionRequest, TaskError, TaskStatus, TaskView
 
@@ -22,11 +24,13 @@ router = APIRouter(tags=["dispatch"])
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": TaskError, "description": description}
     for status, description in {
+        400: "malformed Idempotency-Key header",
         401: "API key missing or invalid",
-        403: "TorchServe target not on the allow-list",
+        403: "TorchServe target or webhook URL not on the allow-list",
         404: "unknown model or version (or task)",
         413: "body over MAX_BODY_BYTES",
-        422: "invalid request, or the model rejected the input",
+        422: "invalid request, Idempotency-Key reused for another request, or the model "
+        "rejected the input",
         429: "queue full: retry after Retry-After seconds",
         502: "TorchServe failed",
         503: "TorchServe or the queue unavailable",
@@ -61,7 +65,14 @@ _RAW_TYPES = (
     "application/pdf",
     "text/plain",
 )
-_FORM_FIELDS = ("model_name", "model_version", "timeout", "input_media_type")
+_FORM_FIELDS = (
+    "model_name",
+    "model_version",
+    "timeout",
+    "input_media_type",
+    "webhook",
+    "webhook_events",
+)
 
 
 def _request_body_doc() -> dict[str, Any]:
@@ -92,8 +103,16 @@ def _request_body_doc() -> dict[str, Any]:
         }
         for name in _FORM_FIELDS
     ]
+    key = {
+        "name": idempotency.HEADER,
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "maxLength": 257},
+        "description": "Retry safely: the same key and request answer with the same task "
+        "(`Idempotent-Replayed: true`), never a second run; another request with it is 422.",
+    }
     return {
-        "parameters": query,
+        "parameters": [key, *query],
         "requestBody": {
             "required": True,
             "description": "JSON (`input`, or `data` as a data URI), multipart/form-data with "
@@ -133,19 +152,41 @@ async def dispatch_model(
     with `Location: /tasks/{task_id}`. `Prefer: respond-async` (or `?wait=0`) answers at once.
     The body is JSON, multipart/form-data, or raw bytes with the fields in the query string.
     """
+    key = idempotency.parse_key(http.headers.getlist(idempotency.HEADER))
     request, payload = await read_request(http, settings.max_body_bytes)
     origin = resolve_origin(request, settings)
+    await check_webhook(request, settings)
+    claim = await idempotency.claim(key, owner, request, origin, payload) if key else None
     task_id = new_task_id()
-    if preference.seconds > 0:
-        # Watching before the task exists: even a result that comes back at once is seen.
-        async with waiter.watch(task_id) as watch:
-            view = await store.submit(request, origin, owner, task_id, payload)
-            result = await _wait(watch, view, preference.seconds, lambda: store.get(task_id, owner))
-    else:
-        result = task_response(await store.submit(request, origin, owner, task_id, payload))
+    try:
+        if preference.seconds > 0:
+            # Watching before the task exists: even a result that comes back at once is seen.
+            async with waiter.watch(task_id) as watch:
+                view = await store.submit(request, origin, owner, task_id, payload, claim)
+                result = await _wait(
+                    watch, view, preference.seconds, lambda: store.get(task_id, owner)
+                )
+        else:
+            result = task_response(
+                await store.submit(request, origin, owner, task_id, payload, claim)
+            )
+    except idempotency.Replay as replay:
+        result = await _replay(replay.task_id, store, waiter, owner, preference.seconds)
+        result.headers["Idempotent-Replayed"] = "true"
     if preference.applied:
         result.headers["Preference-Applied"] = preference.applied
     return result
+
+
+async def _replay(
+    task_id: str, store: ApiStore, waiter: ResultWaiter, owner: str, seconds: float
+) -> Response:
+    """What a fresh request with this wait preference would get for the held task now."""
+    if seconds <= 0:
+        return task_response(await store.get(task_id, owner))
+    async with waiter.watch(task_id) as watch:
+        view = await store.get(task_id, owner)
+        return await _wait(watch, view, seconds, lambda: store.get(task_id, owner))
 
 
 async def _wait(watch: Watch, view: TaskView, seconds: float, read: Read) -> Response:

@@ -1,0 +1,25 @@
+"""The webhook consumer's Celery app: `celery -A worker.webhook_app worker -Q webhooks -P threads`.
+
+Its own process and queue, so a slow, dead or hostile receiver holds only this consumer's threads,
+never a prediction worker (nor a cancel, which the API does alone). It includes no prediction
+task and no heartbeat: /ready and the worker registry count prediction workers only.
+"""
+
+import logging
+
+from shared.celery_app import create_celery_app
+from shared.settings import get_settings
+from worker import broker_fixes
+
+WEBHOOK_QUEUE = "webhooks"
+TASK_DELIVER = "webhooks.deliver"
+
+app = create_celery_app(get_settings())
+app.conf.include = ["worker.webhooks"]
+app.conf.task_default_queue = WEBHOOK_QUEUE
+app.conf.task_routes = {TASK_DELIVER: {"queue": WEBHOOK_QUEUE}}
+broker_fixes.install()
+logging.getLogger("httpx").setLevel(logging.WARNING)
+if not get_settings().worker_log_tasks:
+    for per_task_logger in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(per_task_logger).setLevel(logging.WARNING)
