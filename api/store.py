@@ -12,6 +12,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from api.errors import queue_refuses_writes
+from api.idempotency import IdempotencyClaim, Replay
 from shared import records
 from shared.celery_app import QUEUE, encode_task_message
 from shared.errors import (
@@ -55,11 +56,14 @@ class ApiStore:
         owner: str,
         task_id: str,
         payload: Payload | None = None,
+        idempotency: IdempotencyClaim | None = None,
     ) -> TaskView:
         """Record and enqueue one task, or raise QueueFull having written nothing.
 
         `payload`: bytes to send instead of the JSON body; above the claim-check size they are
         stored under their own key in the same script, and the message carries the reference.
+        `idempotency`: the task is recorded under the key too, unless a live task is held there
+        already: then Replay (same request) or IdempotencyKeyReused, having written nothing.
         """
         now = time.time()
         deadline = now + self._timeout(request)
@@ -85,16 +89,30 @@ class ApiStore:
             "owner": owner,
             "origin": origin,
         }
+        if request.webhook:  # read by the transition scripts, which emit the events
+            fields["webhook"] = request.webhook
+            fields["webhook_events"] = ",".join(request.webhook_event_types())
         message = encode_task_message(task_id, {"call": call.model_dump()})
         flat = [item for pair in fields.items() for item in pair]
-        keys = [records.task_key(task_id), QUEUE]
-        args: list[Any] = [self._settings.max_queue_depth, self._settings.result_ttl, message]
-        if stored is not None:
-            keys.append(payload_key(task_id))
-            args.append(stored)
+        keys = [
+            records.task_key(task_id),
+            QUEUE,
+            payload_key(task_id),
+            idempotency.redis_key if idempotency else records.task_key(task_id),
+        ]
+        args: list[Any] = [
+            self._settings.max_queue_depth,
+            self._settings.result_ttl,
+            message,
+            b"" if stored is None else stored,
+            idempotency.record(task_id) if idempotency else "",
+            self._settings.idempotency_ttl,
+        ]
         accepted = await _write(
             self._submit, "nothing was enqueued", keys=keys, args=[*args, *flat]
         )
+        if isinstance(accepted, str) and idempotency is not None:
+            raise Replay(idempotency.held_task(accepted))
         if not accepted:
             raise QueueFull(
                 f"{self._settings.max_queue_depth} tasks are already queued; retry later"

@@ -54,6 +54,34 @@ class TargetNotAllowed(DispatchError):
     code = "target_not_allowed"
 
 
+class InvalidIdempotencyKey(DispatchError):
+    """The Idempotency-Key header is not a 1-255 character string or token."""
+
+    status = 400
+    code = "invalid_idempotency_key"
+
+
+class IdempotencyKeyReused(DispatchError):
+    """The Idempotency-Key was used (by this caller) for a different request."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+
+class WebhookNotAllowed(DispatchError):
+    """The webhook URL is not on WEBHOOK_ALLOWED_ORIGINS, or points into a private network."""
+
+    status = 403
+    code = "webhook_not_allowed"
+
+
+class NoWebhookEvent(DispatchError):
+    """`/tasks/{id}/deliveries/retry` of a task that has no webhook event (yet)."""
+
+    status = 409
+    code = "no_webhook_event"
+
+
 class TaskNotFound(DispatchError):
     """No task with that id was submitted (by this caller), or its record has expired."""
 
