@@ -164,11 +164,11 @@ Try:
 
   # bytes in: a picture as a file part, or as the raw body (fields in the query string)
   curl -s {api_url}/dispatch_model -F model_name=image_info -F data=@{picture}
-  curl -s '{api_url}/dispatch_model?model_name=image_info' \
+  curl -s '{api_url}/dispatch_model?model_name=image_info' \\
     -H 'content-type: image/png' --data-binary @{picture}
 
   # bytes out: the picture in grayscale; prediction_value is a data URI, /result the PNG
-  curl -s '{api_url}/dispatch_model?model_name=grayscale' \
+  curl -s '{api_url}/dispatch_model?model_name=grayscale' \\
     -H 'content-type: image/png' --data-binary @{picture}
   curl -s {api_url}/tasks/<task_id>/result -o out.png
 

@@ -177,7 +177,12 @@ def test_archive_model_names_the_file_and_the_model(tmp_path: Path) -> None:
 
 
 def test_archive_demo_models(tmp_path: Path) -> None:
-    assert archive_demo_models(tmp_path) == ["echo.mar", "linear.mar"]
+    assert archive_demo_models(tmp_path) == [
+        "echo.mar",
+        "linear.mar",
+        "image_info.mar",
+        "grayscale.mar",
+    ]
 
 
 def test_archive_model_reports_archiver_errors(tmp_path: Path) -> None:

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import random
+import re
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from devstack import Stack
+from devstack.local import _banner
+from devstack.models import EXAMPLE_IMAGE
 from shared.payloads import Part, encode_multipart
 
 pytestmark = pytest.mark.e2e
@@ -183,3 +190,61 @@ def test_result_of_unknown_or_unsucceeded_tasks(http: httpx.Client) -> None:
     assert conflict.status_code == 409
     assert conflict.json()["code"] == "no_result"
     assert "failed" in conflict.json()["msg"]
+
+
+def test_image_demo_models(http: httpx.Client) -> None:
+    picture = EXAMPLE_IMAGE.read_bytes()
+    info = prediction(
+        http.post(
+            "/dispatch_model",
+            data={"model_name": "image_info"},
+            files={"data": ("example.png", picture, "image/png")},
+        )
+    )
+    with Image.open(io.BytesIO(picture)) as image:
+        assert info["format"] == "PNG"
+        assert (info["width"], info["height"], info["mode"]) == (*image.size, image.mode)
+    assert set(info["mean"]) == {"R", "G", "B"}
+
+    gray = send(http, "raw", picture, model="grayscale", content_type="image/png")
+    png = http.get(f"/tasks/{gray.json()['task_id']}/result")
+    assert png.headers["content-type"] == "image/png"
+    assert prediction(gray) == "data:image/png;base64," + base64.b64encode(png.content).decode()
+    with Image.open(io.BytesIO(png.content)) as image:
+        assert (image.format, image.mode, image.size) == (
+            "PNG",
+            "L",
+            (info["width"], info["height"]),
+        )
+
+    rejected = send(http, "raw", b"not a picture", model="image_info", content_type="image/png")
+    assert rejected.status_code == 422
+    assert rejected.json()["code"] == "model_rejected_input"
+
+
+def test_the_banners_curl_examples_work(stack: Stack, tmp_path: Path) -> None:
+    """Every curl line `make run` prints, run as printed (the task id filled in)."""
+    text = _banner(stack.api_url, [])
+    commands = [
+        " ".join(line.strip() for line in block.replace("\\\n", "\n").splitlines())
+        for block in re.findall(r"^  curl .*?(?<!\\)$", text, re.MULTILINE | re.DOTALL)
+    ]
+    assert any("-F data=@" in c for c in commands)
+    assert any("--data-binary @" in c for c in commands)
+    task_id = ""
+    for command in commands:
+        if "<task_id>" in command:
+            command = command.replace("<task_id>", task_id)
+        done = subprocess.run(
+            ["bash", "-c", command + " -w '\\n%{http_code}'"],
+            cwd=tmp_path,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        body, _, status = done.stdout.rpartition(b"\n")
+        assert status in (b"200", b"202"), (command, done.stdout[-500:])
+        if body.startswith(b"{") and b"task_id" in body:
+            task_id = json.loads(body)["task_id"]
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.mode == "L"
