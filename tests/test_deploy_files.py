@@ -730,3 +730,71 @@ def test_env_example_values_are_read_not_ignored(tmp_path: Path) -> None:
     assert "\nMAX_DELIVERIES=3\n" in text
     changed.write_text(text.replace("\nMAX_DELIVERIES=3\n", "\nMAX_DELIVERIES=7\n"))
     assert Settings(_env_file=changed).max_deliveries == 7
+
+
+# === monitoring profile =======================================================================
+
+MONITORING = ("prometheus", "grafana")
+PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
+
+
+def bind_mounts(svc: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> repository path of the service's bind mounts (`./x:/y[:ro]`)."""
+    mounts = {}
+    for volume in svc.get("volumes", []):
+        source, _, rest = str(volume).partition(":")
+        if source.startswith("./"):
+            mounts[rest.split(":")[0]] = REPO / source
+    return mounts
+
+
+def test_monitoring_is_a_profile_the_default_stack_does_not_start() -> None:
+    for name, svc in services().items():
+        if name in MONITORING:
+            assert svc.get("profiles") == ["monitoring"], f"{name} belongs to the profile"
+        else:
+            assert "profiles" not in svc, f"{name} must start with a plain `docker compose up`"
+    for name in MONITORING:
+        for port in service(name).get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_prometheus_scrapes_the_api_and_every_worker_replica() -> None:
+    prometheus = service("prometheus")
+    mounts = bind_mounts(prometheus)
+    for source in mounts.values():
+        assert source.is_file(), f"{source} is mounted but missing"
+    config_path = next(arg for arg in prometheus["command"] if arg.startswith("--config.file="))
+    config = yaml.safe_load(mounts[config_path.partition("=")[2]].read_text())
+    for rule_file in config["rule_files"]:
+        assert rule_file in mounts, f"{rule_file} is not mounted into the container"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    api_port = exec_form(final_stage("api").args("CMD")[0], "CMD")
+    api_target = f"api:{api_port[api_port.index('--port') + 1]}"
+    assert jobs["dispatcher-api"]["static_configs"][0]["targets"] == [api_target]
+    # One target per replica: DNS service discovery on the service name, not a fixed address.
+    (dns,) = jobs["dispatcher-worker"]["dns_sd_configs"]
+    assert dns["names"] == ["worker"]
+    assert dns["type"] == "A"
+    port = Settings(_env_file=None).worker_metrics_port
+    assert dns["port"] == port
+    assert str(port) in [str(item) for item in service("worker").get("expose", [])]
+    assert "WORKER_METRICS_PORT" not in environment(service("worker")), "keep the default"
+    assert "prometheus" in service("grafana").get("depends_on", {})
+
+
+def test_grafana_loads_the_dashboard_from_the_prometheus_service() -> None:
+    grafana = service("grafana")
+    mounts = bind_mounts(grafana)
+    assert REPO / "deploy" / "grafana" / "dispatcher.json" in mounts.values()
+    provisioning = mounts["/etc/grafana/provisioning"]
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    (source,) = datasource["datasources"]
+    assert source["type"] == "prometheus"
+    listen = service("prometheus")["ports"][0].rsplit(":", 1)[1]
+    assert source["url"] == f"http://prometheus:{listen}"
+    dashboards = yaml.safe_load((provisioning / "dashboards" / "dispatcher.yml").read_text())
+    (provider,) = dashboards["providers"]
+    dashboard_dir = provider["options"]["path"]
+    assert any(target.startswith(dashboard_dir + "/") for target in mounts), dashboard_dir
