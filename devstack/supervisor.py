@@ -147,9 +147,12 @@ class _Child:
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if not self._stopping.is_set():
                 log.warning("%s did not come back: %s", self.name, first_line)
-            return  # the loop sees it dead and backs off further
+            # Not ready in time but still running (RedisServer leaves it so): stop it, so the
+            # loop sees it dead and backs off further instead of taking it for up.
+            self.server.stop(5)
+            return
         if not self._stopping.is_set():
-            log.warning(
+            log.info(
                 "%s is back (pid %d), restart %d, ready after %.1f s",
                 self.name, self.server.pid, self.restarts, self._clock() - self._started_at,
             )  # fmt: skip

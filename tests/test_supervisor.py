@@ -162,6 +162,35 @@ def test_stop_does_not_wait_for_a_pending_restart(tmp_path: Path) -> None:
     assert not supervisor.children[0].thread.is_alive()
 
 
+def test_a_restart_that_is_not_ready_is_stopped_and_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A start that fails but leaves its process running must not count as up."""
+
+    class NotReadyTwice(Flaky):
+        starts = 0
+
+        def start(self) -> Self:
+            super().start()
+            self.starts += 1
+            if self.starts in (2, 3):  # the process runs on (it would sleep 60 s), not ready
+                raise TimeoutError("not ready after 0 s")
+            return self
+
+    caplog.set_level(logging.INFO, logger="devstack.supervisor")
+    server = NotReadyTwice(tmp_path, failures=1)
+    supervisor = Supervisor(backoff=_fast_backoff, poll_interval=0.01)
+    try:
+        supervisor.start("slow", server)
+        wait_until(lambda: "slow is back" in caplog.text, 10, "the fourth run to be taken as up")
+        assert server.alive
+    finally:
+        supervisor.stop(timeout=2)
+    assert server.starts == 4
+    assert caplog.text.count("slow did not come back: not ready after 0 s") == 2
+    assert supervisor.restarts() == {"slow": 3}
+
+
 def test_a_process_that_cannot_start_stops_the_supervisor_start(tmp_path: Path) -> None:
     class Broken(Flaky):
         def start(self) -> Self:
