@@ -87,9 +87,7 @@ def test_replay_while_queued_and_changed_request_is_422_with_nothing_enqueued(
         first = _post(http, body, run, Prefer="respond-async")
         queued = _post(http, body, run, Prefer="wait=1")
         depth = client.llen("dispatch")
-        changed = _post(
-            http, {**body, "input": {"id": run, "x": 1}}, run, Prefer="respond-async"
-        )
+        changed = _post(http, {**body, "input": {"id": run, "x": 1}}, run, Prefer="respond-async")
         other_model = _post(http, {**body, "model_name": "echo"}, run, Prefer="respond-async")
         other_timeout = _post(http, {**body, "timeout": 30}, run, Prefer="respond-async")
         tasks_after = len(list(client.scan_iter("dispatch:task:*")))
