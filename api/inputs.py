@@ -156,7 +156,7 @@ class _FormReader:
         self.parts: list[Part] = []
         self.data = bytearray()
         self.ended = False
-        self._headers: dict[str, str] = {}
+        self._headers: dict[str, bytes] = {}
         self._header_name = bytearray()
         self._header_value = bytearray()
         self._field: bytearray | None = None
@@ -181,12 +181,13 @@ class _FormReader:
 
     def _header_end(self) -> None:
         name = self._header_name.decode("latin-1").strip().lower()
-        self._headers[name] = self._header_value.decode("utf-8", "replace").strip()
+        # Kept as bytes: parse_options_header wants latin-1, and browsers send UTF-8 names.
+        self._headers[name] = bytes(self._header_value).strip()
         self._header_name.clear()
         self._header_value.clear()
 
     def _headers_finished(self) -> None:
-        _, params = parse_options_header(self._headers.get("content-disposition", ""))
+        _, params = parse_options_header(self._headers.get("content-disposition", b""))
         if b"name" not in params:
             raise InvalidRequest("every multipart part needs a Content-Disposition with a name")
         name = params[b"name"].decode("utf-8", "replace")
@@ -196,7 +197,7 @@ class _FormReader:
             self._part = {"name": name}
             return
         self._field = None
-        content_type = self._headers.get("content-type") or None
+        content_type = self._headers.get("content-type", b"").decode("latin-1") or None
         if content_type is not None:
             _media_type(content_type, f"the Content-Type of part {name!r}")
         self._part = {"name": name, "filename": filename, "content_type": content_type}

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from api.inputs import decode_data_uri
+from api.inputs import _FormReader, decode_data_uri
 from api.limits import ENVELOPE_BYTES, body_limit
 from api.routes.tasks import raw_answer
 from shared.errors import InvalidRequest, PayloadTooLarge
@@ -184,3 +184,22 @@ def test_client_sends_raw_and_multipart_payloads_and_keeps_binary_answers() -> N
         (b"ab", "x/y"),
         (b"c", None),
     ]
+
+
+def test_form_reader_takes_utf8_part_names_and_filenames() -> None:
+    """Found by the fuzz test: a part name outside latin-1 was a 500."""
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="\xf3\xbe\x80\x99x"\r\n\r\n{}\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="d\xc3\xa4ta"; filename="\xc3\xbc.png"\r\n'
+        b"Content-Type: image/png\r\n\r\nabc\r\n--b--\r\n"
+    )
+    reader = _FormReader(10_000)
+    parser = MultipartParser(b"b", reader.callbacks())  # type: ignore[arg-type]
+    parser.write(body)
+    parser.finalize()
+    assert reader.ended
+    assert [(p.name, p.filename, p.content_type, p.size) for p in reader.parts] == [
+        ("\U000fe019x", None, None, 2),
+        ("däta", "ü.png", "image/png", 3),
+    ]
+    assert bytes(reader.data) == b"{}abc"
