@@ -17,6 +17,7 @@ lint: bootstrap
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy client/dispatcher_client  # the client package, strict too (root config)
 
 bench: bootstrap
 	$(PY) -m bench

@@ -13,13 +13,14 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
-wanted="$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)"
+wanted="$(cat pyproject.toml requirements.lock client/pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$wanted" ]]; then
     echo "bootstrap: installing the project into $VENV (pyproject.toml or the lock changed, or first run)"
     # Every version comes from requirements.lock (scripts/lock.sh), so this installs what CI
     # passed with. torch==2.13.0 is the machine's local CPU wheel; nothing asks for another.
+    # client/ is its own package (the Python client); its tests import it as users install it.
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -c requirements.lock -e '.[local,dev]'
+        -c requirements.lock -e '.[local,dev]' -e ./client
     # Written last: an interrupted install is retried on the next run.
     echo "$wanted" > "$STAMP"
 fi
