@@ -1,0 +1,313 @@
+"""dispatcher_client against the real stack: redis-server, Celery workers, TorchServe, the API.
+
+A small proxy in front of the API injects 503s, to show that the client's retries (one
+Idempotency-Key per call) make exactly one model call even when the first answer was lost after
+the task had run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import dispatcher_client as dc
+import httpx
+import pytest
+from conftest import StackFactory
+from dispatcher_client import AsyncDispatcher, Binary, Dispatcher
+from PIL import Image
+
+from devstack import Stack
+
+pytestmark = pytest.mark.e2e
+
+PICTURE = Path(__file__).parent.parent / "models" / "example.png"
+# Not forwarded: per-hop headers, and the encoding of a body httpx has already decoded.
+HOP_HEADERS = {
+    "connection",
+    "transfer-encoding",
+    "content-length",
+    "content-encoding",
+    "keep-alive",
+    "host",
+}
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[Dispatcher]:
+    with Dispatcher(stack.api_url) as http:
+        yield http
+
+
+def model_calls(log: Path, marker: str) -> int:
+    """Requests the `counting` model received that carried `marker`."""
+    if not log.exists():
+        return 0
+    lines = log.read_text(encoding="utf-8").splitlines()
+    return sum(1 for line in lines if json.loads(line).get("marker") == marker)
+
+
+# --- sync ----------------------------------------------------------------------------------------
+
+
+def test_predict_returns_the_prediction(client: Dispatcher) -> None:
+    value = client.predict("linear", {"inputs": [[1, 2, 3]]})
+    assert len(value["outputs"][0]) == 2
+    assert client.predict("linear", {"inputs": [[1, 2, 3]]}) == value  # fixed-seed weights
+    assert client.predict("echo", {"hello": "world"}, version=None) == {"hello": "world"}
+
+
+def test_submit_then_result_status_and_cancel(client: Dispatcher) -> None:
+    task = client.submit("slow", {"sleep": 0.5})
+    assert task.status().status in ("queued", "running")
+    assert task.result(timeout=20) == {"slept": 0.5, "echo": {"sleep": 0.5}}
+    info = task.status()
+    assert info.done
+    assert info.finished_at is not None
+    with pytest.raises(dc.Conflict) as raised:
+        task.cancel()  # finished: 409 task_finished
+    assert raised.value.code == "task_finished"
+
+
+def test_a_wait_that_runs_out_leaves_a_task_to_reattach_to(client: Dispatcher) -> None:
+    with pytest.raises(dc.WaitTimeout) as raised:
+        client.predict("slow", {"sleep": 1.5}, wait=0.3)
+    assert raised.value.task_id
+    assert client.task(raised.value.task_id).result(timeout=20)["slept"] == 1.5
+
+
+class Recording(httpx.HTTPTransport):
+    """The real network, remembering each exchange as (method, path, query, status)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exchanges: list[tuple[str, str, str, int]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        query = request.url.query.decode()
+        self.exchanges.append((request.method, request.url.path, query, response.status_code))
+        return response
+
+
+def test_a_wait_the_server_cuts_short_reattaches_without_resubmitting(
+    stack_factory: StackFactory, counting_log: Path
+) -> None:
+    # The server caps every wait at 0.5 s: the dispatch answers 202, then the client long-polls.
+    wait_env = {"DISPATCH_DEFAULT_WAIT": "0.5", "DISPATCH_MAX_WAIT": "0.5"}
+    stack = stack_factory.start(workers=1, env=wait_env)
+    marker = str(uuid.uuid4())
+    transport = Recording()
+    with Dispatcher(stack.api_url, transport=transport) as client:
+        value = client.predict("counting", {"marker": marker, "sleep": 2})
+    assert isinstance(value["count"], int)
+    assert model_calls(counting_log, marker) == 1
+    posts = [x for x in transport.exchanges if x[0] == "POST"]
+    polls = [x for x in transport.exchanges if x[0] == "GET"]
+    assert [status for *_, status in posts] == [202]
+    assert len(polls) >= 2  # each poll held at most 0.5 s by the server
+    assert all(path.startswith("/tasks/") and "wait=" in query for _, path, query, _ in polls)
+    assert polls[-1][3] == 200
+
+
+# --- bytes in and out ----------------------------------------------------------------------------
+
+
+def test_bytes_in_and_a_picture_out(client: Dispatcher) -> None:
+    picture = PICTURE.read_bytes()
+    gray = client.predict("grayscale", data=picture, content_type="image/png")
+    assert isinstance(gray, Binary)
+    assert gray.content_type == "image/png"
+    with Image.open(io.BytesIO(gray)) as image:
+        assert image.mode == "L"
+        with Image.open(PICTURE) as original:
+            assert image.size == original.size
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "application/json"])
+def test_bytes_come_back_byte_for_byte(client: Dispatcher, content_type: str) -> None:
+    payload = os.urandom(50_000) if content_type != "application/json" else b'{"raw": [1, 2]}'
+    back = client.predict("mirror", data=payload, content_type=content_type)
+    if content_type == "application/json":
+        assert back == {"raw": [1, 2]}  # a JSON answer is parsed, not bytes
+    else:
+        assert isinstance(back, Binary)
+        assert bytes(back) == payload
+
+
+def test_raw_bytes_reach_the_model_unchanged(client: Dispatcher) -> None:
+    payload = os.urandom(100_000)
+    parts = client.predict("digest", data=payload, content_type="application/octet-stream")
+    assert parts["body"]["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert parts["body"]["content_type"] == "application/octet-stream"
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "payload", "cls", "code"),
+    [
+        ("no_such_model", {}, dc.ModelNotFound, "model_not_found"),
+        ("rejecting", {}, dc.ModelRejectedInput, "model_rejected_input"),
+        ("failing", {}, dc.ModelFailed, "torchserve_error"),
+        ("bad/name", {}, dc.InvalidRequest, "invalid_request"),
+    ],
+)
+def test_errors_are_typed(
+    client: Dispatcher, model: str, payload: object, cls: type[dc.DispatcherError], code: str
+) -> None:
+    with pytest.raises(cls) as raised:
+        client.predict(model, payload)
+    assert raised.value.code == code
+    assert raised.value.message
+    if code != "invalid_request":  # refused before a task existed: no task id
+        assert raised.value.task_id
+
+
+def test_unknown_task_is_task_not_found(client: Dispatcher) -> None:
+    with pytest.raises(dc.TaskNotFound):
+        client.task(str(uuid.uuid4())).status()
+
+
+# --- async ---------------------------------------------------------------------------------------
+
+
+def test_async_client(stack: Stack) -> None:
+    picture = PICTURE.read_bytes()
+
+    async def main() -> None:
+        async with AsyncDispatcher(stack.api_url) as client:
+            values = await asyncio.gather(*(client.predict("echo", {"n": n}) for n in range(8)))
+            assert values == [{"n": n} for n in range(8)]
+            task = await client.submit("slow", {"sleep": 0.3})
+            assert (await task.result(timeout=20))["slept"] == 0.3
+            gray = await client.predict("grayscale", data=picture, content_type="image/png")
+            assert isinstance(gray, Binary)
+            assert gray[:8] == b"\x89PNG\r\n\x1a\n"
+            with pytest.raises(dc.ModelNotFound):
+                await client.predict("no_such_model", {})
+
+    asyncio.run(main())
+
+
+# --- retries: a proxy that injects 503s ----------------------------------------------------------
+
+
+class InjectingProxy:
+    """Forwards to the API; the first `POST /dispatch_model` is answered 503 + Retry-After: 1,
+    either at once (`forward_first=False`: nothing ran) or after forwarding it and dropping
+    the real answer (`True`: the task ran, its answer was lost on the way)."""
+
+    def __init__(self, upstream: str, forward_first: bool) -> None:
+        self.upstream = httpx.Client(base_url=upstream, timeout=60)
+        self.forward_first = forward_first
+        self.posts: list[tuple[str, int, str | None]] = []  # key, status sent, replayed?
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def answer(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        """What to send back for one request (status, headers, body)."""
+        post = method == "POST" and path.startswith("/dispatch_model")
+        with self.lock:
+            inject = post and not self.posts
+        upstream: httpx.Response | None = None
+        if not inject or self.forward_first:
+            forwarded = {k: v for k, v in headers.items() if k.lower() not in HOP_HEADERS}
+            upstream = self.upstream.request(method, path, headers=forwarded, content=body)
+        if inject:
+            status, out, content = 503, {"Retry-After": "1"}, b"upstream overloaded"
+        else:
+            assert upstream is not None
+            status, out, content = upstream.status_code, dict(upstream.headers), upstream.content
+        if post:
+            replayed = None if inject else out.get("idempotent-replayed")
+            with self.lock:
+                self.posts.append((headers.get("idempotency-key", ""), status, replayed))
+        return status, out, content
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                self._forward()
+
+            def do_POST(self) -> None:
+                self._forward()
+
+            def do_DELETE(self) -> None:
+                self._forward()
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                status, out, content = proxy.answer(self.command, self.path, headers, body)
+                self.send_response(status)
+                for name, value in out.items():
+                    if name.lower() not in HOP_HEADERS:
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+        return Handler
+
+    def __enter__(self) -> InjectingProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+        self.upstream.close()
+
+
+@pytest.fixture
+def proxy_factory(stack: Stack) -> Iterator[Callable[[bool], InjectingProxy]]:
+    proxies: list[InjectingProxy] = []
+
+    def start(forward_first: bool) -> InjectingProxy:
+        proxy = InjectingProxy(stack.api_url, forward_first).__enter__()
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.__exit__()
+
+
+@pytest.mark.parametrize("forward_first", [False, True], ids=["refused", "answer-lost"])
+def test_a_503_is_retried_and_the_model_runs_once(
+    proxy_factory: Callable[[bool], InjectingProxy], counting_log: Path, forward_first: bool
+) -> None:
+    proxy = proxy_factory(forward_first)
+    marker = str(uuid.uuid4())
+    with Dispatcher(proxy.url) as client:
+        value = client.predict("counting", {"marker": marker})
+    assert isinstance(value["count"], int)
+    assert model_calls(counting_log, marker) == 1
+    (first_key, first, _), (second_key, second, replayed) = proxy.posts
+    assert first_key == second_key  # the retry carried the call's one Idempotency-Key
+    assert (first, second) == (503, 200)
+    # The answer was lost after the task ran: the retry got that task's result back.
+    assert replayed == ("true" if forward_first else None)
