@@ -292,6 +292,8 @@ def test_other_errors_are_not_retried(fake: Fake, client: Dispatcher, status: in
         (403, "webhook_not_allowed", dc.Forbidden),
         (404, "model_not_found", dc.ModelNotFound),
         (404, "task_not_found", dc.TaskNotFound),
+        (404, "batch_not_found", dc.BatchNotFound),
+        (409, "batch_finished", dc.Conflict),
         (409, "task_finished", dc.Conflict),
         (409, "canceled", dc.TaskCanceled),
         (413, "payload_too_large", dc.PayloadTooLarge),
@@ -477,10 +479,17 @@ def test_batch_submit_status_results_cancel(fake: Fake, client: Dispatcher) -> N
     assert batch.cancel().status == "completed"
 
 
-def test_batch_validation_error_is_raised(fake: Fake, client: Dispatcher) -> None:
-    fake.on("POST", "/batches", error(422, "invalid_request"))
-    with pytest.raises(dc.InvalidRequest):
-        client.batch([{"custom_id": "a"}])
+def test_a_batch_422_lists_every_bad_item(fake: Fake, client: Dispatcher) -> None:
+    bad = [
+        {"index": 0, "custom_id": "a", "code": "invalid_request", "msg": "model_name: missing"},
+        {"index": 2, "code": "invalid_request", "msg": "custom_id: missing"},
+    ]
+    body = {"status": 422, "msg": "2 of 3 requests are invalid", "code": "invalid_request"}
+    fake.on("POST", "/batches", httpx.Response(422, json={**body, "errors": bad}))
+    with pytest.raises(dc.InvalidRequest) as raised:
+        client.batch([{"custom_id": "a"}, {"custom_id": "b", "model_name": "echo"}, {}])
+    assert raised.value.body["errors"] == bad
+    assert len(fake.requests) == 1
 
 
 def test_batch_results_stream_retries_a_503_before_it_starts(

@@ -13,6 +13,7 @@ retry never runs a prediction twice.
 from ._async import AsyncBatch, AsyncDispatcher, AsyncTask
 from ._client import Batch, Dispatcher, Task
 from ._errors import (
+    BatchNotFound,
     Conflict,
     DispatcherError,
     Forbidden,
@@ -42,6 +43,7 @@ __all__ = [
     "AsyncTask",
     "Batch",
     "BatchInfo",
+    "BatchNotFound",
     "BatchResult",
     "Binary",
     "Conflict",

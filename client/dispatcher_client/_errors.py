@@ -7,6 +7,7 @@ know yet, so a newer server never surfaces as a bare `DispatcherError` of the wr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import httpx
@@ -17,7 +18,8 @@ class DispatcherError(Exception):
 
     `status` is the HTTP status (0 when no answer came back), `code` the service's error code,
     `message` its explanation (what to fix), `task_id` the task it concerns, if any.
-    `retry_after` is the server's `Retry-After` in seconds, when it sent one.
+    `retry_after` is the server's `Retry-After` in seconds, when it sent one; `body` the whole
+    error body (a batch's 422 lists every bad item under `errors`).
     """
 
     codes: ClassVar[tuple[str, ...]] = ()
@@ -30,8 +32,10 @@ class DispatcherError(Exception):
         code: str = "error",
         task_id: str | None = None,
         retry_after: float | None = None,
+        body: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
+        self.body: Mapping[str, Any] = body or {}
         self.message = message
         self.status = status
         self.code = code
@@ -81,9 +85,15 @@ class ModelNotFound(NotFound):
 
 
 class TaskNotFound(NotFound):
-    """404: no task (or batch) with that id, for this API key."""
+    """404: no task with that id, for this API key."""
 
-    codes = ("task_not_found", "batch_not_found")
+    codes = ("task_not_found",)
+
+
+class BatchNotFound(NotFound):
+    """404: no batch with that id, for this API key."""
+
+    codes = ("batch_not_found",)
 
 
 class Conflict(DispatcherError):
@@ -170,6 +180,7 @@ _BY_CODE: dict[str, type[DispatcherError]] = {
         NotFound,
         ModelNotFound,
         TaskNotFound,
+        BatchNotFound,
         Conflict,
         TaskCanceled,
         PayloadTooLarge,
@@ -202,10 +213,13 @@ def error_for(
     message: str,
     task_id: str | None = None,
     retry_after: float | None = None,
+    body: Mapping[str, Any] | None = None,
 ) -> DispatcherError:
     """The exception for an error body (or a task's stored `error`)."""
     cls = _BY_CODE.get(code) or _BY_STATUS.get(status) or DispatcherError
-    return cls(message, status=status, code=code, task_id=task_id, retry_after=retry_after)
+    return cls(
+        message, status=status, code=code, task_id=task_id, retry_after=retry_after, body=body
+    )
 
 
 def error_from_body(body: Any, status: int, retry_after: float | None = None) -> DispatcherError:
@@ -218,6 +232,7 @@ def error_from_body(body: Any, status: int, retry_after: float | None = None) ->
             str(body.get("msg") or body.get("message") or body["code"]),
             task_id if isinstance(task_id, str) else None,
             retry_after,
+            body,
         )
     return error_for(
         status, "http_error", f"HTTP {status} without an error body", None, retry_after

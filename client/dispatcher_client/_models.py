@@ -149,11 +149,13 @@ class BatchInfo:
     status: str
     request_counts: RequestCounts
     created_at: datetime | None = None
-    ended_at: datetime | None = None
+    cancel_requested_at: datetime | None = None
+    finished_at: datetime | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
+        """`completed` or `canceled`: every item has ended."""
         return self.status in TERMINAL_BATCH
 
     @classmethod
@@ -164,7 +166,8 @@ class BatchInfo:
             status=_str(body, "status"),
             request_counts=RequestCounts.from_json(body.get("request_counts")),
             created_at=_time(body.get("created_at")),
-            ended_at=_time(body.get("ended_at") or body.get("completed_at")),
+            cancel_requested_at=_time(body.get("cancel_requested_at")),
+            finished_at=_time(body.get("finished_at")),
             raw=body,
         )
 
