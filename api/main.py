@@ -15,7 +15,10 @@ from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import MeteredStore, MeteredWaiter, install_metrics, release_process_metrics
+from api.request_id import RequestId
 from api.routes import deliveries, dispatch, health, tasks
+from shared import tracing
+from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
 
 # Requests share this many Redis connections and wait for a free one rather than open more:
@@ -43,6 +46,10 @@ def redis_client(settings: Settings) -> aioredis.Redis:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # Here, not in uvicorn's command line: every way of starting the app (Docker, devstack,
+    # `uvicorn --workers N`) gets the same logs; uvicorn's loggers are routed through it too.
+    configure_logging(settings.log_format)
+    tracing.setup("model-dispatcher-api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = MeteredStore(client, settings)
         app.state.waiter = waiter
         app.state.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        tracing.instrument_redis(client)
+        tracing.instrument_httpx(app.state.http)
         await waiter.start()
         try:
             yield
@@ -73,10 +82,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)  # outside the others: their answers carry the id too
     app.include_router(dispatch.router)
     app.include_router(tasks.router)
     app.include_router(deliveries.router)
     app.include_router(health.router)
     install_docs(app, settings)
     install_metrics(app, settings)  # last: its middleware wraps the others
+    tracing.instrument_app(app)
     return app

@@ -26,6 +26,7 @@ from shared.errors import (
     WorkerLost,
     redis_write_refusal,
 )
+from shared.logs import bind_task
 from shared.models import PredictionCall, PredictionRequest, TaskStatus, TaskView
 from shared.payloads import Payload, payload_key
 from shared.settings import Settings
@@ -65,6 +66,7 @@ class ApiStore:
         `idempotency`: the task is recorded under the key too, unless a live task is held there
         already: then Replay (same request) or IdempotencyKeyReused, having written nothing.
         """
+        bind_task(task_id, request.model_name)  # the request's log lines from here on
         now = time.time()
         deadline = now + self._timeout(request)
         ref, stored = payload.reference(task_id) if payload is not None else (None, None)
@@ -134,6 +136,7 @@ class ApiStore:
         if not fields or fields.get("owner", "") != owner:
             raise TaskNotFound(f"no task {task_id!r}: it was never submitted or has expired")
         view = records.decode_record(task_id, fields)
+        bind_task(task_id, view.model_name)
         settled = await self._settle_overdue(view)
         if settled is True:
             return await self.get(task_id, owner)

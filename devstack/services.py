@@ -127,6 +127,9 @@ class CeleryWorker(_Service):
             "--without-gossip",
             "--without-mingle",
         ]  # fmt: skip
+        if {**os.environ, **env}.get("LOG_FORMAT") == "json":
+            # No start-up banner: it is printed, not logged, and the log is one JSON object a line.
+            argv.insert(3, "--quiet")
         # SIGTERM to the main process only: it runs the warm shutdown and ends its pool. Prefork
         # children reset SIGTERM to the default, so a group-wide SIGTERM would kill running
         # tasks ("WorkerLostError: ... signal 15").
@@ -175,6 +178,7 @@ class ApiServer(_Service):
         port: int | None = None,
         *,
         app: str = "api.main:create_app",
+        access_log: bool = False,
     ) -> None:
         self.port = port if port is not None else free_port()
         argv = [
@@ -182,7 +186,8 @@ class ApiServer(_Service):
             "--factory",
             "--host", HOST,
             "--port", str(self.port),
-            "--no-access-log",
+            # A line per request costs API CPU; the tests that read them turn it on.
+            *([] if access_log else ["--no-access-log"]),
         ]  # fmt: skip
         super().__init__(argv, env, log_path)
 

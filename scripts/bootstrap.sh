@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up .venv with the project and its local-stack and dev extras. Idempotent and fast when done:
-# it reinstalls only when pyproject.toml or requirements.lock changed since the last successful install.
+# Sets up .venv with the project and its local-stack, dev and otel extras. Idempotent and fast when
+# done: it reinstalls only when pyproject.toml or requirements.lock changed since the last successful
+# install.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$wanted" ]]; then
     # passed with. torch==2.13.0 is the machine's local CPU wheel; nothing asks for another.
     # client/ is its own package (the Python client); its tests import it as users install it.
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -c requirements.lock -e '.[local,dev]' -e ./client
+        -c requirements.lock -e '.[local,dev,otel]' -e ./client
     # Written last: an interrupted install is retried on the next run.
     echo "$wanted" > "$STAMP"
 fi

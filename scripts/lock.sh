@@ -23,7 +23,7 @@ compile() {  # $1: output file, then extra pip-compile options
     # --strip-extras: pip refuses extras in a constraints file. No hashes: torch is a local
     # wheel whose hash is not the one PyPI lists for 2.13.0.
     "$TOOLS/bin/pip-compile" --quiet --strip-extras --no-header --no-emit-index-url --no-emit-find-links \
-        --extra local --extra dev --output-file "$out" "$@" pyproject.toml 2> >(grep -v '^WARNING: Location' >&2)
+        --extra local --extra dev --extra otel --output-file "$out" "$@" pyproject.toml 2> >(grep -v '^WARNING: Location' >&2)
 }
 
 case "${1:-}" in

@@ -16,12 +16,16 @@ import socket
 import uuid
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
-from shared.settings import Settings
+from shared import tracing
+from shared.logs import configure_logging, current_request_id
+from shared.settings import Settings, get_settings
 
 TASK_PREDICT = "dispatch.predict"
 QUEUE = "dispatch"
+# The message header (a worker reads it as `task.request.request_id`) carrying X-Request-ID.
+REQUEST_ID_HEADER = "request_id"
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
@@ -72,6 +76,19 @@ def create_celery_app(settings: Settings) -> Celery:
     return app
 
 
+# A receiver of `setup_logging` replaces Celery's own logging set-up (handlers, formats, stdout
+# redirection) in every worker of these apps: its loggers go through shared/logs.py too.
+@signals.setup_logging.connect  # type: ignore[untyped-decorator]
+def _worker_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    configure_logging(get_settings().log_format, loglevel or "INFO")
+
+
+# Earlier still, so the worker's start-up warnings (running as root...) are log lines as well.
+@signals.celeryd_init.connect  # type: ignore[untyped-decorator]
+def _worker_init_logging(options: dict[str, Any] | None = None, **_: Any) -> None:
+    _worker_logging((options or {}).get("loglevel"))
+
+
 def encode_task_message(task_id: str, kwargs: dict[str, Any], *, queue: str = QUEUE) -> str:
     """The kombu Redis-transport envelope of a `TASK_PREDICT` call, ready for LPUSH."""
     body = json.dumps(
@@ -100,6 +117,11 @@ def encode_task_message(task_id: str, kwargs: dict[str, Any], *, queue: str = QU
         "stamped_headers": None,
         "stamps": {},
     }
+    # The request this task is for: its id and trace travel with the message to the worker.
+    request_id = current_request_id()
+    if request_id is not None:
+        headers[REQUEST_ID_HEADER] = request_id
+    tracing.inject(headers)
     envelope = {
         "body": base64.b64encode(body.encode()).decode(),
         "content-encoding": "utf-8",

@@ -61,6 +61,13 @@ class InvalidIdempotencyKey(DispatchError):
     code = "invalid_idempotency_key"
 
 
+class InvalidRequestId(DispatchError):
+    """The X-Request-ID header is not 1-128 printable ASCII characters."""
+
+    status = 400
+    code = "invalid_request_id"
+
+
 class IdempotencyKeyReused(DispatchError):
     """The Idempotency-Key was used (by this caller) for a different request."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     )
     worker_log_tasks: bool = Field(
         False, description="Log a line per task received and finished (costs ~15% worker CPU)."
+    )
+    log_format: Literal["console", "json"] = Field(
+        "console", description="`json`: one JSON object a line (the images' default); `console`."
     )
     max_deliveries: int = Field(3, ge=1, description="A task delivered more often is failed.")
     worker_heartbeat_interval: float = Field(

@@ -23,7 +23,7 @@ from devstack import (
 )
 
 TEST_MODELS_DIR = Path(__file__).parent / "models"
-TEST_MODELS = ("slow", "failing", "rejecting", "counting", "digest", "mirror")
+TEST_MODELS = ("slow", "failing", "rejecting", "counting", "digest", "mirror", "headers")
 LOADED_AT_START = (
     "echo.mar",
     "linear.mar",
@@ -34,6 +34,7 @@ LOADED_AT_START = (
     "versioned.mar",
     "digest.mar",
     "mirror.mar",
+    "headers.mar",
     "image_info.mar",
     "grayscale.mar",
 )

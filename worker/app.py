@@ -2,12 +2,16 @@
 
 import logging
 
+from shared import tracing
 from shared.celery_app import create_celery_app
 from shared.settings import get_settings
 from worker import broker_fixes, refusals
 
 # Module-level because Celery's CLI loads the app by name; settings come from the environment.
+# Logging: Celery's `setup_logging` signal (shared/celery_app.py) routes it through shared/logs.py.
 app = create_celery_app(get_settings())
+# Traces when OTEL_EXPORTER_OTLP_ENDPOINT is set: a span per task, continuing the API's trace.
+tracing.setup("model-dispatcher-worker")
 app.conf.include = ["worker.tasks", "worker.heartbeat"]
 # A Redis that refuses writes (OOM, read-only replica) must not crash the worker or lose messages.
 refusals.install()

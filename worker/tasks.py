@@ -6,8 +6,10 @@ import logging
 from functools import cache
 from typing import Any
 
-from shared.celery_app import TASK_PREDICT
+from shared import tracing
+from shared.celery_app import REQUEST_ID_HEADER, TASK_PREDICT
 from shared.errors import DispatchError, WorkerLost
+from shared.logs import task_context
 from shared.models import PredictionCall
 from shared.payloads import read_payload
 from shared.settings import get_settings
@@ -22,7 +24,9 @@ log = logging.getLogger(__name__)
 @cache
 def _store(worker_name: str) -> WorkerStore:
     # Built on first use, so each prefork child gets its own connections after the fork.
-    return WorkerStore(get_settings(), worker_name=worker_name)
+    store = WorkerStore(get_settings(), worker_name=worker_name)
+    tracing.instrument_redis(store.redis)
+    return store
 
 
 @cache
@@ -34,9 +38,16 @@ def _client() -> TorchServeClient:
 def predict(self: Any, call: dict[str, Any]) -> None:
     """Run one prediction; redelivered copies of a finished task do nothing (idempotent)."""
     task_id: str = self.request.id
-    run_prediction(
-        task_id, PredictionCall.model_validate(call), _store(self.request.hostname), _client()
-    )
+    request = self.request
+    model = str(call.get("model_name"))
+    # Its log lines carry the ids; its trace continues the API's (traceparent in the headers).
+    with (
+        task_context(task_id, model, request.get(REQUEST_ID_HEADER)),
+        tracing.task_span(TASK_PREDICT, request, {"dispatcher.task_id": task_id, "model": model}),
+    ):
+        run_prediction(
+            task_id, PredictionCall.model_validate(call), _store(request.hostname), _client()
+        )
 
 
 def run_prediction(

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from shared import tracing
 from shared.errors import (
     DeadlineExceeded,
     DispatchError,
@@ -25,6 +26,7 @@ from shared.errors import (
     TorchServeTimeout,
     TorchServeUnavailable,
 )
+from shared.logs import current_request_id
 from shared.models import PredictionCall
 from shared.payloads import DEFAULT_MEDIA_TYPE, encode_multipart
 from shared.settings import Settings
@@ -141,6 +143,7 @@ class TorchServeClient:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
             trust_env=False,
         )
+        tracing.instrument_httpx(self._http)  # the TorchServe call: a child of the task's span
 
     def close(self) -> None:
         self._http.close()
@@ -203,6 +206,9 @@ class TorchServeClient:
         read_timeout = min(self._settings.torchserve_read_timeout, remaining)
         timeout = httpx.Timeout(read_timeout, connect=self._settings.torchserve_connect_timeout)
         headers, basic_auth = self._credentials(call)
+        request_id = current_request_id()
+        if request_id is not None:  # a handler reads it: context.get_request_header(i, ...)
+            headers["X-Request-ID"] = request_id
         try:
             response = self._http.post(
                 call.origin + call.path,
