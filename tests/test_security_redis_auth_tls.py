@@ -42,8 +42,11 @@ def test_redis_with_a_password(tmp_path: Path, stack_factory: StackFactory) -> N
         stack = stack_factory.start(env={"REDIS_URL": server.url})
         assert server.url.startswith(f"redis://:{PASSWORD}@")
         _dispatch_works(stack.api_url, server.client())
+        # The API alone: a worker or webhook consumer with the wrong password never gets ready.
         wrong = stack_factory.start(
-            workers=0, env={"REDIS_URL": server.url.replace(PASSWORD, "wrong")}
+            workers=0,
+            webhook_consumers=0,
+            env={"REDIS_URL": server.url.replace(PASSWORD, "wrong")},
         )
         with httpx.Client(base_url=wrong.api_url, timeout=10) as http:
             refused = http.post("/dispatch_model", json={"model_name": "echo"})
