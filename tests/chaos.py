@@ -99,6 +99,9 @@ def _run(scenario: Scenario, count: int, report_dir: Path) -> Outcome:
         sys.executable, "-m", "pytest", f"tests/{scenario.test_file}",
         f"--count={count}", "--repeat-scope=function", "-q", "-p", "no:cacheprovider",
         f"--junitxml={junit}", "-o", "junit_family=xunit1",
+        # Its own temporary root: pytest prunes old numbered roots, and another pytest run on the
+        # machine (the load) would otherwise delete this one's Redis and TorchServe directories.
+        f"--basetemp={report_dir / scenario.name}",
     ]  # fmt: skip
     started = time.monotonic()
     print(f"== {scenario.name}: {count} x {scenario.test_file}", flush=True)
