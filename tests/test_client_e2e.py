@@ -311,3 +311,91 @@ def test_a_503_is_retried_and_the_model_runs_once(
     assert (first, second) == (503, 200)
     # The answer was lost after the task ran: the retry got that task's result back.
     assert replayed == ("true" if forward_first else None)
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+def test_batch_runs_every_item_and_streams_results_in_order(client: Dispatcher) -> None:
+    picture = PICTURE.read_bytes()
+    batch = client.batch(
+        [
+            {"custom_id": "echo", "model_name": "echo", "input": {"n": 1}},
+            {
+                "custom_id": "gray",
+                "model_name": "grayscale",
+                "data": picture,
+                "content_type": "image/png",
+            },
+            {"custom_id": "missing", "model_name": "no_such_model", "input": {}},
+            {"custom_id": "linear", "model_name": "linear", "input": {"inputs": [[1, 2, 3]]}},
+        ]
+    )
+    assert batch.info is not None
+    assert batch.info.request_counts.total == 4
+    info = batch.wait(timeout=60)
+    assert info.status == "completed"
+    assert (info.request_counts.succeeded, info.request_counts.failed) == (3, 1)
+    assert info.finished_at is not None
+    echo, gray, missing, linear = batch.results()
+    assert [r.custom_id for r in (echo, gray, missing, linear)] == [
+        "echo",
+        "gray",
+        "missing",
+        "linear",
+    ]
+    assert echo.value == {"n": 1}
+    assert isinstance(gray.value, Binary)
+    assert gray.value.content_type == "image/png"
+    with Image.open(io.BytesIO(gray.value)) as image:
+        assert image.mode == "L"
+    assert not missing.ok
+    assert isinstance(missing.error, dc.ModelNotFound)
+    assert len(linear.value["outputs"][0]) == 2
+    assert client.task(echo.task_id or "").result(timeout=5) == {"n": 1}  # items are tasks
+    with pytest.raises(dc.Conflict) as raised:
+        batch.cancel()  # it ended
+    assert raised.value.code == "batch_finished"
+
+
+def test_batch_validation_lists_every_bad_item(client: Dispatcher) -> None:
+    with pytest.raises(dc.InvalidRequest) as raised:
+        client.batch(
+            [
+                {"custom_id": "ok", "model_name": "echo", "input": 1},
+                {"custom_id": "no-model", "input": 1},
+                {"custom_id": "ok", "model_name": "echo", "input": 2},
+            ]
+        )
+    assert raised.value.status == 422
+    assert sorted(error["index"] for error in raised.value.body["errors"]) == [1, 2]
+    with pytest.raises(dc.BatchNotFound):
+        client.get_batch(str(uuid.uuid4())).status()
+
+
+def test_batch_cancel_stops_the_queued_items(client: Dispatcher) -> None:
+    requests = [
+        {"custom_id": f"s{i}", "model_name": "slow", "input": {"sleep": 0.5}} for i in range(30)
+    ]
+    batch = client.batch(requests)
+    assert batch.cancel().status in ("canceling", "canceled")
+    final = batch.wait(timeout=60)
+    assert final.status == "canceled"
+    counts = final.request_counts
+    assert counts.canceled >= 10  # 30 x 0.5 s on two slow workers: most were still queued
+    assert counts.succeeded + counts.canceled == 30
+    items = list(batch.results())
+    assert [r.custom_id for r in items] == [f"s{i}" for i in range(30)]
+    assert {r.status for r in items} <= {"succeeded", "canceled"}
+
+
+def test_async_batch(stack: Stack) -> None:
+    async def main() -> list[object]:
+        async with AsyncDispatcher(stack.api_url) as client:
+            batch = await client.batch(
+                [{"custom_id": str(n), "model_name": "echo", "input": n} for n in range(5)]
+            )
+            assert (await batch.wait(timeout=60)).status == "completed"
+            return [item.value async for item in batch.results()]
+
+    assert asyncio.run(main()) == [0, 1, 2, 3, 4]
