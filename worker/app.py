@@ -5,7 +5,7 @@ import logging
 from shared import tracing
 from shared.celery_app import create_celery_app
 from shared.settings import get_settings
-from worker import broker_fixes, refusals
+from worker import broker_fixes, metrics, refusals
 
 # Module-level because Celery's CLI loads the app by name; settings come from the environment.
 # Logging: Celery's `setup_logging` signal (shared/celery_app.py) routes it through shared/logs.py.
@@ -15,6 +15,8 @@ tracing.setup("model-dispatcher-worker")
 app.conf.include = ["worker.tasks", "worker.heartbeat"]
 # A Redis that refuses writes (OOM, read-only replica) must not crash the worker or lose messages.
 refusals.install()
+# Prometheus metrics on WORKER_METRICS_PORT, and this worker in the live-worker registry.
+metrics.install()
 # A broker connection loss must not end the worker either: acks of tasks that ran across the loss.
 broker_fixes.install()
 # Per-task INFO lines ("received", "succeeded", httpx's "HTTP Request") cost ~15% of a worker's

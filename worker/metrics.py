@@ -213,7 +213,6 @@ def serve(settings: Settings) -> Any:
 _running: dict[str, Any] = {}
 
 
-@worker_ready.connect  # type: ignore[untyped-decorator]
 def start_metrics(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     _check_pool(sender)
@@ -225,9 +224,18 @@ def start_metrics(sender: Any = None, **_: Any) -> None:
     _running["registry"] = registry
 
 
-@worker_shutdown.connect  # type: ignore[untyped-decorator]
 def stop_metrics(**_: Any) -> None:
     if registry := _running.pop("registry", None):
         registry.stop()
     if server := _running.pop("server", None):
         server.shutdown()
+
+
+def install() -> None:
+    """Serve this worker's metrics and join the live-worker registry once it is ready.
+
+    Called by worker/app.py, not at import: other Celery apps (the webhook consumer) import the
+    `worker` package too, and must neither take the metrics port nor count as prediction workers.
+    """
+    worker_ready.connect(start_metrics, weak=False, dispatch_uid="dispatcher-metrics-start")
+    worker_shutdown.connect(stop_metrics, weak=False, dispatch_uid="dispatcher-metrics-stop")
