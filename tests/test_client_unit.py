@@ -1,75 +1,22 @@
-"""dispatcher_client against a fake service (httpx.MockTransport): retries, Retry-After, the
-Idempotency-Key, error mapping, re-attaching after a 202, bytes in and out, tasks and batches."""
+"""dispatcher_client against a fake service (httpx.MockTransport): request forms, retries and
+Retry-After, the Idempotency-Key, error mapping, re-attaching after a 202, tasks, bytes out.
+Batches and the async client: test_client_unit_batches.py."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from typing import Any
 from urllib.parse import parse_qs
 
 import dispatcher_client as dc
 import httpx
 import pytest
-from dispatcher_client import AsyncDispatcher, Binary, Dispatcher, RetryPolicy
-
-BASE = "http://dispatcher.test"
-TASK = "5f0c1a2b-0000-4000-8000-000000000001"
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
-FAST = RetryPolicy(max_attempts=4, max_elapsed=10, backoff_initial=0.01, backoff_max=0.02)
-Handler = Callable[[httpx.Request], httpx.Response]
-
-
-def task_body(status: str = "succeeded", **fields: Any) -> dict[str, Any]:
-    return {
-        "task_id": TASK,
-        "status": status,
-        "model_name": "echo",
-        "created_at": "2026-01-01T00:00:00Z",
-        "deadline": "2026-01-01T00:10:00Z",
-        **fields,
-    }
-
-
-def error(status: int, code: str, task_id: str | None = None, **headers: str) -> httpx.Response:
-    body = {"status": status, "msg": f"{code} happened", "code": code}
-    if task_id:
-        body["task_id"] = task_id
-    return httpx.Response(status, json=body, headers=headers)
-
-
-def accepted(status: str = "queued") -> httpx.Response:
-    body = {"task_id": TASK, "status": status, "status_url": f"/tasks/{TASK}"}
-    return httpx.Response(202, json=body, headers={"Location": f"/tasks/{TASK}"})
-
-
-class Fake:
-    """A scripted service: answers from a queue per (method, path), and records every request."""
-
-    def __init__(self) -> None:
-        self.requests: list[httpx.Request] = []
-        self.answers: dict[tuple[str, str], list[httpx.Response | Exception]] = {}
-
-    def on(self, method: str, path: str, *answers: httpx.Response | Exception) -> Fake:
-        self.answers.setdefault((method, path), []).extend(answers)
-        return self
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        queue = self.answers.get((request.method, request.url.path))
-        assert queue, f"unexpected {request.method} {request.url.path}"
-        answer = queue.pop(0) if len(queue) > 1 else queue[0]  # the last one repeats
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    def made(self, method: str, path: str) -> list[httpx.Request]:
-        return [r for r in self.requests if r.method == method and r.url.path == path]
+from client_fakes import BASE, FAST, PNG, TASK, Fake, accepted, error, task_body
+from dispatcher_client import Binary, Dispatcher, RetryPolicy
 
 
 @pytest.fixture
@@ -397,157 +344,6 @@ def test_cancel_then_result_raises_task_canceled(fake: Fake, client: Dispatcher)
     assert task.cancel().status == "canceled"
     with pytest.raises(dc.TaskCanceled):
         task.result()
-
-
-# --- batches -------------------------------------------------------------------------------------
-
-
-BATCH = "b-1"
-COUNTS = {
-    "total": 3,
-    "queued": 0,
-    "running": 0,
-    "succeeded": 2,
-    "failed": 1,
-    "canceled": 0,
-    "expired": 0,
-}
-
-
-def batch_body(status: str = "in_progress", **counts: int) -> dict[str, Any]:
-    return {
-        "batch_id": BATCH,
-        "status": status,
-        "request_counts": {**COUNTS, **counts},
-        "status_url": f"/batches/{BATCH}",
-    }
-
-
-def results_jsonl() -> bytes:
-    uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
-    lines = [
-        {"custom_id": "a", "task_id": "t1", "status": "succeeded", "prediction_value": {"n": 1}},
-        {"custom_id": "b", "task_id": "t2", "status": "succeeded", "prediction_value": uri},
-        {
-            "custom_id": "c",
-            "task_id": "t3",
-            "status": "failed",
-            "error": {"status": 404, "msg": "Model not found: nope", "code": "model_not_found"},
-        },
-    ]
-    return b"".join(json.dumps(line).encode() + b"\n" for line in lines) + b"\n"
-
-
-def test_batch_submit_status_results_cancel(fake: Fake, client: Dispatcher) -> None:
-    fake.on(
-        "POST", "/batches", httpx.Response(202, json=batch_body(queued=3, succeeded=0, failed=0))
-    )
-    fake.on("GET", f"/batches/{BATCH}", httpx.Response(200, json=batch_body("completed")))
-    fake.on(
-        "GET",
-        f"/batches/{BATCH}/results",
-        httpx.Response(200, content=results_jsonl(), headers={"Content-Type": "application/jsonl"}),
-    )
-    fake.on("DELETE", f"/batches/{BATCH}", httpx.Response(200, json=batch_body("completed")))
-    batch = client.batch(
-        [
-            {"custom_id": "a", "model_name": "echo", "input": {"n": 1}},
-            {"custom_id": "b", "model_name": "mirror", "data": PNG, "content_type": "image/png"},
-            {"custom_id": "c", "model_name": "nope", "input": 1, "version": "2"},
-        ],
-        webhook="https://hooks.example.com/x",
-    )
-    sent = json.loads(fake.requests[0].content)
-    assert sent["webhook"] == "https://hooks.example.com/x"
-    assert "webhook_events" not in sent
-    assert sent["requests"][1] == {
-        "custom_id": "b",
-        "model_name": "mirror",
-        "data": "data:image/png;base64," + base64.b64encode(PNG).decode(),
-    }
-    assert sent["requests"][2]["model_version"] == "2"
-    assert fake.requests[0].headers["idempotency-key"]
-    assert batch.batch_id == BATCH
-    assert batch.info is not None
-    assert batch.info.request_counts.queued == 3
-    assert batch.wait(timeout=5).done
-    a, b, c = batch.results()
-    assert (a.custom_id, a.ok, a.value) == ("a", True, {"n": 1})
-    assert isinstance(b.value, Binary)
-    assert b.value == PNG
-    assert (c.ok, type(c.error), c.task_id) == (False, dc.ModelNotFound, "t3")
-    assert batch.cancel().status == "completed"
-
-
-def test_a_batch_422_lists_every_bad_item(fake: Fake, client: Dispatcher) -> None:
-    bad = [
-        {"index": 0, "custom_id": "a", "code": "invalid_request", "msg": "model_name: missing"},
-        {"index": 2, "code": "invalid_request", "msg": "custom_id: missing"},
-    ]
-    body = {"status": 422, "msg": "2 of 3 requests are invalid", "code": "invalid_request"}
-    fake.on("POST", "/batches", httpx.Response(422, json={**body, "errors": bad}))
-    with pytest.raises(dc.InvalidRequest) as raised:
-        client.batch([{"custom_id": "a"}, {"custom_id": "b", "model_name": "echo"}, {}])
-    assert raised.value.body["errors"] == bad
-    assert len(fake.requests) == 1
-
-
-def test_batch_results_stream_retries_a_503_before_it_starts(
-    fake: Fake, client: Dispatcher
-) -> None:
-    fake.on(
-        "GET",
-        f"/batches/{BATCH}/results",
-        httpx.Response(503, headers={"Retry-After": "0"}),
-        httpx.Response(200, content=results_jsonl()),
-    )
-    assert [r.custom_id for r in client.get_batch(BATCH).results()] == ["a", "b", "c"]
-
-
-# --- async ---------------------------------------------------------------------------------------
-
-
-def test_async_client_shares_the_flows(fake: Fake) -> None:
-    uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
-    fake.on(
-        "POST",
-        "/dispatch_model",
-        error(429, "queue_full", **{"Retry-After": "0"}),
-        accepted(),
-    )
-    fake.on("GET", f"/tasks/{TASK}", httpx.Response(200, json=task_body(prediction_value=uri)))
-    fake.on(
-        "GET",
-        f"/tasks/{TASK}/result",
-        httpx.Response(200, content=PNG, headers={"Content-Type": "image/png"}),
-    )
-    fake.on("GET", f"/batches/{BATCH}/results", httpx.Response(200, content=results_jsonl()))
-
-    async def main() -> tuple[Any, list[str]]:
-        transport = httpx.MockTransport(fake)
-        async with AsyncDispatcher(BASE, retry=FAST, transport=transport) as client:
-            value = await client.predict("grayscale", data=PNG, content_type="image/png")
-            ids = [r.custom_id async for r in client.get_batch(BATCH).results()]
-            return value, ids
-
-    value, ids = asyncio.run(main())
-    assert value == PNG
-    assert isinstance(value, Binary)
-    assert ids == ["a", "b", "c"]
-    posts = fake.made("POST", "/dispatch_model")
-    assert len(posts) == 2
-    assert posts[0].headers["idempotency-key"] == posts[1].headers["idempotency-key"]
-
-
-def test_async_errors_are_typed(fake: Fake) -> None:
-    fake.on("POST", "/dispatch_model", error(404, "model_not_found"))
-
-    async def main() -> None:
-        async with AsyncDispatcher(BASE, transport=httpx.MockTransport(fake)) as client:
-            await client.predict("nope", 1)
-
-    with pytest.raises(dc.ModelNotFound):
-        asyncio.run(main())
 
 
 def test_data_uri_decoding() -> None:
