@@ -77,7 +77,7 @@ def _media_type(value: str, field: str) -> str:
     return value
 
 
-def _fallback_type(request: PredictionRequest) -> str | None:
+def fallback_type(request: PredictionRequest) -> str | None:
     """`input_media_type`, the original field, names the type of bytes that carry none."""
     value = request.input_media_type
     if value is None:
@@ -117,7 +117,7 @@ async def _read_json(http: Request, max_bytes: int) -> tuple[PredictionRequest, 
         return request, None
     data, media_type = decode_data_uri(request.data, max_bytes)
     request.data = None  # the decoded bytes are the one copy kept from here on
-    content_type = media_type or _fallback_type(request) or DEFAULT_MEDIA_TYPE
+    content_type = media_type or fallback_type(request) or DEFAULT_MEDIA_TYPE
     return request, Payload(data, [Part(content_type=content_type, size=len(data))], False)
 
 
@@ -253,7 +253,7 @@ async def _read_multipart(
             "(curl -F data=@picture.png)"
         )
     request = _validate(reader.fields, "body")
-    fallback = _fallback_type(request)
+    fallback = fallback_type(request)
     parts = [
         p.model_copy(update={"content_type": p.content_type or fallback}) for p in reader.parts
     ]
@@ -292,7 +292,7 @@ async def _read_raw(
     if content_type:
         _media_type(content_type, "Content-Type")
     data = await _read_body(http, max_bytes)
-    media_type = content_type or _fallback_type(request) or DEFAULT_MEDIA_TYPE
+    media_type = content_type or fallback_type(request) or DEFAULT_MEDIA_TYPE
     return request, Payload(data, [Part(content_type=media_type, size=len(data))], False)
 
 

@@ -26,16 +26,21 @@ def body_limit(content_type: bytes, max_bytes: int) -> int:
 
 
 class BodySizeLimit:
-    """ASGI middleware: 413 when Content-Length or the streamed body exceeds the body limit."""
+    """ASGI middleware: 413 when Content-Length or the streamed body exceeds the body limit.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    `path_limits`: paths with a limit of their own (POST /batches: MAX_BATCH_BYTES).
+    """
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, path_limits: dict[str, tuple[int, str]] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
 
-    def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"the request body is larger than {self.max_bytes} bytes (MAX_BODY_BYTES); send less"
-        )
+    def _error(self, limit: tuple[int, str] | None = None) -> PayloadTooLarge:
+        size, name = limit or (self.max_bytes, "MAX_BODY_BYTES")
+        return PayloadTooLarge(f"the request body is larger than {size} bytes ({name}); send less")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,9 +52,10 @@ class BodySizeLimit:
                 length = value
             elif name == b"content-type":
                 content_type = value
-        limit = body_limit(content_type, self.max_bytes)
+        own = self.path_limits.get(scope["path"])
+        limit = own[0] if own else body_limit(content_type, self.max_bytes)
         if length.isdigit() and int(length) > limit:
-            await error_response(self._error())(scope, receive, send)
+            await error_response(self._error(own))(scope, receive, send)
             return
         received = 0
 
@@ -61,7 +67,8 @@ class BodySizeLimit:
                 if received > limit:
                     # FastAPI turns any other exception from the body into a 400 "error parsing
                     # the body"; an HTTPException passes through to the 413 handler.
-                    raise HTTPException(self._error().status, self._error().msg)
+                    error = self._error(own)
+                    raise HTTPException(error.status, error.msg)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -11,12 +11,13 @@ from fastapi import FastAPI
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from api.batches import BatchStore
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import MeteredStore, MeteredWaiter, install_metrics, release_process_metrics
 from api.request_id import RequestId
-from api.routes import deliveries, dispatch, health, tasks
+from api.routes import batches, deliveries, dispatch, health, tasks
 from shared import tracing
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         waiter = MeteredWaiter(client)
         app.state.settings = settings
         app.state.store = MeteredStore(client, settings)
+        app.state.batches = BatchStore(client, settings)
         app.state.waiter = waiter
         app.state.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
         tracing.instrument_redis(client)
@@ -81,10 +83,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        path_limits={"/batches": (settings.max_batch_bytes, "MAX_BATCH_BYTES")},
+    )
     app.add_middleware(RequestId)  # outside the others: their answers carry the id too
     app.include_router(dispatch.router)
     app.include_router(tasks.router)
+    app.include_router(batches.router)
     app.include_router(deliveries.router)
     app.include_router(health.router)
     install_docs(app, settings)

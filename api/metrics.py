@@ -32,9 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import OwnerDep
 from api.store import ApiStore
 from api.waiting import ResultWaiter, Watch
-from shared.celery_app import QUEUE
 from shared.metrics import (
-    DEFAULT_PRIORITY,
     LATENCY_BUCKETS,
     LIVE_BEATS,
     WORKERS_KEY,
@@ -43,6 +41,7 @@ from shared.metrics import (
     scrape_registry,
 )
 from shared.models import PredictionRequest, TaskView
+from shared.priorities import ALL_QUEUES, Priority
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -167,16 +166,19 @@ class MeteredStore(ApiStore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._models = ModelLabels()
-        self._submitted: dict[str, Any] = {}
+        self._submitted: dict[tuple[str, Priority], Any] = {}
 
     async def submit(self, request: PredictionRequest, *args: Any, **kwargs: Any) -> TaskView:
         view = await super().submit(request, *args, **kwargs)
-        child = self._submitted.get(request.model_name)
-        if child is None:
-            child = TASKS_SUBMITTED.labels(self._models(request.model_name), DEFAULT_PRIORITY)
-            self._submitted[request.model_name] = child
-        child.inc()
+        self.count_submitted(request.model_name, view.priority)
         return view
+
+    def count_submitted(self, model: str, priority: Priority, tasks: int = 1) -> None:
+        child = self._submitted.get((model, priority))
+        if child is None:
+            child = TASKS_SUBMITTED.labels(self._models(model), priority.value)
+            self._submitted[(model, priority)] = child
+        child.inc(tasks)
 
 
 class MeteredWaiter(ResultWaiter):
@@ -196,7 +198,10 @@ class QueueState:
     """Collector of what Redis holds right now; built for one scrape by `read_queue_state`."""
 
     def __init__(
-        self, depth: int | None = None, in_flight: int | None = None, workers: int | None = None
+        self,
+        depth: dict[str, int] | None = None,
+        in_flight: int | None = None,
+        workers: int | None = None,
     ) -> None:
         self.depth, self.in_flight, self.workers = depth, in_flight, workers
 
@@ -212,7 +217,8 @@ class QueueState:
             "Messages waiting in the broker queue (not yet fetched by a worker).",
             labels=["queue"],
         )
-        depth.add_metric([QUEUE], float(self.depth or 0))
+        for queue, messages in (self.depth or {}).items():  # one per priority class
+            depth.add_metric([queue], float(messages))
         yield depth
         yield GaugeMetricFamily(
             "dispatcher_tasks_in_flight",
@@ -232,16 +238,18 @@ async def read_queue_state(client: aioredis.Redis | None, settings: Settings) ->
     live_since = time.time() - LIVE_BEATS * settings.worker_heartbeat_interval
     try:
         async with asyncio.timeout(STATE_TIMEOUT), client.pipeline(transaction=False) as pipe:
-            pipe.llen(QUEUE)
+            for queue in ALL_QUEUES:
+                pipe.llen(queue)
             # Kombu's Redis transport moves a fetched message out of the list into this index
             # until it is acked: without it, a worker's prefetched and running tasks look done.
             pipe.zcard(Channel.unacked_index_key)
             pipe.zcount(WORKERS_KEY, live_since, "+inf")
-            depth, in_flight, workers = await pipe.execute()
+            *depths, in_flight, workers = await pipe.execute()
     except (RedisError, OSError, TimeoutError) as error:
         log.warning("metrics could not read Redis: %s", type(error).__name__)
         return QueueState()
-    return QueueState(int(depth), int(in_flight), int(workers))
+    depth = {queue: int(messages) for queue, messages in zip(ALL_QUEUES, depths, strict=True)}
+    return QueueState(depth, int(in_flight), int(workers))
 
 
 async def _keyed(_: OwnerDep) -> None:

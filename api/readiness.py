@@ -11,8 +11,8 @@ from pydantic import BaseModel
 from redis.exceptions import RedisError, ResponseError
 
 from shared import records
-from shared.celery_app import QUEUE
 from shared.errors import redis_write_refusal
+from shared.priorities import ALL_QUEUES
 from shared.settings import Settings
 
 # Queued work and nothing finished for this long means the workers stopped consuming
@@ -38,7 +38,7 @@ async def _check_redis_and_workers(state: Any) -> dict[str, str]:
             await client.ping()
             refusal = await _refuses_writes(client)
             workers = [key async for key in client.scan_iter(records.WORKER_KEY_PREFIX + "*")]
-            depth = await client.llen(QUEUE)
+            depths = [await client.llen(queue) for queue in ALL_QUEUES]
             last_finished = await client.get(records.LAST_FINISHED_KEY)
     except (RedisError, OSError, TimeoutError) as error:
         return {"redis": f"unreachable ({type(error).__name__})", "workers": "unknown"}
@@ -46,10 +46,12 @@ async def _check_redis_and_workers(state: Any) -> dict[str, str]:
     if not workers:
         return {"redis": redis_check, "workers": "no worker has sent a heartbeat recently"}
     idle = time.time() - float(last_finished) if last_finished else 0.0
-    if depth and idle > STALL_SECONDS:
+    if any(depths) and idle > STALL_SECONDS:
+        queued = ", ".join(f"{n} in {q}" for q, n in zip(ALL_QUEUES, depths, strict=True) if n)
         return {
             "redis": redis_check,
-            "workers": f"{depth} tasks queued but none finished for {idle:.0f}s: workers stalled",
+            "workers": f"tasks queued ({queued}) but none finished for {idle:.0f}s: "
+            "workers stalled",
         }
     return {"redis": redis_check, "workers": "ok"}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -14,7 +15,7 @@ from redis.exceptions import ResponseError
 from api.errors import queue_refuses_writes
 from api.idempotency import IdempotencyClaim, Replay
 from shared import records
-from shared.celery_app import QUEUE, encode_task_message
+from shared.celery_app import encode_task_message
 from shared.errors import (
     DispatchError,
     InvalidRequest,
@@ -29,6 +30,7 @@ from shared.errors import (
 from shared.logs import bind_task
 from shared.models import PredictionCall, PredictionRequest, TaskStatus, TaskView
 from shared.payloads import Payload, payload_key
+from shared.priorities import ALL_QUEUES, Priority, queue_of
 from shared.settings import Settings
 
 # How long after its deadline a `running` task may still be waiting for redelivery before the
@@ -68,7 +70,9 @@ class ApiStore:
         """
         bind_task(task_id, request.model_name)  # the request's log lines from here on
         now = time.time()
-        deadline = now + self._timeout(request)
+        deadline = now + self.timeout_of(request)
+        priority = request.priority or Priority.default
+        queue = queue_of(priority)
         ref, stored = payload.reference(task_id) if payload is not None else (None, None)
         call = PredictionCall(
             origin=origin,
@@ -78,6 +82,7 @@ class ApiStore:
             payload=ref,
             deadline=deadline,
             submitted_at=now,
+            priority=priority,
             token=request.token.get_secret_value() if request.token else None,
             username=request.username,
             password=request.password.get_secret_value() if request.password else None,
@@ -90,15 +95,16 @@ class ApiStore:
             "deadline": deadline,
             "owner": owner,
             "origin": origin,
+            "priority": priority.value,
         }
         if request.webhook:  # read by the transition scripts, which emit the events
             fields["webhook"] = request.webhook
             fields["webhook_events"] = ",".join(request.webhook_event_types())
-        message = encode_task_message(task_id, {"call": call.model_dump()})
+        message = encode_task_message(task_id, {"call": call.model_dump()}, queue=queue)
         flat = [item for pair in fields.items() for item in pair]
         keys = [
             records.task_key(task_id),
-            QUEUE,
+            queue,  # the 429 limit applies per class
             payload_key(task_id),
             idempotency.redis_key if idempotency else records.task_key(task_id),
         ]
@@ -117,11 +123,12 @@ class ApiStore:
             raise Replay(idempotency.held_task(accepted))
         if not accepted:
             raise QueueFull(
-                f"{self._settings.max_queue_depth} tasks are already queued; retry later"
+                f"{self._settings.max_queue_depth} {priority.value} tasks are already queued; "
+                "retry later"
             )
         return records.decode_record(task_id, {k: str(v) for k, v in fields.items()})
 
-    def _timeout(self, request: PredictionRequest) -> float:
+    def timeout_of(self, request: PredictionRequest) -> float:
         if request.timeout is None:
             return self._settings.dispatch_default_timeout
         if request.timeout > self._settings.dispatch_max_timeout:
@@ -213,10 +220,16 @@ class ApiStore:
         return await self.get(view.task_id, owner)
 
     async def queue_depth(self) -> int:
-        return int(await self.redis.llen(QUEUE))
+        """Messages waiting in every class's queue."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue in ALL_QUEUES:
+                pipe.llen(queue)
+            return sum(int(depth) for depth in await pipe.execute())
 
 
-async def _write(script: AsyncScript, outcome: str, **call: Any) -> Any:
+async def _write(
+    script: AsyncScript | Callable[[], Awaitable[Any]], outcome: str, **call: Any
+) -> Any:
     """Run a write script; 503 saying why when Redis refuses writes (OOM, read-only replica).
 
     Every script's first write is the one Redis can refuse (it checks memory at a script's first

@@ -132,6 +132,10 @@ def _start_dispatcher(supervisor: Supervisor, config: LocalConfig, env: dict[str
     worker = CeleryWorker(env, "local", logs / "worker.log")
     print("Starting the Celery worker ...", flush=True)
     supervisor.start("Celery worker", worker)
+    # Capacity that a batch backlog cannot take from synchronous callers (shared/priorities.py).
+    reserved = CeleryWorker.interactive(env, "interactive", logs / "worker-interactive.log")
+    print("Starting the interactive worker ...", flush=True)
+    supervisor.start("interactive worker", reserved)
     webhooks = CeleryWorker.webhook_consumer(env, logs / "webhooks.log")
     print("Starting the webhook consumer ...", flush=True)
     supervisor.start("webhook consumer", webhooks)

@@ -13,6 +13,7 @@ import httpx
 
 from devstack.models import REPO_ROOT
 from devstack.processes import ManagedProcess, StopsOnExit, free_port, wait_until
+from shared.priorities import ALL_QUEUES, INTERACTIVE_QUEUES
 
 HOST = "127.0.0.1"
 
@@ -98,9 +99,10 @@ class _Service(StopsOnExit):
 
 
 class CeleryWorker(_Service):
-    """`celery -A worker.app worker` consuming the dispatch queue, named `<name>@<host>`.
+    """`celery -A worker.app worker` consuming every priority class's queue, named `<name>@<host>`.
 
-    `webhook_consumer()` builds the other kind: `worker.webhook_app` on the `webhooks` queue.
+    `interactive()` builds a worker reserved for the interactive class (shared/priorities.py);
+    `webhook_consumer()` the other kind: `worker.webhook_app` on the `webhooks` queue.
     """
 
     def __init__(
@@ -112,7 +114,7 @@ class CeleryWorker(_Service):
         pool: str = "threads",
         *,
         app: str = "worker.app",
-        queue: str = "dispatch",
+        queue: str = ",".join(ALL_QUEUES),
     ) -> None:
         argv = [
             sys.executable, "-m", "celery",
@@ -135,6 +137,13 @@ class CeleryWorker(_Service):
         # tasks ("WorkerLostError: ... signal 15").
         super().__init__(argv, env, log_path, terminate_group=False)
         self.name = name
+
+    @classmethod
+    def interactive(
+        cls, env: Mapping[str, str], name: str, log_path: Path, concurrency: int = 4
+    ) -> CeleryWorker:
+        """A worker for interactive tasks only: capacity a batch backlog can never occupy."""
+        return cls(env, name, log_path, concurrency, "threads", queue=",".join(INTERACTIVE_QUEUES))
 
     @classmethod
     def webhook_consumer(

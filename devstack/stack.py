@@ -72,10 +72,13 @@ def start_stack(
     worker_app: str = "worker.app",
     api_app: str = "api.main:create_app",
     webhook_consumers: int = 1,
+    interactive_workers: int = 0,
 ) -> Stack:
     """Start `workers` Celery workers (in parallel) and the API; all get os.environ plus `env`.
 
-    Plus `webhook_consumers` webhook consumers (`log_dir/webhooks-<i>.log`).
+    Plus `interactive_workers` workers reserved for the interactive class (`log_dir/
+    interactive-<i>.log`, `concurrency` threads each) and `webhook_consumers` webhook consumers
+    (`log_dir/webhooks-<i>.log`).
     Logs go to `log_dir/worker-<i>.log` and `log_dir/api.log`. If anything fails to start,
     what did start is stopped before the error propagates.
     """
@@ -87,6 +90,12 @@ def start_stack(
                 env, f"worker{i}", log_dir / f"worker-{i}.log", concurrency, pool, app=worker_app
             )
             for i in range(1, workers + 1)
+        ]
+        + [
+            CeleryWorker.interactive(
+                env, f"interactive{i}", log_dir / f"interactive-{i}.log", concurrency
+            )
+            for i in range(1, interactive_workers + 1)
         ],
         webhook_consumers=[
             CeleryWorker.webhook_consumer(env, log_dir / f"webhooks-{i}.log", f"webhooks{i}")

@@ -46,6 +46,8 @@ def create_celery_app(settings: Settings) -> Celery:
         "retry_on_timeout": True,
         # Detect half-dead connections after a Redis restart (celery#8030).
         "health_check_interval": 10,
+        # The order a worker reads the priority classes' queues in (shared/priorities.py).
+        "queue_order_strategy": "shared.priorities:InteractiveFirst",
     }
     app = Celery("dispatcher", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
@@ -70,7 +72,10 @@ def create_celery_app(settings: Settings) -> Celery:
         # Events cost a publish per task; nothing here consumes them.
         worker_send_task_events=False,
         task_send_sent_event=False,
-        worker_prefetch_multiplier=4,
+        # Fetch only into a free pool slot: a prefetched batch message would hold a worker
+        # while an interactive one waits behind it (shared/priorities.py).
+        worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,
         worker_hijack_root_logger=False,
     )
     return app
@@ -138,3 +143,25 @@ def encode_task_message(task_id: str, kwargs: dict[str, Any], *, queue: str = QU
         },
     }
     return json.dumps(envelope)
+
+
+_ID, _BODY = "@@task-id@@", "@@body@@"  # neither can occur in base64 or in a task id
+_EMBED = json.dumps({"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+
+
+def encode_task_messages(calls: list[tuple[str, str]], *, queue: str = QUEUE) -> list[str]:
+    """`encode_task_message` for many tasks of one request (a batch): (task id, JSON of the
+    `call` argument) each. The envelope (headers, request id, trace context) is built once and
+    each message is that template with its id and body filled in: 10,000 messages cost ~10x
+    less than 10,000 calls of `encode_task_message`. The delivery tag is the task id (unique)."""
+    envelope = json.loads(encode_task_message(_ID, {}, queue=queue))
+    envelope["body"] = _BODY
+    envelope["properties"]["delivery_tag"] = _ID
+    template = json.dumps(envelope)
+    return [
+        template.replace(
+            _BODY,
+            base64.b64encode(f'[[], {{"call": {call}}}, {_EMBED}]'.encode()).decode(),
+        ).replace(_ID, task_id)
+        for task_id, call in calls
+    ]

@@ -103,6 +103,20 @@ class TaskAlreadyFinished(DispatchError):
     code = "task_finished"
 
 
+class BatchNotFound(DispatchError):
+    """No batch with this id for this caller (never submitted, expired, or another key's)."""
+
+    status = 404
+    code = "batch_not_found"
+
+
+class BatchFinished(DispatchError):
+    """DELETE of a batch that has already ended."""
+
+    status = 409
+    code = "batch_finished"
+
+
 class PayloadTooLarge(DispatchError):
     """The request body is over MAX_BODY_BYTES."""
 

@@ -25,7 +25,7 @@ MAX_MODEL_LABELS = 200
 OTHER_MODEL = "_other"
 # A model TorchServe does not have: never its own label, or typos would fill the slots.
 UNKNOWN_MODEL = "_unknown"
-# The priority label until priorities exist.
+# The priority label of tasks that carry none (enqueued before priority classes existed).
 DEFAULT_PRIORITY = "default"
 
 # Live workers, scored by their last beat (worker/metrics.py): the API counts them in O(log N)

@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from shared.payloads import PayloadRef
+from shared.priorities import Priority
 
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
 
@@ -84,6 +85,11 @@ class PredictionRequest(BaseModel):
         None,
         gt=0,
         description="Deadline in seconds from submission (default DISPATCH_DEFAULT_TIMEOUT).",
+    )
+    priority: Priority | None = Field(
+        None,
+        description="The queue it waits in: `interactive` (default of a sync dispatch), "
+        "`default` (of `Prefer: respond-async`) or `batch` (of batch items).",
     )
     # The original proxy's fields, accepted unchanged.
     host: Annotated[str, Field(pattern=HOST_PATTERN)] | None = None
@@ -167,6 +173,8 @@ class PredictionCall(BaseModel):
     deadline: float  # epoch seconds
     # When the API accepted it (epoch seconds), for the queue-wait metrics; None from older APIs.
     submitted_at: float | None = None
+    # Its priority class, for the metrics' `priority` label; None from older APIs.
+    priority: Priority | None = None
     # Bytes instead of the JSON `body` (shared/payloads.py): inline, or a claim-check key.
     payload: PayloadRef | None = None
     # Credentials travel only inside the broker message, never into records, logs or errors.
@@ -210,6 +218,9 @@ class TaskView(BaseModel):
     deliveries: int = Field(0, description="How often a worker picked the task up.")
     worker: str | None = Field(None, description="The worker that ran (or runs) the task.")
     cancel_requested: bool = False
+    priority: Priority = Priority.default
+    batch_id: str | None = Field(None, description="The batch the task is an item of.")
+    custom_id: str | None = Field(None, description="Its batch item's `custom_id`.")
     prediction_value: Any = None
     # The answer's Content-Type (None: JSON), for `/tasks/{id}/result`; a data URI carries its own.
     prediction_content_type: str | None = Field(None, exclude=True)

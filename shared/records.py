@@ -13,8 +13,10 @@ import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
+from shared.batches import BATCH_MOVE
 from shared.models import TaskError, TaskStatus, TaskView
 from shared.outbox import EMIT
+from shared.priorities import Priority
 
 TASK_KEY_PREFIX = "dispatch:task:"
 FINISHED_CHANNEL = "dispatch:finished"
@@ -23,9 +25,11 @@ LAST_FINISHED_KEY = "dispatch:last_finished"
 TERMINAL = tuple(s.value for s in TaskStatus if s.terminal)
 
 
-# With emit_webhook (shared/outbox.py): a transition writes its webhook event atomically.
+# With emit_webhook (shared/outbox.py): a transition writes its webhook event atomically; with
+# batch_move (shared/batches.py) it keeps its batch's counters.
 PUBLISH_RECORD = (
     EMIT
+    + BATCH_MOVE
     + """
 -- Publishes the task's whole record, so waiters need no read after the wake-up. Every caller ends
 -- the task, so this is also where its claim-checked payload (shared/payloads.py) goes: the key is
@@ -88,11 +92,13 @@ if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'deadline')) then
     redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error', ARGV[8])
   end
   redis.call('EXPIRE', KEYS[1], ARGV[3])
+  batch_move(KEYS[1], status, redis.call('HGET', KEYS[1], 'status'), ARGV[1], ARGV[4])
   emit_webhook(KEYS[1], ARGV[5], redis.call('HGET', KEYS[1], 'status'), ARGV[1], ARGV[3])
   publish_record(KEYS[1], ARGV[4], ARGV[5])
   return {'expired', deliveries}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[7])
+batch_move(KEYS[1], status, 'running', ARGV[1], ARGV[4])
 -- A redelivered copy restarts a running task: task.started was sent for its first start.
 if status == 'queued' then emit_webhook(KEYS[1], ARGV[5], 'running', ARGV[1], ARGV[3]) end
 return {'run', deliveries}
@@ -112,6 +118,7 @@ if status ~= 'queued' and status ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], ARGV[3], ARGV[4],
   unpack(ARGV, 8))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+batch_move(KEYS[1], status, ARGV[1], ARGV[2], ARGV[6])
 emit_webhook(KEYS[1], ARGV[7], ARGV[1], ARGV[2], ARGV[5])
 publish_record(KEYS[1], ARGV[6], ARGV[7])
 return 1
@@ -128,6 +135,7 @@ if not status then return 'missing' end
 if status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1], 'error', ARGV[5])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
+  batch_move(KEYS[1], 'queued', 'canceled', ARGV[1], ARGV[3])
   emit_webhook(KEYS[1], ARGV[4], 'canceled', ARGV[1], ARGV[2])
   publish_record(KEYS[1], ARGV[3], ARGV[4])
   return 'canceled'
@@ -149,9 +157,36 @@ SETTLE = (
 if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+batch_move(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[6])
 emit_webhook(KEYS[1], ARGV[7], ARGV[2], ARGV[3], ARGV[5])
 publish_record(KEYS[1], ARGV[6], ARGV[7])
 return 1
+"""
+)
+
+
+# KEYS: none. ARGV: now, ttl, channel, error of a cancel (its task_id left out), batch id, first
+# index, last index. CANCEL for each queued item of a batch in the range; returns how many.
+CANCEL_ITEMS = (
+    PUBLISH_RECORD
+    + """
+local canceled = 0
+for i = tonumber(ARGV[6]), tonumber(ARGV[7]) do
+  local task_id = ARGV[5] .. '-' .. i
+  local key = 'dispatch:task:' .. task_id
+  if redis.call('HGET', key, 'status') == 'queued' then
+    local error = cjson.decode(ARGV[4])
+    error['task_id'] = task_id
+    redis.call('HSET', key, 'status', 'canceled', 'finished_at', ARGV[1],
+      'error', cjson.encode(error))
+    redis.call('EXPIRE', key, ARGV[2])
+    batch_move(key, 'queued', 'canceled', ARGV[1], ARGV[3])
+    emit_webhook(key, task_id, 'canceled', ARGV[1], ARGV[2])
+    publish_record(key, ARGV[3], task_id)
+    canceled = canceled + 1
+  end
+end
+return canceled
 """
 )
 
@@ -189,6 +224,9 @@ def decode_record(task_id: str, fields: Mapping[str, str]) -> TaskView:
         deliveries=int(fields.get("deliveries", 0)),
         worker=fields.get("worker") or None,
         cancel_requested=fields.get("cancel_requested") == "1",
+        priority=Priority(fields.get("priority") or Priority.default.value),
+        batch_id=fields.get("batch") or None,
+        custom_id=fields.get("custom_id"),
         prediction_value=json.loads(result) if result is not None else None,
         prediction_content_type=fields.get("result_type"),
         error=TaskError.model_validate_json(error) if error else None,

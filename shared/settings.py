@@ -77,7 +77,15 @@ class Settings(BaseSettings):
     retry_backoff_initial: float = Field(0.2, gt=0, description="First retry delay (s).")
     retry_backoff_max: float = Field(3.0, gt=0, description="Longest retry delay (s).")
 
-    max_queue_depth: int = Field(50_000, gt=0, description="Beyond it submissions get 429.")
+    max_queue_depth: int = Field(
+        50_000, gt=0, description="Queued tasks per priority class beyond which submits get 429."
+    )
+    batch_max_requests: int = Field(
+        10_000, gt=0, le=100_000, description="Most requests one POST /batches may carry."
+    )
+    max_batch_bytes: int = Field(
+        64 * MIB, gt=0, description="Largest POST /batches body (JSON or JSONL), in bytes."
+    )
     max_body_bytes: int = Field(
         6_553_500,
         gt=0,

@@ -21,6 +21,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, Field
 
+from shared.batches import decode_batch
 from shared.records import decode_record
 
 SECRET_PREFIX = "whsec_"  # noqa: S105  # the format's prefix, not a secret
@@ -176,7 +177,9 @@ def event_body(event: Mapping[str, str]) -> bytes:
     """`{"type", "timestamp", "data"}` of an outbox event; data is the task view at the event."""
     record = json.loads(event["record"])
     fields = dict(zip(record[::2], record[1::2], strict=True))
-    view = decode_record(event["task_id"], fields)
+    # `batch.completed` carries the batch as GET /batches/{id} shows it (shared/batches.py).
+    batch = event["type"].startswith("batch.")
+    view = (decode_batch if batch else decode_record)(event["task_id"], fields)
     at = datetime.fromtimestamp(float(event["at"]), UTC)
     body = {
         "type": event["type"],

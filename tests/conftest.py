@@ -145,9 +145,11 @@ class StackFactory:
         concurrency: int = 8,
         pool: str = "threads",
         webhook_consumers: int = 1,
+        interactive_workers: int = 0,
     ) -> Stack:
-        """Start `workers` workers, `webhook_consumers` webhook consumers and the API with
-        REDIS_URL, TORCHSERVE_URL plus `env`."""
+        """Start `workers` workers, `interactive_workers` workers reserved for the interactive
+        class, `webhook_consumers` webhook consumers and the API with REDIS_URL, TORCHSERVE_URL
+        plus `env`."""
         if "REDIS_URL" not in (env or {}):
             _ensure_redis(self.redis_server)
         log_dir = self.log_root / f"stack-{len(self.stacks) + 1}"
@@ -158,6 +160,7 @@ class StackFactory:
             concurrency=concurrency,
             pool=pool,
             webhook_consumers=webhook_consumers,
+            interactive_workers=interactive_workers,
         )
         self.stacks.append(stack)
         return stack

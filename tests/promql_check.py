@@ -20,7 +20,7 @@ SUFFIXES = ("_bucket", "_sum", "_count", "_total")
 
 def exported_families() -> set[str]:
     """The dispatcher's metric families (counters without `_total`), API and workers."""
-    families = [*REGISTRY.collect(), *api.metrics.QueueState(1, 1, 1).collect()]
+    families = [*REGISTRY.collect(), *api.metrics.QueueState({"dispatch": 1}, 1, 1).collect()]
     return {family.name for family in families if family.name.startswith("dispatcher_")}
 
 

@@ -33,6 +33,7 @@ from dotenv import dotenv_values
 from pydantic import SecretStr
 
 from shared.celery_app import QUEUE
+from shared.priorities import ALL_QUEUES
 from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -583,7 +584,9 @@ def test_worker_image_starts_the_celery_app_on_the_dispatch_queue() -> None:
     app_path = cmd[cmd.index("-A") + 1]
     module, _, attribute = app_path.partition(":")
     assert _module_defines(module, attribute or "app"), f"{app_path} has no Celery app"
-    assert cmd[cmd.index("-Q") + 1] == QUEUE, "the worker must consume the queue the API fills"
+    queues = cmd[cmd.index("-Q") + 1].split(",")
+    assert queues == list(ALL_QUEUES), "the worker must consume every queue the API fills"
+    assert QUEUE in queues
     assert cmd[cmd.index("--pool") + 1] == "threads"
     assert {"--without-gossip", "--without-mingle"} <= set(cmd)
 

@@ -40,7 +40,8 @@ FAST_REDELIVERY = {
 COMMANDS = {
     "redis-server": "redis-server",
     "TorchServe": "torchserve",
-    "Celery worker": "-Q dispatch",
+    "Celery worker": "-Q dispatch.interactive,dispatch,dispatch.batch ",
+    "interactive worker": "-Q dispatch.interactive -n",
     "webhook consumer": "-Q webhooks",
     "API server": "uvicorn",
 }

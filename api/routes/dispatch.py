@@ -18,6 +18,7 @@ from api.waiting import Read, ResultWaiter, Watch
 from api.webhook_targets import check_webhook
 from shared.errors import DispatchError, QueueUnavailable
 from shared.models import Accepted, PredictionRequest, TaskError, TaskStatus, TaskView
+from shared.priorities import Priority
 
 router = APIRouter(tags=["dispatch"])
 
@@ -69,6 +70,7 @@ _FORM_FIELDS = (
     "model_name",
     "model_version",
     "timeout",
+    "priority",
     "input_media_type",
     "webhook",
     "webhook_events",
@@ -154,6 +156,8 @@ async def dispatch_model(
     """
     key = idempotency.parse_key(http.headers.getlist(idempotency.HEADER))
     request, payload = await read_request(http, settings.max_body_bytes)
+    if request.priority is None:  # a caller who waits is interactive; one who polls is not
+        request.priority = Priority.interactive if preference.seconds > 0 else Priority.default
     origin = resolve_origin(request, settings)
     await check_webhook(request, settings)
     claim = await idempotency.claim(key, owner, request, origin, payload) if key else None
