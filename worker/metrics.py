@@ -21,6 +21,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 from shared.errors import DispatchError, ModelNotFound
 from shared.metrics import (
+    DEFAULT_PRIORITY,
     LATENCY_BUCKETS,
     STALE_BEATS,
     UNKNOWN_MODEL,
@@ -42,8 +43,8 @@ TASKS_FINISHED = Counter(
 )
 QUEUE_WAIT = Histogram(
     "dispatcher_task_queue_wait_seconds",
-    "Submission to the start of the run (s).",
-    ["model"],
+    "Submission to the start of the run (s), by priority class.",
+    ["model", "priority"],
     buckets=LATENCY_BUCKETS,
 )
 TASK_RUN = Histogram(
@@ -54,8 +55,8 @@ TASK_RUN = Histogram(
 )
 TASK_TOTAL = Histogram(
     "dispatcher_task_total_seconds",
-    "Submission to the end of the run (s).",
-    ["model"],
+    "Submission to the end of the run (s), by priority class.",
+    ["model", "priority"],
     buckets=LATENCY_BUCKETS,
 )
 TORCHSERVE_DURATION = Histogram(
@@ -89,6 +90,8 @@ class TaskObservation:
     def __init__(self, call: PredictionCall, deliveries: int) -> None:
         self.model = call.model_name
         self.submitted_at = call.submitted_at
+        # Messages from before priorities existed were all in the default class's queue.
+        self.priority = call.priority.value if call.priority else DEFAULT_PRIORITY
         self.started_at = time.time()
         self.deliveries = deliveries
 
@@ -100,8 +103,9 @@ class TaskObservation:
             REDELIVERIES.labels(model).inc()
         TASK_RUN.labels(model).observe(now - self.started_at)
         if self.submitted_at is not None:  # messages from before the field existed have none
-            QUEUE_WAIT.labels(model).observe(max(0.0, self.started_at - self.submitted_at))
-            TASK_TOTAL.labels(model).observe(max(0.0, now - self.submitted_at))
+            waited = max(0.0, self.started_at - self.submitted_at)
+            QUEUE_WAIT.labels(model, self.priority).observe(waited)
+            TASK_TOTAL.labels(model, self.priority).observe(max(0.0, now - self.submitted_at))
 
     def skipped(self, missing: bool = False) -> None:
         """START ran nothing. Its `deliveries` tell why (see shared.records.START): 0 for a copy of
