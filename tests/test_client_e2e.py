@@ -28,7 +28,8 @@ from devstack import Stack
 
 pytestmark = pytest.mark.e2e
 
-PICTURE = Path(__file__).parent.parent / "models" / "example.png"
+ROOT = Path(__file__).parent.parent
+PICTURE = ROOT / "models" / "example.png"
 
 
 @pytest.fixture
@@ -106,6 +107,20 @@ def test_a_wait_the_server_cuts_short_reattaches_without_resubmitting(
     assert len(polls) >= 2  # each poll held at most 0.5 s by the server
     assert all(path.startswith("/tasks/") and "wait=" in query for _, path, query, _ in polls)
     assert polls[-1][3] == 200
+
+
+def test_the_readme_example_runs(
+    stack: Stack, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("### Python client", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(ROOT)  # the example reads models/example.png
+    program = compile(code.replace("http://127.0.0.1:8000", stack.api_url), "README.md", "exec")
+    exec(program, {})  # noqa: S102  (the README's own code, run as a reader would)
+    linear, echo, item = capsys.readouterr().out.splitlines()
+    assert linear.startswith("{'outputs': [[")
+    assert echo.startswith("{'n': 1} image/png ")
+    assert item == "a succeeded 1"
 
 
 # --- bytes in and out ----------------------------------------------------------------------------
