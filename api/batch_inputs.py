@@ -164,11 +164,12 @@ async def _validate_items(
     errors: list[ItemError] = []
     seen: set[str] = set()
     webhooks_checked: dict[str, DispatchError | None] = {}
+    default_origin = settings.default_origin
     for index, entry in enumerate(raw):
         custom_id = entry.get("custom_id") if isinstance(entry, dict) else None
         shown = custom_id if isinstance(custom_id, str) else None
         try:
-            item = _item(entry, custom_id, seen, settings, check_sizes)
+            item = _item(entry, custom_id, seen, settings, check_sizes, default_origin)
             if item.request.webhook is not None or item.request.webhook_events is not None:
                 await _check_item_webhook(item.request, settings, webhooks_checked)
         except DispatchError as error:
@@ -181,7 +182,12 @@ async def _validate_items(
 
 
 def _item(
-    entry: Any, custom_id: Any, seen: set[str], settings: Settings, check_sizes: bool
+    entry: Any,
+    custom_id: Any,
+    seen: set[str],
+    settings: Settings,
+    check_sizes: bool,
+    default_origin: str,
 ) -> BatchItem:
     if not isinstance(entry, dict):
         raise InvalidRequest("each request must be a JSON object with custom_id and model_name")
@@ -211,7 +217,10 @@ def _item(
         size = len(json.dumps(request.torchserve_body()))
         if size > settings.max_body_bytes:
             raise too_large(size, settings.max_body_bytes, "input")
-    origin = resolve_origin(request, settings)
+    if request.host is None and request.port is None and request.http_protocol is None:
+        origin = default_origin  # what resolve_origin answers, without parsing a URL per item
+    else:
+        origin = resolve_origin(request, settings)
     return BatchItem(custom_id, request, origin, payload, request.priority or Priority.batch)
 
 
