@@ -358,10 +358,11 @@ def test_start_stack_starts_and_stops_everything(redis_server: RedisServer, tmp_
     ) as stack:
         assert httpx.get(f"{stack.api_url}/health").status_code == 200
         assert [worker.name for worker in stack.workers] == ["worker1", "worker2"]
-        assert all(worker.alive for worker in stack.workers)
-        assert stack.logs().count("ready.") == 2
+        assert [consumer.name for consumer in stack.webhook_consumers] == ["webhooks1"]
+        assert all(worker.alive for worker in [*stack.workers, *stack.webhook_consumers])
+        assert stack.logs().count("ready.") == 3  # each worker's and the webhook consumer's
     assert not stack.api.alive
-    assert not any(worker.alive for worker in stack.workers)
+    assert not any(worker.alive for worker in [*stack.workers, *stack.webhook_consumers])
 
 
 @pytest.mark.e2e
