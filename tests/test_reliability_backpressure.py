@@ -8,12 +8,14 @@ from conftest import StackFactory
 from faults import submit, wait_terminal
 
 from devstack import CeleryWorker, RedisServer
-from shared.celery_app import QUEUE
+from shared.priorities import QUEUES, Priority
 from shared.records import TASK_KEY_PREFIX
 
 pytestmark = pytest.mark.e2e
 
 DEPTH = 5
+# `submit` sends `Prefer: respond-async`: the default class, whose queue MAX_QUEUE_DEPTH bounds.
+QUEUE = QUEUES[Priority.default]
 
 
 def test_full_queue_is_429_with_retry_after_and_nothing_enqueued(
@@ -30,8 +32,9 @@ def test_full_queue_is_429_with_retry_after_and_nothing_enqueued(
         not_ready = http.get("/ready")
         accepted = [submit(http, {"model_name": "echo", "input": i}) for i in range(DEPTH)]
         depth, keys = client.llen(QUEUE), task_keys()
+        over = {"model_name": "echo", "input": "over", "priority": "default"}
         refused = [
-            http.post("/dispatch_model", json={"model_name": "echo", "input": "over"}),
+            http.post("/dispatch_model", json=over),
             http.post("/dispatch_model", json={"model_name": "echo"}, params={"wait": 0}),
         ]
         assert (client.llen(QUEUE), task_keys()) == (depth, keys)
