@@ -37,7 +37,8 @@ async def _check_redis_and_workers(state: Any) -> dict[str, str]:
         async with asyncio.timeout(CHECK_TIMEOUT):
             await client.ping()
             refusal = await _refuses_writes(client)
-            workers = [key async for key in client.scan_iter(records.WORKER_KEY_PREFIX + "*")]
+            live_since = time.time() - records.LIVE_BEATS * state.settings.worker_heartbeat_interval
+            workers = await client.zcount(records.WORKERS_KEY, live_since, "+inf")
             depths = [await client.llen(queue) for queue in ALL_QUEUES]
             last_finished = await client.get(records.LAST_FINISHED_KEY)
     except (RedisError, OSError, TimeoutError) as error:

@@ -28,13 +28,6 @@ UNKNOWN_MODEL = "_unknown"
 # The priority label of tasks that carry none (enqueued before priority classes existed).
 DEFAULT_PRIORITY = "default"
 
-# Live workers, scored by their last beat (worker/metrics.py): the API counts them in O(log N)
-# instead of SCANning a keyspace that holds every task record. A worker is live while its last
-# beat is at most LIVE_BEATS heartbeat intervals old (the rule of the heartbeat keys /ready reads);
-# entries older than STALE_BEATS intervals (a worker that died) are dropped by the others.
-WORKERS_KEY = "dispatch:workers"
-LIVE_BEATS = 3
-STALE_BEATS = 30
 
 # Seconds. Sync requests block up to DISPATCH_MAX_WAIT and tasks run up to DISPATCH_MAX_TIMEOUT,
 # so the buckets reach far beyond the millisecond ones a quick prediction lands in.

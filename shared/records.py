@@ -20,7 +20,13 @@ from shared.priorities import Priority
 
 TASK_KEY_PREFIX = "dispatch:task:"
 FINISHED_CHANNEL = "dispatch:finished"
-WORKER_KEY_PREFIX = "dispatch:worker:"
+# Live prediction workers, scored by their last heartbeat (worker/heartbeat.py): /ready and the
+# metrics count them with one ZCOUNT instead of SCANning a keyspace that holds every task record.
+# A worker is live while its last beat is at most LIVE_BEATS heartbeat intervals old; entries
+# older than STALE_BEATS intervals (a worker that died without leaving) are dropped by the others.
+WORKERS_KEY = "dispatch:workers"
+LIVE_BEATS = 3
+STALE_BEATS = 30
 LAST_FINISHED_KEY = "dispatch:last_finished"
 TERMINAL = tuple(s.value for s in TaskStatus if s.terminal)
 

@@ -1,4 +1,8 @@
-"""Liveness for `/ready`: each worker refreshes a key while its process lives.
+"""Liveness for `/ready` and the metrics: each worker beats in the live-worker registry.
+
+The registry is one sorted set (`records.WORKERS_KEY`) scored by each worker's last beat, so the
+API counts live workers with one ZCOUNT; a worker leaves it on shutdown, and the beats of the others
+drop the entry of one that died.
 
 Whether workers also *complete* work is judged from `dispatch:last_finished` (api/readiness.py).
 The same beat renews the broker lease of every message the worker holds (see `_renew_leases`).
@@ -6,7 +10,6 @@ The same beat renews the broker lease of every message the worker holds (see `_r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -25,10 +28,6 @@ from shared.settings import get_settings
 log = logging.getLogger(__name__)
 
 _stop = threading.Event()
-
-
-def _payload() -> str:
-    return json.dumps({"pid": os.getpid(), "at": time.time()})
 
 
 def _held_delivery_tags() -> list[str]:
@@ -52,13 +51,24 @@ def _renew_leases(client: redis.Redis) -> None:
         client.zadd(Channel.unacked_index_key, dict.fromkeys(tags, time.time()), xx=True)
 
 
-def _beat(client: redis.Redis, key: str, interval: float) -> None:
+def _beat_once(client: redis.Redis, name: str, interval: float) -> None:
+    now = time.time()
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zadd(records.WORKERS_KEY, {name: now})
+        pipe.zremrangebyscore(records.WORKERS_KEY, "-inf", now - records.STALE_BEATS * interval)
+        pipe.execute()
+
+
+def _beat(client: redis.Redis, name: str, interval: float) -> None:
     while not _stop.wait(interval):
         try:
-            client.set(key, _payload(), ex=max(1, int(interval * 3)))
+            _beat_once(client, name, interval)
             _renew_leases(client)
         except redis.RedisError as error:
             log.warning("heartbeat failed: %s", type(error).__name__)
+
+
+_running: dict[str, Any] = {}
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
@@ -66,12 +76,17 @@ def start_heartbeat(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     name = getattr(sender, "hostname", None) or f"{os.getpid()}@{socket.gethostname()}"
-    key = records.WORKER_KEY_PREFIX + name
     interval = settings.worker_heartbeat_interval
-    client.set(key, _payload(), ex=max(1, int(interval * 3)))
-    threading.Thread(target=_beat, args=(client, key, interval), daemon=True).start()
+    _beat_once(client, name, interval)
+    _running.update(client=client, name=name)
+    threading.Thread(target=_beat, args=(client, name, interval), daemon=True).start()
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
 def stop_heartbeat(**_: Any) -> None:
     _stop.set()
+    if "client" in _running:
+        try:  # leave at once, so /ready and the metrics stop counting this worker
+            _running["client"].zrem(records.WORKERS_KEY, _running["name"])
+        except redis.RedisError as error:
+            log.warning("could not leave the worker registry: %s", type(error).__name__)

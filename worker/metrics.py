@@ -9,13 +9,11 @@ process serves what they all wrote.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import redis
 from celery.signals import worker_ready, worker_shutdown
 from prometheus_client import Counter, Histogram, start_http_server
 
@@ -23,9 +21,7 @@ from shared.errors import DispatchError, ModelNotFound
 from shared.metrics import (
     DEFAULT_PRIORITY,
     LATENCY_BUCKETS,
-    STALE_BEATS,
     UNKNOWN_MODEL,
-    WORKERS_KEY,
     ModelLabels,
     multiprocess_dir,
     scrape_registry,
@@ -141,43 +137,7 @@ def count_retry(model: str, code: str) -> None:
     TORCHSERVE_RETRIES.labels(model_label(model, code), code).inc()
 
 
-# --- serving and the live-worker registry (main process) --------------------------------------
-
-
-class WorkerRegistry:
-    """This worker's entry in WORKERS_KEY, scored by its last beat, removed when it stops.
-
-    The API counts entries newer than 3 beats as live workers; each beat also drops entries of
-    workers that died without removing theirs.
-    """
-
-    def __init__(self, client: redis.Redis, name: str, interval: float) -> None:
-        self._client = client
-        self._name = name
-        self._interval = interval
-        self._stop = threading.Event()
-
-    def start(self) -> None:
-        threading.Thread(target=self._run, name="worker-registry", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        try:
-            self._client.zrem(WORKERS_KEY, self._name)
-        except redis.RedisError as error:
-            log.warning("could not leave the worker registry: %s", type(error).__name__)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            now = time.time()
-            try:
-                with self._client.pipeline(transaction=False) as pipe:
-                    pipe.zadd(WORKERS_KEY, {self._name: now})
-                    pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - STALE_BEATS * self._interval)
-                    pipe.execute()
-            except redis.RedisError as error:
-                log.warning("worker registry beat failed: %s", type(error).__name__)
-            self._stop.wait(self._interval)
+# --- serving (main process) -------------------------------------------------------------------
 
 
 def _check_pool(sender: Any) -> None:
@@ -221,25 +181,18 @@ def start_metrics(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     _check_pool(sender)
     _running["server"] = serve(settings)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
-    name = getattr(sender, "hostname", None) or "worker"
-    registry = WorkerRegistry(client, name, settings.worker_heartbeat_interval)
-    registry.start()
-    _running["registry"] = registry
 
 
 def stop_metrics(**_: Any) -> None:
-    if registry := _running.pop("registry", None):
-        registry.stop()
     if server := _running.pop("server", None):
         server.shutdown()
 
 
 def install() -> None:
-    """Serve this worker's metrics and join the live-worker registry once it is ready.
+    """Serve this worker's metrics once it is ready.
 
     Called by worker/app.py, not at import: other Celery apps (the webhook consumer) import the
-    `worker` package too, and must neither take the metrics port nor count as prediction workers.
+    `worker` package too, and must not take the metrics port.
     """
     worker_ready.connect(start_metrics, weak=False, dispatch_uid="dispatcher-metrics-start")
     worker_shutdown.connect(stop_metrics, weak=False, dispatch_uid="dispatcher-metrics-stop")
