@@ -9,7 +9,7 @@ import logging
 
 from shared.celery_app import create_celery_app
 from shared.settings import get_settings
-from worker import broker_fixes
+from worker import broker_fixes, refusals
 
 WEBHOOK_QUEUE = "webhooks"
 TASK_DELIVER = "webhooks.deliver"
@@ -18,6 +18,9 @@ app = create_celery_app(get_settings())
 app.conf.include = ["worker.webhooks"]
 app.conf.task_default_queue = WEBHOOK_QUEUE
 app.conf.task_routes = {TASK_DELIVER: {"queue": WEBHOOK_QUEUE}}
+# The same two transport guards as the prediction workers (worker/app.py): a Redis that refuses
+# writes, or a broker connection loss, never ends this consumer or loses its messages.
+refusals.install()
 broker_fixes.install()
 logging.getLogger("httpx").setLevel(logging.WARNING)
 if not get_settings().worker_log_tasks:
