@@ -21,6 +21,7 @@ from devstack import (
     archive_model,
     start_stack,
 )
+from shared.settings import Settings
 
 TEST_MODELS_DIR = Path(__file__).parent / "models"
 TEST_MODELS = ("slow", "failing", "rejecting", "counting", "digest", "mirror", "headers")
@@ -263,3 +264,11 @@ def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """
     with RedisServer(tmp_path / "dedicated-redis") as server:
         yield server
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No settings from this process's environment: only what the test passes counts."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+        monkeypatch.delenv(name, raising=False)
