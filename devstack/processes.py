@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,24 +26,38 @@ _handed_out: set[int] = set()
 _handed_out_lock = threading.Lock()
 
 
+def _ephemeral_ports() -> range:
+    """The range the kernel takes the local ports of outgoing connections (and bind(0)) from."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now, never the same one twice.
 
-    The OS picks it; another process could take it before the caller binds it, which is
-    unlikely enough for a development machine and a test run. But the kernel of this machine
-    kind hands the same port to consecutive bind(0) calls once the probing socket is closed
-    (seen: 46887 four times in a row), so a server asking for its five ports at once would get
-    one port five times: ports handed out before are skipped, holding each probe open so the
-    kernel has to pick another.
+    Chosen at random *below* the kernel's ephemeral range: a port from bind(0) can be handed to
+    any outgoing connection (an HTTP client's, Redis's) in the second between the pick and the
+    server binding it, and TorchServe then fails with "Address already in use" (seen in CI).
+    Ports below that range are only ever taken by servers that ask for them. Ports handed out
+    before in this process are skipped, so one server's five ports are five different ones.
     """
-    with _handed_out_lock, contextlib.ExitStack() as probes:
+    ephemeral = _ephemeral_ports()
+    candidates = range(10000, ephemeral.start) if ephemeral.start > 12000 else ephemeral
+    with _handed_out_lock:
         for _ in range(1000):
-            sock = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-            if port not in _handed_out:
-                _handed_out.add(port)
-                return port
+            port = random.choice(candidates)  # noqa: S311 (not for security)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     raise RuntimeError("no free TCP port on 127.0.0.1 after 1000 tries")
 
 
