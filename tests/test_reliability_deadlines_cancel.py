@@ -55,6 +55,17 @@ def test_not_started_before_the_deadline_expires_and_never_reaches_torchserve(
             "queued"
         )
         _drain(stack, http, counting_log, run)
+        # FIFO holds for fetching, not for finishing: the late worker's threads may end the
+        # sentinel before another thread's START expired this one. Read Redis directly (an API
+        # read would settle it itself) until the worker has.
+        wait_until(
+            lambda: (
+                records(dedicated_redis.client(), [left_to_worker])[left_to_worker]["status"]
+                == "expired"
+            ),
+            10,
+            "the late worker to expire the task it took",
+        )
         by_worker = http.get(f"/tasks/{left_to_worker}").json()
     print(f"\nEXPIRED: a synchronous request whose task expired in the queue: {sync_seconds:.1f}s")
     # The synchronous client hears about the expiry at its deadline, not at some later recheck.
