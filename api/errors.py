@@ -21,6 +21,9 @@ from shared.errors import (
 )
 
 log = logging.getLogger(__name__)
+# What an unexpected exception answers (here and in api/request_id.py, which answers it itself
+# when the exception escapes to the middleware).
+INTERNAL_ERROR = "internal error; the operator can find it in the API log"
 
 # Seconds a 429 asks the client to wait before retrying.
 QUEUE_FULL_RETRY_AFTER = 5
@@ -96,9 +99,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def unexpected_error(_: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=error)
-        return error_response(
-            DispatchError("internal error; the operator can find it in the API log")
-        )
+        return error_response(DispatchError(INTERNAL_ERROR))
 
     app.add_exception_handler(DispatchError, dispatch_error)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -15,7 +15,7 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_response
+from api.errors import INTERNAL_ERROR, error_response
 from shared.errors import DispatchError, InvalidRequestId
 from shared.logs import request_context
 
@@ -23,8 +23,6 @@ HEADER = b"x-request-id"
 MAX_LENGTH = 128
 # Printable ASCII, space included: safe in a log line, a header and a Celery message.
 _VALID = re.compile(rb"[\x20-\x7e]{1,%d}" % MAX_LENGTH)
-# What an unexpected exception answers; the same words as api/errors.py's catch-all handler.
-INTERNAL_ERROR = "internal error; the operator can find it in the API log"
 
 
 def new_request_id() -> str:
