@@ -73,14 +73,14 @@ def test_local_config_from_env(tmp_path: Path) -> None:
 # --- the watcher, on small real processes -------------------------------------------------------
 
 
-class Flaky(ProcessServer):
+class CrashLooping(ProcessServer):
     """A shell process that exits with code 3 on its first `failures` runs, then stays up."""
 
-    program = "flaky"
+    program = "crasher"
 
     def __init__(self, workdir: Path, failures: int) -> None:
         super().__init__()
-        self.log_path = workdir / "flaky.log"
+        self.log_path = workdir / "crasher.log"
         self.runs_file = workdir / "runs"
         self.script = (
             f"n=$(($(cat {self.runs_file} 2>/dev/null || echo 0) + 1)); "
@@ -116,19 +116,19 @@ def test_a_dead_process_is_restarted_with_growing_delays(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="devstack.supervisor")
-    server = Flaky(tmp_path, failures=4)
+    server = CrashLooping(tmp_path, failures=4)
     supervisor = Supervisor(backoff=_fast_backoff, poll_interval=0.01)
     try:
-        supervisor.start("flaky", server)
+        supervisor.start("crasher", server)
         wait_until(lambda: server.runs == 5 and server.alive, 10, "the fifth run to stay up")
-        wait_until(lambda: "flaky is back" in caplog.text, 5, "the last restart's log line")
+        wait_until(lambda: "crasher is back" in caplog.text, 5, "the last restart's log line")
         pid = server.pid
     finally:
         supervisor.stop(timeout=2)
-    assert supervisor.restarts() == {"flaky": 4}
-    assert supervisor.summary() == "restarts: flaky 4"
+    assert supervisor.restarts() == {"crasher": 4}
+    assert supervisor.summary() == "restarts: crasher 4"
     assert _restart_delays(caplog) == ["0.01", "0.02", "0.04", "0.04"]
-    assert "flaky (pid" in caplog.text
+    assert "crasher (pid" in caplog.text
     assert "exit code 3" in caplog.text
     assert not server.alive
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
@@ -140,10 +140,10 @@ def test_the_backoff_resets_after_a_long_run(
     """With a clock that says every run lasted 100 s, every restart is immediate again."""
     caplog.set_level(logging.INFO, logger="devstack.supervisor")
     ticks = iter(range(0, 100_000, 100))
-    server = Flaky(tmp_path, failures=3)
+    server = CrashLooping(tmp_path, failures=3)
     supervisor = Supervisor(backoff=_fast_backoff, clock=lambda: next(ticks), poll_interval=0.01)
     try:
-        supervisor.start("flaky", server)
+        supervisor.start("crasher", server)
         wait_until(lambda: server.runs == 4 and server.alive, 10, "the fourth run to stay up")
     finally:
         supervisor.stop(timeout=2)
@@ -151,10 +151,10 @@ def test_the_backoff_resets_after_a_long_run(
 
 
 def test_stop_does_not_wait_for_a_pending_restart(tmp_path: Path) -> None:
-    server = Flaky(tmp_path, failures=100)
+    server = CrashLooping(tmp_path, failures=100)
     supervisor = Supervisor(backoff=lambda: Backoff(initial=30), poll_interval=0.01)
-    supervisor.start("flaky", server)
-    wait_until(lambda: supervisor.restarts()["flaky"] == 1, 5, "the first death")
+    supervisor.start("crasher", server)
+    wait_until(lambda: supervisor.restarts()["crasher"] == 1, 5, "the first death")
     began = time.monotonic()
     supervisor.stop(timeout=2)
     assert time.monotonic() - began < 2  # not the 30 s of the pending restart
@@ -167,7 +167,7 @@ def test_a_restart_that_is_not_ready_is_stopped_and_tried_again(
 ) -> None:
     """A start that fails but leaves its process running must not count as up."""
 
-    class NotReadyTwice(Flaky):
+    class NotReadyTwice(CrashLooping):
         starts = 0
 
         def start(self) -> Self:
@@ -192,7 +192,7 @@ def test_a_restart_that_is_not_ready_is_stopped_and_tried_again(
 
 
 def test_a_process_that_cannot_start_stops_the_supervisor_start(tmp_path: Path) -> None:
-    class Broken(Flaky):
+    class Broken(CrashLooping):
         def start(self) -> Self:
             super().start()
             raise RuntimeError("not ready")
@@ -204,4 +204,4 @@ def test_a_process_that_cannot_start_stops_the_supervisor_start(tmp_path: Path) 
     supervisor.stop(timeout=2)
     assert not server.alive  # the half-started process was stopped all the same
     with pytest.raises(RuntimeError, match="stopping"):
-        supervisor.start("late", Flaky(tmp_path, failures=0))
+        supervisor.start("late", CrashLooping(tmp_path, failures=0))
