@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import require_tool
 from promql_check import check_promql, exported_families, unknown_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,9 +21,15 @@ ALERTS_TEST = Path(__file__).parent / "prometheus" / "alerts_test.yml"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "dispatcher.json"
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="no `promtool`: apt-get install prometheus (scripts/bootstrap.sh)"
-)
+
+
+@pytest.fixture
+def needs_promtool() -> None:
+    require_tool(
+        PROMTOOL is not None, "no `promtool`: apt-get install prometheus (scripts/bootstrap.sh)"
+    )
+
+
 # Grafana's template variables, replaced by values PromQL accepts.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".*"}
 
@@ -39,14 +46,14 @@ def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in groups for rule in group["rules"]]
 
 
-@needs_promtool
+@pytest.mark.usefixtures("needs_promtool")
 def test_alert_rules_load() -> None:
     result = promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
 
-@needs_promtool
+@pytest.mark.usefixtures("needs_promtool")
 def test_alerts_fire_on_the_series_they_watch() -> None:
     result = promtool("test", "rules", str(ALERTS_TEST))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -93,7 +100,7 @@ def test_dashboard_queries_only_metrics_we_export() -> None:
     assert not missing, f"no panel for {missing}"
 
 
-@needs_promtool
+@pytest.mark.usefixtures("needs_promtool")
 def test_dashboard_queries_parse() -> None:
     assert PROMTOOL is not None
     expressions = []
@@ -119,7 +126,7 @@ def test_dashboard_is_provisionable() -> None:
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
 
 
-@needs_promtool
+@pytest.mark.usefixtures("needs_promtool")
 def test_compose_prometheus_config_loads(tmp_path: Path) -> None:
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import require_tool
 
 from api.main import create_app
 from devstack import RedisServer
@@ -48,8 +49,10 @@ def chromium(url: str, profile: Path, *extra: str) -> subprocess.CompletedProces
 
 @pytest.mark.e2e
 def test_swagger_ui_renders_offline_with_api_keys_set(tmp_path: Path) -> None:
-    if CHROMIUM is None:
-        pytest.skip("no `chromium` binary: apt-get install chromium (scripts/bootstrap.sh)")
+    require_tool(
+        CHROMIUM is not None,
+        "no `chromium` binary: apt-get install chromium (scripts/bootstrap.sh)",
+    )
     with RedisServer(tmp_path / "redis") as redis:
         env = {"REDIS_URL": redis.url, "DISPATCHER_API_KEYS": KEY}
         with ApiServer(env, tmp_path / "api.log") as api:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import StackFactory
+from conftest import StackFactory, require_tool
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.processes import ManagedProcess, free_port, wait_until
@@ -33,8 +33,10 @@ UNKNOWN = 2
 
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
-    if PROMETHEUS is None:
-        pytest.skip("no `prometheus` binary: apt-get install prometheus (scripts/bootstrap.sh)")
+    require_tool(
+        PROMETHEUS is not None,
+        "no `prometheus` binary: apt-get install prometheus (scripts/bootstrap.sh)",
+    )
     server = PrometheusServer(tmp_path / "prometheus")
     try:
         yield server

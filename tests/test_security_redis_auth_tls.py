@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from conftest import StackFactory
+from conftest import StackFactory, require_tool
 from faults import submit, wait_terminal
 
 from devstack import RedisServer, wait_until
@@ -125,8 +125,11 @@ class TlsRedisServer(RedisServer):
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[TlsRedisServer]:
     binary = _tls_redis_binary()
-    if binary is None or shutil.which("openssl") is None:
-        pytest.skip("no redis-server built with TLS (apt-get install redis-server) or no openssl")
+    require_tool(
+        binary is not None and shutil.which("openssl") is not None,
+        "no redis-server built with TLS (apt-get install redis-server) or no openssl",
+    )
+    assert binary is not None
     certificates = _make_certificates(tmp_path)
     with TlsRedisServer(tmp_path / "redis", binary, certificates) as server:
         yield server
