@@ -24,10 +24,11 @@ from api.idempotency import KEY_PREFIX, IdempotencyClaim, Replay
 from api.store import ORPHAN_MARGIN, _write
 from shared import batches, records
 from shared.batches import BatchStatus, BatchView, decode_batch, item_task_id
-from shared.celery_app import encode_task_messages
+from shared.celery_app import encode_group_messages
 from shared.errors import BatchFinished, BatchNotFound, QueueFull, TaskCanceled
 from shared.models import PredictionCall
 from shared.priorities import queue_of
+from shared.queue_depth import queued_key
 from shared.settings import Settings
 
 # The call dicts built by hand in BatchStore._item_args must stay PredictionCall's fields.
@@ -92,7 +93,11 @@ class BatchStore:
         ]
         async with self.redis.pipeline(transaction=True) as pipe:
             await self._create(
-                keys=[key, idempotency.redis_key if idempotency else key, *queues],
+                keys=[
+                    key,
+                    idempotency.redis_key if idempotency else key,
+                    *(queued_key(queue) for queue in queues),
+                ],
                 args=head,
                 client=pipe,
             )
@@ -121,7 +126,6 @@ class BatchStore:
         """ADD_ITEMS' arguments after the common ones: the items' JSON, messages, payloads."""
         items: list[Any] = []
         calls: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        order: list[tuple[str, int]] = []  # each item's queue and its place in calls[queue]
         payloads: list[bytes | bytearray] = []
         events = ",".join(batch.task_events)
         for index, item in enumerate(chunk, start):
@@ -143,7 +147,6 @@ class BatchStore:
                 "username": request.username,
                 "password": request.password.get_secret_value() if request.password else None,
             }
-            order.append((queue, len(calls[queue])))
             calls[queue].append((task_id, json.dumps(call)))
             fields = [
                 "model_name", request.model_name,
@@ -158,15 +161,18 @@ class BatchStore:
                 fields += ["webhook_events", ",".join(request.webhook_event_types())]
             elif events and batch.webhook:  # the batch's task.* events, for every item
                 fields += ["webhook", batch.webhook, "webhook_events", events]
-            position = 0
             if stored is not None:
                 payloads.append(stored)
-                position = 5 + len(chunk) + len(payloads)  # its ARGV index in ADD_ITEMS
-            items.append([index, queue, fields, position])
-        messages = {queue: encode_task_messages(c, queue=queue) for queue, c in calls.items()}
+            items.append([index, queue, fields, len(payloads) if stored is not None else 0])
+        per_message = self._settings.message_max_tasks
+        messages = {
+            queue: encode_group_messages(c, queue=queue, per_message=per_message)
+            for queue, c in calls.items()
+        }
         return [
             json.dumps(items),
-            *(messages[queue][place] for queue, place in order),
+            json.dumps([queue for queue, queued in messages.items() for _ in queued]),
+            *(message for queued in messages.values() for message in queued),
             *payloads,
         ]
 

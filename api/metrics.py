@@ -35,6 +35,7 @@ from api.waiting import ResultWaiter, Watch
 from shared.metrics import LATENCY_BUCKETS, ModelLabels, multiprocess_dir, scrape_registry
 from shared.models import PredictionRequest, TaskView
 from shared.priorities import ALL_QUEUES, Priority
+from shared.queue_depth import parse_depth, queued_key
 from shared.records import LIVE_BEATS, WORKERS_KEY
 from shared.settings import Settings
 
@@ -208,11 +209,11 @@ class QueueState:
             return
         depth = GaugeMetricFamily(
             "dispatcher_queue_depth",
-            "Messages waiting in the broker queue (not yet fetched by a worker).",
+            "Tasks waiting in their class's queue, not yet started by a worker.",
             labels=["queue"],
         )
-        for queue, messages in (self.depth or {}).items():  # one per priority class
-            depth.add_metric([queue], float(messages))
+        for queue, tasks in (self.depth or {}).items():  # one per priority class
+            depth.add_metric([queue], float(tasks))
         yield depth
         yield GaugeMetricFamily(
             "dispatcher_tasks_in_flight",
@@ -232,8 +233,8 @@ async def read_queue_state(client: aioredis.Redis | None, settings: Settings) ->
     live_since = time.time() - LIVE_BEATS * settings.worker_heartbeat_interval
     try:
         async with asyncio.timeout(STATE_TIMEOUT), client.pipeline(transaction=False) as pipe:
-            for queue in ALL_QUEUES:
-                pipe.llen(queue)
+            for queue in ALL_QUEUES:  # tasks, not messages: one message may carry several
+                pipe.get(queued_key(queue))
             # Kombu's Redis transport moves a fetched message out of the list into this index
             # until it is acked: without it, a worker's prefetched and running tasks look done.
             pipe.zcard(Channel.unacked_index_key)
@@ -242,7 +243,7 @@ async def read_queue_state(client: aioredis.Redis | None, settings: Settings) ->
     except (RedisError, OSError, TimeoutError) as error:
         log.warning("metrics could not read Redis: %s", type(error).__name__)
         return QueueState()
-    depth = {queue: int(messages) for queue, messages in zip(ALL_QUEUES, depths, strict=True)}
+    depth = {queue: parse_depth(tasks) for queue, tasks in zip(ALL_QUEUES, depths, strict=True)}
     return QueueState(depth, int(in_flight), int(workers))
 
 

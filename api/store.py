@@ -13,9 +13,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from api.errors import queue_refuses_writes
+from api.group_commit import Submit, SubmitGroups
 from api.idempotency import IdempotencyClaim, Replay
 from shared import records
-from shared.celery_app import encode_task_message
+from shared.celery_app import task_headers
 from shared.errors import (
     DispatchError,
     InvalidRequest,
@@ -29,8 +30,9 @@ from shared.errors import (
 )
 from shared.logs import bind_task
 from shared.models import PredictionCall, PredictionRequest, TaskStatus, TaskView
-from shared.payloads import Payload, payload_key
+from shared.payloads import Payload
 from shared.priorities import ALL_QUEUES, Priority, queue_of
+from shared.queue_depth import parse_depth, queued_key
 from shared.settings import Settings
 
 # How long after its deadline a `running` task may still be waiting for redelivery before the
@@ -48,7 +50,13 @@ class ApiStore:
     def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         self.redis = client
         self._settings = settings
-        self._submit = client.register_script(records.SUBMIT)
+        self._groups = SubmitGroups(
+            client.register_script(records.SUBMIT_MANY),
+            max_depth=settings.max_queue_depth,
+            ttl=settings.result_ttl,
+            idempotency_ttl=settings.idempotency_ttl,
+            max_tasks=settings.message_max_tasks,
+        )
         self._cancel = client.register_script(records.CANCEL)
         self._settle = client.register_script(records.SETTLE)
 
@@ -63,6 +71,7 @@ class ApiStore:
     ) -> TaskView:
         """Record and enqueue one task, or raise QueueFull having written nothing.
 
+        Concurrent submits share one Redis call (api/group_commit.py).
         `payload`: bytes to send instead of the JSON body; above the claim-check size they are
         stored under their own key in the same script, and the message carries the reference.
         `idempotency`: the task is recorded under the key too, unless a live task is held there
@@ -72,7 +81,6 @@ class ApiStore:
         now = time.time()
         deadline = now + self.timeout_of(request)
         priority = request.priority or Priority.default
-        queue = queue_of(priority)
         ref, stored = payload.reference(task_id) if payload is not None else (None, None)
         call = PredictionCall(
             origin=origin,
@@ -100,25 +108,16 @@ class ApiStore:
         if request.webhook:  # read by the transition scripts, which emit the events
             fields["webhook"] = request.webhook
             fields["webhook_events"] = ",".join(request.webhook_event_types())
-        message = encode_task_message(task_id, {"call": call.model_dump()}, queue=queue)
-        flat = [item for pair in fields.items() for item in pair]
-        keys = [
-            records.task_key(task_id),
-            queue,  # the 429 limit applies per class
-            payload_key(task_id),
-            idempotency.redis_key if idempotency else records.task_key(task_id),
-        ]
-        args: list[Any] = [
-            self._settings.max_queue_depth,
-            self._settings.result_ttl,
-            message,
-            b"" if stored is None else stored,
-            idempotency.record(task_id) if idempotency else "",
-            self._settings.idempotency_ttl,
-        ]
-        accepted = await _write(
-            self._submit, "nothing was enqueued", keys=keys, args=[*args, *flat]
+        submit = Submit(
+            task_id=task_id,
+            queue=queue_of(priority),  # the 429 limit applies per class
+            fields=[str(item) for pair in fields.items() for item in pair],
+            task={"id": task_id, "call": call.model_dump(), "headers": task_headers()},
+            payload=None if stored is None else bytes(stored),
+            idempotency_key=idempotency.redis_key if idempotency else "",
+            idempotency_record=idempotency.record(task_id) if idempotency else "",
         )
+        accepted = await self._groups.submit(submit)
         if isinstance(accepted, str) and idempotency is not None:
             raise Replay(idempotency.held_task(accepted))
         if not accepted:
@@ -220,11 +219,9 @@ class ApiStore:
         return await self.get(view.task_id, owner)
 
     async def queue_depth(self) -> int:
-        """Messages waiting in every class's queue."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for queue in ALL_QUEUES:
-                pipe.llen(queue)
-            return sum(int(depth) for depth in await pipe.execute())
+        """Tasks waiting in every class's queue (shared/queue_depth.py)."""
+        depths = await self.redis.mget([queued_key(queue) for queue in ALL_QUEUES])
+        return sum(parse_depth(depth) for depth in depths)
 
 
 async def _write(

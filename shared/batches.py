@@ -131,7 +131,8 @@ local function batch_move(key, old, new, now, channel)
 end
 """
 
-# KEYS: batch, idempotency key (or the batch key again: none), then one queue per class used.
+# KEYS: batch, idempotency key (or the batch key again: none), then the queued-task counter
+# (shared/queue_depth.py) of each class used.
 # ARGV: max depth, idempotency record ('' = none), its ttl, batch ttl, the number of items per
 # queue in KEYS' order, then field, value, ... of the batch hash.
 # Returns 1 (created), 0 (a queue would exceed the depth limit: nothing written) or the record held
@@ -149,10 +150,12 @@ if ARGV[2] ~= '' then
   end
 end
 for i = 1, queues do
-  if redis.call('LLEN', KEYS[2 + i]) + tonumber(ARGV[4 + i]) > tonumber(ARGV[1]) then
+  if tonumber(redis.call('GET', KEYS[2 + i]) or '0') + tonumber(ARGV[4 + i]) > tonumber(ARGV[1])
+  then
     return 0
   end
 end
+for i = 1, queues do redis.call('INCRBY', KEYS[2 + i], ARGV[4 + i]) end
 for i = 5 + queues, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3]) end
@@ -160,26 +163,30 @@ return 1
 """
 
 # KEYS: batch. ARGV: record ttl, created_at, owner, batch id, the items as JSON (each [index,
-# queue, [field, value, ...] of its record, the ARGV position of its claim-checked payload or 0]),
-# then each item's message in that order, then the payloads. One JSON argument instead of a dozen
+# queue, [field, value, ...] of its record, the number of its claim-checked payload among this
+# call's payloads or 0]), the queue of each message as JSON, then the messages (each carries
+# several items: shared/celery_app.py), then the payloads. One JSON argument instead of a dozen
 # per item: packing 120,000 arguments cost the API more than everything else in a 10,000 batch.
-# The messages go in with one LPUSH per queue (same order as one by one): a third less Redis
-# time with the AOF on, which logs every write command.
+# The messages go in with one LPUSH per queue: a third less Redis time with the AOF on, which
+# logs every write command.
 ADD_ITEMS = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
 local ttl, now, owner, batch = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local messages = {}
-for n, item in ipairs(cjson.decode(ARGV[5])) do
+local queues = cjson.decode(ARGV[6])
+for _, item in ipairs(cjson.decode(ARGV[5])) do
   local task_id = batch .. '-' .. item[1]
   local key = 'dispatch:task:' .. task_id
   redis.call('HSET', key, 'status', 'queued', 'created_at', now, 'owner', owner, 'batch', batch,
     unpack(item[3]))
   redis.call('EXPIRE', key, ttl)
   if item[4] > 0 then
-    redis.call('SET', 'dispatch:payload:' .. task_id, ARGV[item[4]], 'EX', ttl)
+    redis.call('SET', 'dispatch:payload:' .. task_id, ARGV[6 + #queues + item[4]], 'EX', ttl)
   end
-  messages[item[2]] = messages[item[2]] or {}
-  table.insert(messages[item[2]], ARGV[5 + n])
+end
+local messages = {}
+for n, queue in ipairs(queues) do
+  messages[queue] = messages[queue] or {}
+  table.insert(messages[queue], ARGV[6 + n])
 end
 for queue, queued in pairs(messages) do redis.call('LPUSH', queue, unpack(queued)) end
 return 1

@@ -35,6 +35,10 @@ def normalize_origin(url: str) -> str:
     return f"{parts.scheme}://{host}:{port}"
 
 
+# API_WORKERS: its own type, as devstack (make run) validates it without the other settings.
+ApiWorkers = Annotated[int, Field(ge=1, le=64)]
+
+
 def _split_commas(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -80,6 +84,13 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(
         50_000, gt=0, description="Queued tasks per priority class beyond which submits get 429."
     )
+    message_max_tasks: int = Field(
+        16,
+        ge=1,
+        le=1_000,
+        description="Most tasks one Celery message carries (one group commit of concurrent "
+        "submits, or a slice of a batch); 1 turns grouping off.",
+    )
     batch_max_requests: int = Field(
         10_000, gt=0, le=100_000, description="Most requests one POST /batches may carry."
     )
@@ -119,6 +130,9 @@ class Settings(BaseSettings):
     )
     metrics_require_key: bool = Field(
         False, description="Whether the API's /metrics needs an API key like the endpoints."
+    )
+    api_workers: ApiWorkers = Field(
+        1, description="API processes (uvicorn --workers) of `make run` and `python -m api`."
     )
     docs_public: bool = Field(
         True, description="Serve /docs, /redoc and /openapi.json (without a key); false hides them."

@@ -1,4 +1,4 @@
-"""The worker's side of the task records: start, finish, heartbeat (sync redis-py)."""
+"""The worker's side of the task records: start and finish, several tasks per call (sync)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from enum import Enum
 from typing import Any
 
@@ -50,58 +53,86 @@ class WorkerStore:
             retry=Retry(ExponentialBackoff(cap=REDIS_BACKOFF_CAP), REDIS_RETRIES),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
-        self._start = self.redis.register_script(records.START)
-        self._finish = self.redis.register_script(records.FINISH)
+        self._start = self.redis.register_script(records.START_MANY)
+        self._finish = self.redis.register_script(records.FINISH_MANY)
 
-    def start(self, task_id: str) -> tuple[StartVerdict, int]:
+    def start(self, task_ids: Sequence[str]) -> list[tuple[StartVerdict, int]]:
+        """START every task of one message in one call: (verdict, deliveries) each, in order."""
         expired = TaskExpired("the task's deadline passed before a worker could start it")
         overran = DeadlineExceeded("the task's worker was lost and its deadline passed meanwhile")
         # While Redis refuses writes nothing is started (a refused script wrote nothing), and
         # the message stays unacknowledged: wait, never run the task unrecorded or ack it away.
-        verdict, deliveries = retry_while_refused(
+        flat = retry_while_refused(
             lambda: self._start(
-                keys=[records.task_key(task_id)],
                 args=[
                     time.time(),
                     self._settings.max_deliveries,
                     self._settings.result_ttl,
                     records.FINISHED_CHANNEL,
-                    task_id,
-                    expired.body(task_id).model_dump_json(),
                     self._worker_name,
-                    overran.body(task_id).model_dump_json(),
+                    expired.body().model_dump_json(),
+                    overran.body().model_dump_json(),
+                    *task_ids,
                 ],
             ),
-            f"starting task {task_id}",
+            f"starting {len(task_ids)} task(s)",
         )
-        if verdict in (StartVerdict.run, StartVerdict.too_many, StartVerdict.missing):
-            return StartVerdict(verdict), int(deliveries)
-        return StartVerdict.done, int(deliveries)
+        return [_verdict(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
-    def succeed(self, task_id: str, value: Any, content_type: str | None = None) -> bool:
-        """`content_type`: the answer's when it is not JSON (kept for /tasks/{id}/result)."""
-        extra = ("result_type", content_type) if content_type else ()
-        return self._end(task_id, TaskStatus.succeeded, "result", json.dumps(value), *extra)
-
-    def fail(self, task_id: str, error: DispatchError) -> bool:
-        return self._end(task_id, TaskStatus.failed, "error", error.body(task_id).model_dump_json())
-
-    def _end(self, task_id: str, status: TaskStatus, field: str, value: str, *extra: str) -> bool:
-        # The outcome is in hand: keep it until Redis accepts the write rather than run again.
+    def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """Store the outcomes of several tasks in one call; False for a task that had ended."""
+        entries = []
+        values: list[str] = []
+        for outcome in outcomes:
+            values.append(outcome.value)
+            entries.append(
+                [
+                    outcome.task_id,
+                    outcome.status.value,
+                    outcome.field,
+                    4 + len(values),
+                    outcome.extra,
+                ]
+            )
+        # The outcomes are in hand: keep them until Redis accepts the write rather than run again.
         ended = retry_while_refused(
             lambda: self._finish(
-                keys=[records.task_key(task_id), records.LAST_FINISHED_KEY],
+                keys=[records.LAST_FINISHED_KEY],
                 args=[
-                    status.value,
                     time.time(),
-                    field,
-                    value,
                     self._settings.result_ttl,
                     records.FINISHED_CHANNEL,
-                    task_id,
-                    *extra,
+                    json.dumps(entries),
+                    *values,
                 ],
             ),
-            f"storing the outcome of task {task_id}",
+            f"storing the outcomes of {len(outcomes)} task(s)",
         )
-        return bool(ended)
+        return [bool(flag) for flag in ended]
+
+
+def _verdict(verdict: str, deliveries: int) -> tuple[StartVerdict, int]:
+    if verdict in (StartVerdict.run, StartVerdict.too_many, StartVerdict.missing):
+        return StartVerdict(verdict), int(deliveries)
+    return StartVerdict.done, int(deliveries)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one task ended, as FINISH_MANY stores it."""
+
+    task_id: str
+    status: TaskStatus
+    field: str  # 'result' or 'error'
+    value: str  # JSON
+    extra: list[str] = dataclass_field(default_factory=list)  # more fields: name, value, ...
+
+    @classmethod
+    def succeeded(cls, task_id: str, value: Any, content_type: str | None = None) -> Outcome:
+        """`content_type`: the answer's when it is not JSON (kept for /tasks/{id}/result)."""
+        extra = ["result_type", content_type] if content_type else []
+        return cls(task_id, TaskStatus.succeeded, "result", json.dumps(value), extra)
+
+    @classmethod
+    def failed(cls, task_id: str, error: DispatchError) -> Outcome:
+        return cls(task_id, TaskStatus.failed, "error", error.body(task_id).model_dump_json())

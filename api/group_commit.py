@@ -1,0 +1,127 @@
+"""Group commit of submits: concurrent submits of one API process share one Redis script call.
+
+A submit costs a round trip and a script run in Redis, and its Celery message costs a worker
+more than the prediction (docs/BENCHMARKS.md). So submits that arrive while another group is
+being written wait for that write to end, then go together: one SUBMIT_MANY call
+(shared/records.py) records all of them, and each priority class's tasks share one message.
+An idle API sends a lone submit at once, in the caller's own task: latency at low load does not
+grow. Under load, the group is whatever arrived during one round trip (at most `max_tasks`).
+
+Per task nothing is shared but the round trip: its own depth check, record, idempotency key and
+outcome (a 429 or a replay for one task is not one for the others).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
+
+from api.errors import queue_refuses_writes
+from shared.celery_app import encode_group_message
+from shared.errors import redis_write_refusal
+
+
+@dataclass(slots=True)
+class Submit:
+    """One task to record and enqueue: what SUBMIT_MANY needs, and the task for the message."""
+
+    task_id: str
+    queue: str
+    fields: list[str]  # field, value, ... of its record
+    task: dict[str, Any]  # {"id", "call", "headers"}: its entry in the Celery message
+    payload: bytes | None = None  # claim-checked payload, stored under its own key
+    idempotency_key: str = ""
+    idempotency_record: str = ""
+    result: asyncio.Future[int | str] = field(init=False)
+
+
+class SubmitGroups:
+    """Writes submits in groups; `submit` answers 1 (recorded), 0 (queue full) or the record
+    held under its idempotency key, or raises what the write raised."""
+
+    def __init__(self, script: AsyncScript, max_depth: int, ttl: int, idempotency_ttl: int,
+                 max_tasks: int) -> None:  # fmt: skip
+        self._script = script
+        self._head = [max_depth, ttl, idempotency_ttl]
+        self._max_tasks = max_tasks
+        self._pending: list[Submit] = []
+        self._writing = False
+        self._writers: set[asyncio.Task[None]] = set()
+
+    async def submit(self, submit: Submit) -> int | str:
+        submit.result = asyncio.get_running_loop().create_future()
+        self._pending.append(submit)
+        if not self._writing:  # idle: this caller writes its own submit now
+            self._writing = True
+            await self._write_group()
+        return await submit.result
+
+    async def _write_group(self) -> None:
+        group, self._pending = (
+            self._pending[: self._max_tasks],
+            self._pending[self._max_tasks :],
+        )
+        try:
+            results = await self._write(group)
+        except asyncio.CancelledError:
+            # Only a caller writing its own lone submit is ever canceled (its client went away):
+            # the task may or may not have been written, as with any request cut off mid-way.
+            for submit in group:
+                submit.result.cancel()
+        except Exception as error:
+            for submit in group:
+                if not submit.result.done():
+                    submit.result.set_exception(error)
+        else:
+            for submit, result in zip(group, results, strict=True):
+                if not submit.result.done():
+                    submit.result.set_result(result)
+        finally:
+            if self._pending:  # arrived meanwhile: the next group goes now, in the background
+                writer = asyncio.create_task(self._write_group(), name="submit-group")
+                self._writers.add(writer)  # a reference, so it is not collected mid-write
+                writer.add_done_callback(self._writers.discard)
+            else:
+                self._writing = False
+
+    async def _write(self, group: list[Submit]) -> list[int | str]:
+        tasks = []
+        by_queue: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+        payloads: list[bytes] = []
+        messages: dict[str, int] = {}
+        for submit in group:
+            by_queue[submit.queue].append(submit.task)
+        first_payload = 6 + len(by_queue)  # ARGV: head (3), tasks, messages, then the messages
+        for submit in group:
+            position = 0
+            if submit.payload is not None:
+                position = first_payload + len(payloads)
+                payloads.append(submit.payload)
+            tasks.append(
+                [submit.task_id, submit.queue, submit.fields, position,
+                 submit.idempotency_key, submit.idempotency_record]
+            )  # fmt: skip
+        encoded: list[str] = []
+        for queue, queued in by_queue.items():
+            messages[queue] = 6 + len(encoded)
+            encoded.append(encode_group_message(queued, queue=queue))
+        args: list[Any] = [
+            *self._head,
+            json.dumps(tasks),
+            json.dumps(messages),
+            *encoded,
+            *payloads,
+        ]
+        try:
+            return list(await self._script(args=args))
+        except ResponseError as error:
+            reason = redis_write_refusal(error)
+            if reason is None:
+                raise
+            raise queue_refuses_writes(reason, "nothing was enqueued") from error
