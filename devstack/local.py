@@ -21,11 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from dotenv import dotenv_values
+from pydantic import TypeAdapter
+
 from devstack.models import REPO_ROOT, archive_demo_models
 from devstack.redis import RedisServer
 from devstack.services import ApiServer, CeleryWorker
 from devstack.supervisor import Supervisor
 from devstack.torchserve import TorchServe
+from shared.settings import ApiWorkers
 
 DEFAULT_WORKDIR = REPO_ROOT / ".local"
 DEFAULT_TORCHSERVE_PORTS = (8080, 8081, 8082)
@@ -43,6 +47,7 @@ class LocalConfig:
     torchserve_grpc_ports: tuple[int, int] | None = None  # None: free ports
     redis_url: str | None = None  # set: use that Redis, start none
     torchserve_url: str | None = None  # set: use that TorchServe, start none
+    api_workers: int = 1  # API processes (uvicorn --workers), API_WORKERS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> LocalConfig:
@@ -60,13 +65,21 @@ class LocalConfig:
                 torchserve_grpc_ports=(ports[3], ports[4]) if len(ports) == 5 else None,
                 redis_url=environ.get("REDIS_URL") or None,
                 torchserve_url=environ.get("TORCHSERVE_URL") or None,
+                api_workers=_api_workers(environ),
             )
         except ValueError as exc:
             raise SystemExit(
                 f"bad devstack setting: {exc} (PORT, DEVSTACK_REDIS_PORT and "
                 "DEVSTACK_TORCHSERVE_PORTS take port numbers, the last one three or five of "
-                "them, comma-separated)"
+                "them, comma-separated; API_WORKERS a number of processes, 1-64)"
             ) from exc
+
+
+def _api_workers(environ: Mapping[str, str]) -> int:
+    """API_WORKERS from the environment, else from the `.env` that the API's processes read
+    (they run in the repository root, where shared/settings.py finds it)."""
+    raw = environ.get("API_WORKERS") or dotenv_values(REPO_ROOT / ".env").get("API_WORKERS")
+    return TypeAdapter(ApiWorkers).validate_python(raw or 1)
 
 
 def _port_in_use(port: int) -> bool:
@@ -139,8 +152,22 @@ def _start_dispatcher(supervisor: Supervisor, config: LocalConfig, env: dict[str
     webhooks = CeleryWorker.webhook_consumer(env, logs / "webhooks.log")
     print("Starting the webhook consumer ...", flush=True)
     supervisor.start("webhook consumer", webhooks)
-    api = ApiServer(env, logs / "api.log", config.api_port)
-    print(f"Starting the API on port {api.port} ...", flush=True)
+    api = ApiServer(
+        env,
+        logs / "api.log",
+        config.api_port,
+        workers=config.api_workers,
+        metrics_dir=config.workdir / "api-metrics",
+    )
+    if api.metrics_dir is None:
+        print(f"Starting the API on port {api.port} ...", flush=True)
+    else:
+        print(
+            f"Starting the API on port {api.port}: {api.workers} processes (API_WORKERS), "
+            f"reporting metrics through {api.metrics_dir} (PROMETHEUS_MULTIPROC_DIR, emptied "
+            "at each start) ...",
+            flush=True,
+        )
     supervisor.start("API server", api)
     return api.url
 

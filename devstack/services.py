@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 from abc import abstractmethod
 from collections.abc import Mapping
@@ -16,6 +18,11 @@ from devstack.processes import ManagedProcess, StopsOnExit, free_port, wait_unti
 from shared.priorities import ALL_QUEUES, INTERACTIVE_QUEUES
 
 HOST = "127.0.0.1"
+# shared.metrics.MULTIPROC_ENV, named here so that starting processes imports no prometheus_client.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# uvicorn's lines, once per serving process (console and JSON logs alike carry the message).
+_SERVER_STARTED = re.compile(r"Started server process \[(\d+)\]")
+_STARTUP_COMPLETE = re.compile(r"Application startup complete")
 
 
 class _Service(StopsOnExit):
@@ -178,7 +185,12 @@ class CeleryWorker(_Service):
 
 
 class ApiServer(_Service):
-    """The FastAPI app under uvicorn on 127.0.0.1."""
+    """The FastAPI app under uvicorn on 127.0.0.1, in `workers` processes (`uvicorn --workers`).
+
+    Several processes share one Prometheus multiprocess directory (`metrics_dir`, by default
+    `<log name>-metrics` next to the log), set as PROMETHEUS_MULTIPROC_DIR for them only and
+    emptied before every start: samples of an earlier run's processes would be counted again.
+    """
 
     def __init__(
         self,
@@ -188,8 +200,17 @@ class ApiServer(_Service):
         *,
         app: str = "api.main:create_app",
         access_log: bool = False,
+        workers: int = 1,
+        metrics_dir: Path | None = None,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"an API server needs at least one process, not {workers}")
         self.port = port if port is not None else free_port()
+        self.workers = workers
+        self.metrics_dir = None
+        if workers > 1:
+            self.metrics_dir = metrics_dir or log_path.with_name(f"{log_path.stem}-metrics")
+            env = {**env, MULTIPROC_ENV: str(self.metrics_dir)}
         argv = [
             sys.executable, "-m", "uvicorn", app,
             "--factory",
@@ -197,12 +218,26 @@ class ApiServer(_Service):
             "--port", str(self.port),
             # A line per request costs API CPU; the tests that read them turn it on.
             *([] if access_log else ["--no-access-log"]),
+            *(["--workers", str(workers)] if workers > 1 else []),
         ]  # fmt: skip
         super().__init__(argv, env, log_path)
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    def launch(self) -> Self:
+        if self.metrics_dir is not None and not self.process.alive:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir.mkdir(parents=True)
+        return super().launch()
+
+    def server_pids(self) -> list[int]:
+        """The processes serving requests: uvicorn's workers, or the one process without any."""
+        if self.workers == 1:
+            return [self.pid]
+        started = _SERVER_STARTED.findall(self.process.run_log_text())
+        return [int(pid) for pid in dict.fromkeys(started)]
 
     def start(self, timeout: float = 30) -> Self:
         """Start and wait until GET /health answers 200."""
@@ -213,7 +248,14 @@ class ApiServer(_Service):
 
     def _ready(self) -> bool:
         self.process.check_alive(self.describe())
+        # Every process, not just the first one up: a test or benchmark that starts several
+        # wants each of them to take connections.
+        if self.workers > 1 and len(self._started_up()) < self.workers:
+            return False
         try:
             return httpx.get(self.url + "/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def _started_up(self) -> list[str]:
+        return _STARTUP_COMPLETE.findall(self.process.run_log_text())

@@ -143,10 +143,15 @@ def test_api_image_starts_the_app_factory_and_checks_health() -> None:
     stage = final_stage("api")
     (cmd_rest,) = stage.args("CMD")
     cmd = exec_form(cmd_rest, "CMD")
-    assert cmd[0] == "uvicorn"
-    assert "--factory" in cmd, f"{cmd[1]} is an app factory"
-    module, _, factory = cmd[1].partition(":")
-    assert _module_defines(module, factory), f"{cmd[1]} does not exist"
+    # `python -m api` execs uvicorn with API_WORKERS processes (api/__main__.py).
+    assert cmd[:3] == ["python", "-m", "api"]
+    from api.__main__ import parse, uvicorn_command
+
+    uvicorn = uvicorn_command(parse(cmd[3:]), workers=1)
+    assert uvicorn[1:3] == ["-m", "uvicorn"]
+    assert "--factory" in uvicorn, f"{uvicorn[3]} is an app factory"
+    module, _, factory = uvicorn[3].partition(":")
+    assert _module_defines(module, factory), f"{uvicorn[3]} does not exist"
     port = cmd[cmd.index("--port") + 1]
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert stage.args("EXPOSE") == [port]
