@@ -28,6 +28,13 @@ class Plan:
     scale_torchserve_workers: int
     # (7) async submit rate: seconds of wrk.
     submit_seconds: float
+    # (8) mixed load: seconds of sync wrk on the tiny model, alone and while a batch of
+    # `mixed_batch_items` runs on the slow model.
+    mixed_seconds: float
+    mixed_batch_items: int
+    # (9) several API processes: uvicorn processes, and waiting clients through them.
+    api_processes: int
+    api_processes_waiting: int
     # The dispatcher's Celery workers for the tiny-model and burst scenarios (and the peer's).
     workers: int
     concurrency: int
@@ -70,6 +77,10 @@ FULL = Plan(
     scale_concurrency=1,
     scale_torchserve_workers=8,
     submit_seconds=10.0,
+    mixed_seconds=10.0,
+    mixed_batch_items=10_000,
+    api_processes=2,
+    api_processes_waiting=2_000,
     workers=2,
     concurrency=8,
     pool="threads",
@@ -88,4 +99,7 @@ SMOKE = replace(
     waiting_ramp_seconds=0.2,
     scale_seconds=1.0,
     submit_seconds=1.0,
+    mixed_seconds=1.0,
+    mixed_batch_items=300,
+    api_processes_waiting=100,
 )

@@ -15,7 +15,16 @@ from bench.machine import machine, raise_open_files_limit
 from bench.plan import Plan
 from bench.progress import say
 from bench.report import Report
-from bench.scenarios import burst, latency, scale, submit, throughput, waiting
+from bench.scenarios import (
+    api_processes,
+    burst,
+    latency,
+    mixed,
+    scale,
+    submit,
+    throughput,
+    waiting,
+)
 from bench.scenarios.context import Context
 from bench.stack import JOB_QUEUE_SIZE, BenchStack
 
@@ -24,8 +33,11 @@ SCENARIOS: list[Callable[[Context], None]] = [
     throughput.run,
     burst.run,
     waiting.run,
+    mixed.run,
     scale.run,
     submit.run,
+    # After the one-process submit rate it compares with; stops its API before the check below.
+    api_processes.run,
     submit.check_subscriptions,
 ]
 
@@ -35,7 +47,9 @@ def describe_stack(plan: Plan) -> str:
         f"TorchServe 0.12 (echo: 1 worker; slow20: {plan.slow_workers} workers, "
         f"{plan.scale_torchserve_workers} for the scale scenario; job_queue_size "
         f"{JOB_QUEUE_SIZE}); dispatcher: 1 API process (uvicorn), {plan.workers} Celery workers "
-        f"({plan.pool} x {plan.concurrency}); redis-server without persistence; the peer: "
+        f"({plan.pool} x {plan.concurrency}), plus one worker reserved for interactive work in "
+        f"the mixed-load scenario and a second API of {plan.api_processes} processes in the "
+        "several-processes one; redis-server without persistence; the peer: "
         f"its own API process, {plan.workers} Celery workers ({plan.pool} x {plan.concurrency}) "
         "and its own redis-server"
     )

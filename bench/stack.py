@@ -110,17 +110,38 @@ class BenchStack(StopsOnExit):
             worker.wait_ready(60)
         return workers
 
+    def start_interactive_worker(self, concurrency: int) -> CeleryWorker:
+        """A worker reserved for the interactive class, as make run and the deployments add one."""
+        self._worker_serial += 1
+        name, log = f"bench{self._worker_serial}", self.root / "logs" / "worker-interactive.log"
+        worker = CeleryWorker.interactive(self.env(), name, log, concurrency)
+        self._exit.callback(worker.stop)
+        return worker.start(60)
+
     @staticmethod
     def stop_workers(workers: list[CeleryWorker]) -> None:
         for worker in workers:
             worker.stop()
 
-    def drop_queue(self) -> int:
-        """Delete what is still queued (after the submit-rate scenario); returns how many."""
+    def drop_queue(self, queue: str = "dispatch") -> int:
+        """Delete the messages still in `queue` (after the submit rate, a canceled batch).
+
+        Returns how many messages there were. Their tasks stay `queued` unless canceled before.
+        """
         with self.client() as client:
-            depth = int(client.llen("dispatch"))
-            client.delete("dispatch")
+            depth = int(client.llen(queue))
+            client.delete(queue)
         return depth
+
+    # --- more API processes ---------------------------------------------------------------
+
+    def start_api(self, processes: int) -> ApiServer:
+        """Another API (uvicorn --workers `processes`) on the same Redis, ready once every
+        process is; stopped by the caller or at exit."""
+        log = self.root / "logs" / f"api-{processes}-processes.log"
+        api = ApiServer(self.env(api=True), log, workers=processes)
+        self._exit.callback(api.stop)
+        return api.start(60)
 
     # --- the common-pattern peer ----------------------------------------------------------
 

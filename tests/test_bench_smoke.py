@@ -25,20 +25,33 @@ ROW_KEYS = {
     "latency_p50",
     "latency_p99",
     "throughput",
+    "own_cpu",
     "peer",
     "burst_failures",
     "burst_drain",
     "waiting_succeeded",
     "waiting_threads",
     "waiting_rss",
+    "mixed_p99",
+    "mixed_p50",
+    "mixed_batch",
     "scale_2",
     "scale_4",
     "submit",
+    "api_processes_submit",
+    "api_processes_waiters",
     "pubsub",
 }
 # What the dispatcher must get right even at smoke scale (throughput targets are not judged
 # here: tiny counts on a shared machine say nothing about them).
-MUST_MEET = ("burst_failures", "waiting_succeeded", "waiting_threads", "pubsub")
+MUST_MEET = (
+    "burst_failures",
+    "waiting_succeeded",
+    "waiting_threads",
+    "mixed_batch",
+    "api_processes_waiters",
+    "pubsub",
+)
 SMOKE_TIMEOUT = 240
 
 
@@ -83,6 +96,9 @@ def test_the_dispatcher_serves_bursts_and_waiters_without_leaks(smoke: dict[str,
         assert rows[key]["met"] is True, rows[key]
     burst = rows["burst_failures"]["figures"]
     assert burst["dispatcher_succeeded"] == burst["requests"]
+    # Every waiter through several API processes got the answer to its own input.
+    waiters = rows["api_processes_waiters"]["figures"]
+    assert waiters["processes_served"] == 2
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT + 30)
@@ -106,8 +122,10 @@ def test_progress_goes_to_stderr_one_line_per_phase(smoke: dict[str, Any]) -> No
         "peer:",
         "burst:",
         "waiting clients:",
+        "mixed load:",
         "scale:",
         "submit rate:",
+        "API processes:",
         "pub/sub",
     ):
         assert phase in progress, phase

@@ -1,1 +1,1 @@
-"""The scenarios of issue 4, in the order the runner plays them (each adds rows to the table)."""
+"""The scenarios of issues 4 and 12, in the order the runner plays them (each adds rows)."""

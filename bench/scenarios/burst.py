@@ -18,7 +18,7 @@ from bench.shots import Volley, VolleyResult, fire
 from bench.stack import JOB_QUEUE_SIZE, SLOW_MODEL
 from bench.table import Row, number
 
-CAPACITY_TARGET = 0.95
+CAPACITY_TARGET = 0.97  # of TorchServe's measured capacity (issue 12)
 SERVICE_UNAVAILABLE = 503
 # Connections per TorchServe worker for measuring what the model really serves: enough to keep
 # every worker busy, far below job_queue_size so nothing is rejected.
@@ -88,6 +88,9 @@ def run(ctx: Context) -> None:
     direct_failed = count - direct.count(200)
     ours_failed = count - ours.count(200)
     capacity_ratio = ideal / ours.span
+    # Issue 12 judges the drain against what TorchServe really serves on this machine (measured
+    # above without overflow), not the model's nominal 20 ms.
+    measured_ratio = count / ours.span / real_capacity
     scenario = f"burst, {number(count)} at once, slow model (20 ms, {plan.slow_workers} TS workers)"
     ctx.rows += [
         Row(
@@ -110,14 +113,15 @@ def run(ctx: Context) -> None:
             ),
             dispatcher=f"{ours.span:.1f} s",
             ratio=(
-                f"{capacity_ratio:.2f} of capacity "
-                f"({count / ours.span / real_capacity:.2f} of TorchServe's real)"
+                f"{measured_ratio:.2f} of TorchServe's measured capacity "
+                f"({capacity_ratio:.2f} of the ideal)"
             ),
-            target=f">= {CAPACITY_TARGET:g} of capacity",
-            met=capacity_ratio >= CAPACITY_TARGET and ours_failed == 0,
+            target=f">= {CAPACITY_TARGET:g} of measured capacity",
+            met=measured_ratio >= CAPACITY_TARGET and ours_failed == 0,
             figures={
                 "dispatcher_seconds": ours.span,
                 "capacity_ratio": capacity_ratio,
+                "measured_capacity_ratio": measured_ratio,
                 "torchserve_rps": real_capacity,
             },
         ),

@@ -31,6 +31,7 @@ TINY_INPUT: dict[str, Any] = {"hello": "world"}
 SLOW_INPUT: dict[str, Any] = {"n": 1}
 # Seconds per request of the slow model (bench/models/slow20.py).
 SLOW_SECONDS = 0.020
+TORCHSERVE = "TorchServe (frontend + model workers)"
 
 
 def dispatch_body(model: str, value: Any) -> str:
@@ -63,12 +64,16 @@ class Context:
         """Process-group ids of the stack's services, by a short name."""
         groups = {
             "API": self.stack.api_server.pid,
-            "TorchServe (frontend + model workers)": self.stack.torchserve.pid,
+            TORCHSERVE: self.stack.torchserve.pid,
             "redis-server": self.stack.redis.pid,
         }
         for index, worker in enumerate(self.workers, 1):
             groups[f"Celery worker {index}"] = worker.pid
         return groups
+
+    def own_processes(self) -> list[str]:
+        """The dispatcher's own services in `processes()`: the API, the workers, redis-server."""
+        return [name for name in self.processes() if name != TORCHSERVE]
 
     def log_mark(self) -> dict[Path, int]:
         """Sizes of the stack's log files now, to read only what a scenario adds to them."""
@@ -124,6 +129,10 @@ class CpuMeter:
     def describe(self) -> str:
         busiest = sorted(self.shares.items(), key=lambda item: -item[1])
         return ", ".join(f"{name} {share:.0f}%" for name, share in busiest)
+
+    def ms_per_request(self, rate: float, names: list[str]) -> float:
+        """CPU milliseconds the services `names` spent together per request, at `rate` req/s."""
+        return sum(self.shares[name] for name in names) * 10 / rate
 
     def per_request(self, rate: float) -> str:
         """CPU milliseconds each served request cost every service, at `rate` requests/s.
