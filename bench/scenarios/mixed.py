@@ -118,8 +118,12 @@ def _rows(
     if failed:
         ctx.notes.append(f"Mixed load: {failed} sync requests failed (both runs together).")
     ctx.notes.append(
-        f"Mixed load: the {number(items)}-item batch was accepted in {enqueue:.2f} s (POST to "
-        f"202); sync clients alone {alone.describe()}; with the batch {mixed.describe()}."
+        f"Mixed load: the batch's items go to the slow model, where they hold worker slots as "
+        f"long as TorchServe takes (what priority classes must keep from delaying sync callers); "
+        f"on the tiny model they would queue with the sync requests inside TorchServe, out of "
+        f"the dispatcher's reach. The {number(items)}-item batch was accepted in {enqueue:.2f} s "
+        f"(POST to 202); sync clients alone {alone.describe()}; with the batch "
+        f"{mixed.describe()}."
     )
     ctx.rows += [
         Row(
