@@ -8,6 +8,7 @@ queue lengths and keys it checks are only its own.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -25,7 +26,9 @@ from conftest import StackFactory
 from standardwebhooks import Webhook
 
 from devstack import RedisServer, Stack, TorchServe, free_port, wait_until
+from shared.celery_app import TASK_PREDICT_MANY
 from shared.priorities import QUEUES, Priority
+from shared.queue_depth import queued_key
 
 pytestmark = pytest.mark.e2e
 
@@ -333,6 +336,18 @@ def test_idempotency_key_gives_the_same_batch(http: httpx.Client, batch_redis: R
     ended(http, first.json()["batch_id"])
 
 
+def queued_tasks(client: redis.Redis, queue: str, most: int) -> list[dict[str, Any]]:
+    """The tasks the messages in `queue` carry; each message carries 1..`most`."""
+    tasks = []
+    for raw in client.lrange(queue, 0, -1):
+        envelope = json.loads(raw)
+        assert envelope["headers"]["task"] == TASK_PREDICT_MANY
+        _, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+        assert 1 <= len(kwargs["tasks"]) <= most
+        tasks.extend(kwargs["tasks"])
+    return tasks
+
+
 def test_enqueueing_10000_items_takes_well_under_a_second(stack_factory: StackFactory) -> None:
     """Timed with no worker consuming, so the figure is the API's and Redis's alone."""
     stack = stack_factory.start(workers=0, webhook_consumers=0)
@@ -357,7 +372,10 @@ def test_enqueueing_10000_items_takes_well_under_a_second(stack_factory: StackFa
         batch_id = response.json()["batch_id"]
         view = http.get(f"/batches/{batch_id}").json()
     assert view["request_counts"]["queued"] == 10_000
-    assert client.llen(BATCH_QUEUE) == 30_000
+    # Counted in tasks; carried by messages of at most MESSAGE_MAX_TASKS (16) tasks each.
+    assert client.get(queued_key(BATCH_QUEUE)) == b"30000"
+    carried = [task["id"] for task in queued_tasks(client, BATCH_QUEUE, most=16)]
+    assert len(carried) == len(set(carried)) == 30_000
     assert client.hget(f"dispatch:task:{batch_id}-9999", "custom_id") == b"item-9999"
     ms = lambda seconds: ", ".join(f"{t * 1000:.0f}" for t in seconds)  # noqa: E731
     print(

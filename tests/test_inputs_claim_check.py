@@ -34,11 +34,11 @@ def blob(size: int, seed: int = 0) -> bytes:
 
 
 def queued_calls(client: redis.Redis) -> list[dict[str, Any]]:
-    """The `call` argument of every message in the queue (kombu envelope, base64 body)."""
+    """The `call` of every task in the queue's messages (kombu envelope, base64 body)."""
     calls = []
     for message in client.lrange(QUEUE, 0, -1):
         _, kwargs, _ = json.loads(base64.b64decode(json.loads(message)["body"]))
-        calls.append(kwargs["call"])
+        calls.extend(task["call"] for task in kwargs["tasks"])
     return calls
 
 

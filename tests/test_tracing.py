@@ -57,15 +57,16 @@ def worker_env(
 
     monkeypatch.setenv("REDIS_URL", dedicated_redis.url)
     monkeypatch.setenv("TORCHSERVE_URL", torchserve.inference_url)
-    caches = (get_settings, tasks._store, tasks._client)
+    caches = (get_settings, tasks._runner)
     for cached in caches:
         cached.cache_clear()
     try:
         yield
     finally:
         # The task's connections (built on first use, as in a worker) end with the test.
-        tasks._store(WORKER_NAME).redis.close()
-        tasks._client().close()
+        runner = tasks._runner(WORKER_NAME)
+        runner.store.redis.close()
+        runner.client.close()
         for cached in caches:
             cached.cache_clear()
 
@@ -84,15 +85,16 @@ def pop_message(redis_server: RedisServer) -> dict[str, Any]:
 
 def run_task(envelope: dict[str, Any]) -> None:
     """What a worker does with the message: the task body under a request built from it."""
-    from worker.tasks import predict
+    from worker.tasks import predict, predict_many
 
     headers = envelope["headers"]
+    task = predict_many if headers["task"] == predict_many.name else predict
     _, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
-    predict.push_request(**headers, hostname=WORKER_NAME, delivery_info={})
+    task.push_request(**headers, hostname=WORKER_NAME, delivery_info={})
     try:
-        predict.run(**kwargs)
+        task.run(**kwargs)
     finally:
-        predict.pop_request()
+        task.pop_request()
 
 
 def one(found: list[ReadableSpan], what: str) -> ReadableSpan:
@@ -146,10 +148,12 @@ def test_one_trace_from_the_api_through_the_worker_to_torchserve(
         f"\nTRACE {trace_id:032x}: {len(finished)} spans: "
         + ", ".join(sorted({f"{s.kind.name}:{s.name}" for s in finished}))
     )
-    # The message carries the API's context; the worker span continues it.
-    traceparent = envelope["headers"]["traceparent"]
-    assert traceparent.split("-")[1] == f"{trace_id:032x}"
-    assert envelope["headers"]["request_id"] == "traced-1"
+    # The message carries the API's context with its task (a message may carry several
+    # requests' tasks); the worker span continues it.
+    _, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+    carried = kwargs["tasks"][0]["headers"]
+    assert carried["traceparent"].split("-")[1] == f"{trace_id:032x}"
+    assert carried["request_id"] == "traced-1"
     assert task.context.trace_id == trace_id
     assert task.parent is not None
     assert task.parent.span_id == server.context.span_id

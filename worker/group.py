@@ -6,15 +6,17 @@ batch packs its items (shared/celery_app.py). Per task nothing changes: it has i
 START verdict, deliveries count, deadline and outcome, and a redelivered message re-runs only the
 tasks whose records have not ended (START skips the others).
 
-- `Runner.run`: one START_MANY call for the message's tasks; the first runnable task runs in the
-  Celery pool's own thread (a lone task pays no hand-off), the others on `PriorityPool`.
+- `Runner.run`: the message's first task runs in the Celery pool's own thread (a lone task pays
+  no hand-off), the others on `PriorityPool`. A task is STARTed when a thread takes it, so one
+  waiting for a thread is still `queued` (cancelable, expiring at its deadline).
 - `PriorityPool`: this process's threads for the extra tasks, as many as the worker's
   concurrency, taking interactive tasks first: a batch message's items never queue ahead of a
   sync caller's task inside the worker.
-- `OutcomeWriter`: outcomes are group-committed, like submits in the API: the first task to end
-  writes at once; tasks that end while that write is in flight go together in the next one
-  (one FINISH_MANY call), written by one of them. The message is acked only after every one of
-  its outcomes is stored (the Celery task returns then), so at-least-once holds per task.
+- `GroupCommit`: STARTs and outcomes are group-committed, like submits in the API: the first
+  thread writes at once; threads that arrive while that write is in flight go together in the
+  next one (one START_MANY or FINISH_MANY call), written by one of them. The message is acked
+  only after every one of its outcomes is stored (the Celery task returns then), so
+  at-least-once holds per task.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 from shared import tracing
 from shared.celery_app import REQUEST_ID_HEADER, TASK_PREDICT
@@ -42,6 +44,8 @@ from worker.torchserve import TorchServeClient
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+R = TypeVar("R")
 _RANK = {priority: rank for rank, priority in enumerate(Priority)}
 
 
@@ -88,38 +92,39 @@ class PriorityPool:
                     future.set_exception(error)
 
 
-class _Slot:
-    """One outcome waiting in the OutcomeWriter: written, failed, or handed the lead."""
+class _Slot(Generic[T, R]):
+    """One item waiting in a GroupCommit: written, failed, or handed the lead."""
 
-    def __init__(self, outcome: Outcome) -> None:
-        self.outcome = outcome
+    def __init__(self, item: T) -> None:
+        self.item = item
         self.woken = threading.Event()
         self.done = False
-        self.ended = False
+        self.value: R | None = None
         self.error: BaseException | None = None
 
-    def settle(self, ended: bool = False, error: BaseException | None = None) -> None:
-        self.ended, self.error, self.done = ended, error, True
+    def settle(self, value: R | None = None, error: BaseException | None = None) -> None:
+        self.value, self.error, self.done = value, error, True
         self.woken.set()
 
-    def result(self) -> bool:
+    def result(self) -> R:
         if self.error is not None:
             raise self.error
-        return self.ended
+        return cast(R, self.value)
 
 
-class OutcomeWriter:
-    """Group commit of outcomes: one FINISH_MANY call for every outcome pending at that moment."""
+class GroupCommit(Generic[T, R]):
+    """Group commit across this process's threads: `call(item)` writes the item with every other
+    item pending at that moment in one `write(items) -> results` call. The first caller writes at
+    once; callers that arrive meanwhile go together in the next call, led by one of them."""
 
-    def __init__(self, store: WorkerStore) -> None:
-        self._store = store
+    def __init__(self, write: Callable[[list[T]], Sequence[R]]) -> None:
+        self._write = write
         self._lock = threading.Lock()
-        self._pending: list[_Slot] = []
+        self._pending: list[_Slot[T, R]] = []
         self._writing = False
 
-    def write(self, outcome: Outcome) -> bool:
-        """Store `outcome`; False when its task had already ended (it keeps its first one)."""
-        slot = _Slot(outcome)
+    def call(self, item: T) -> R:
+        slot: _Slot[T, R] = _Slot(item)
         with self._lock:
             self._pending.append(slot)
             lead, self._writing = not self._writing, True
@@ -127,62 +132,51 @@ class OutcomeWriter:
             slot.woken.wait()
             if slot.done:
                 return slot.result()
-        self._write_round()  # led by this thread: the round includes its own outcome
+        self._write_round()  # led by this thread: the round includes its own item
         return slot.result()
 
     def _write_round(self) -> None:
         with self._lock:
-            batch, self._pending = self._pending, []
+            group, self._pending = self._pending, []
         try:
-            ended = self._store.finish([slot.outcome for slot in batch])
+            results = self._write([slot.item for slot in group])
         except BaseException as error:
-            for slot in batch:
+            for slot in group:
                 slot.settle(error=error)
         else:
-            for slot, flag in zip(batch, ended, strict=True):
-                slot.settle(ended=flag)
+            for slot, value in zip(group, results, strict=True):
+                slot.settle(value)
         finally:
             with self._lock:
-                if self._pending:  # ended meanwhile: the first of them leads the next round
+                if self._pending:  # arrived meanwhile: the first of them leads the next round
                     self._pending[0].woken.set()
                 else:
                     self._writing = False
 
 
 class Runner:
-    """Runs the tasks of one message at a time per Celery thread; one per worker process."""
+    """Runs messages' tasks for one worker process (one per process)."""
 
     def __init__(self, store: WorkerStore, client: TorchServeClient, threads: int) -> None:
         self.store = store
         self.client = client
-        self.writer = OutcomeWriter(store)
+        self.starts: GroupCommit[str, tuple[StartVerdict, int]] = GroupCommit(store.start)
+        self.outcomes: GroupCommit[Outcome, bool] = GroupCommit(store.finish)
         self.pool = PriorityPool(threads)
 
     def run(self, entries: list[TaskEntry]) -> None:
-        verdicts = self.store.start([entry.task_id for entry in entries])
-        runnable = []
-        for entry, (verdict, deliveries) in zip(entries, verdicts, strict=True):
-            observed = metrics.TaskObservation(entry.call, deliveries)
-            if verdict is StartVerdict.run:
-                runnable.append((entry, observed))
-            elif verdict is StartVerdict.too_many:
-                log.warning("task %s given up after %d deliveries", entry.task_id, deliveries - 1)
-                lost = WorkerLost(f"the task's worker was lost {deliveries - 1} times")
-                self.writer.write(Outcome.failed(entry.task_id, lost))
-                observed.finished("failed", WorkerLost.code)
-            else:
-                log.info("task %s skipped: %s", entry.task_id, verdict.value)
-                observed.skipped(missing=verdict is StartVerdict.missing)
-        if not runnable:
-            return
-        first, *others = runnable
+        """Every task of one message, side by side; returns once each has ended or been skipped
+        (then Celery acks the message). A task is STARTed only when a thread takes it: until
+        then it is still `queued` (cancelable, counted in the queue's depth, expiring at its
+        deadline)."""
+        first, *others = entries
         futures = [
-            self.pool.submit(entry.rank, functools.partial(self._run_one, entry, observed))
-            for entry, observed in others
+            self.pool.submit(entry.rank, functools.partial(self._run_one, entry))
+            for entry in others
         ]
         failure: BaseException | None = None
         try:
-            self._run_one(*first)
+            self._run_one(first)
         except BaseException as error:  # the others still end before the message is acked
             failure = error
         for future in futures:
@@ -190,7 +184,7 @@ class Runner:
         if failure is not None:
             raise failure
 
-    def _run_one(self, entry: TaskEntry, observed: metrics.TaskObservation) -> None:
+    def _run_one(self, entry: TaskEntry) -> None:
         task_id, call = entry.task_id, entry.call
         # Its log lines carry the ids; its trace continues the API's (traceparent in the headers).
         with (
@@ -201,9 +195,20 @@ class Runner:
                 {"dispatcher.task_id": task_id, "model": call.model_name},
             ),
         ):
-            outcome, status, code = self._predict(task_id, call)
-            self.writer.write(outcome)
-            observed.finished(status, code)
+            verdict, deliveries = self.starts.call(task_id)
+            observed = metrics.TaskObservation(call, deliveries)
+            if verdict is StartVerdict.too_many:
+                log.warning("task %s given up after %d deliveries", task_id, deliveries - 1)
+                lost = WorkerLost(f"the task's worker was lost {deliveries - 1} times")
+                self.outcomes.call(Outcome.failed(task_id, lost))
+                observed.finished("failed", WorkerLost.code)
+            elif verdict is not StartVerdict.run:
+                log.info("task %s skipped: %s", task_id, verdict.value)
+                observed.skipped(missing=verdict is StartVerdict.missing)
+            else:
+                outcome, status, code = self._predict(task_id, call)
+                self.outcomes.call(outcome)
+                observed.finished(status, code)
 
     def _predict(self, task_id: str, call: PredictionCall) -> tuple[Outcome, str, str]:
         try:
