@@ -207,7 +207,7 @@ class ApiServer(_Service):
             raise ValueError(f"an API server needs at least one process, not {workers}")
         self.port = port if port is not None else free_port()
         self.workers = workers
-        self.metrics_dir = None
+        self.metrics_dir: Path | None = None
         if workers > 1:
             self.metrics_dir = metrics_dir or log_path.with_name(f"{log_path.stem}-metrics")
             env = {**env, MULTIPROC_ENV: str(self.metrics_dir)}
