@@ -167,9 +167,11 @@ def encode_task_message(
 
 
 def encode_group_message(tasks: list[dict[str, Any]], *, queue: str = QUEUE) -> str:
-    """One `TASK_PREDICT_MANY` message for `tasks` ({"id", "call", "headers"} each). Its own id
-    is new: each task keeps its id, record and outcome; the message only carries them."""
-    message_id = str(uuid.uuid4())
+    """One `TASK_PREDICT_MANY` message for `tasks` ({"id", "call", "headers"} each). Each task
+    keeps its id, record and outcome; the message only carries them. Its own id is its first
+    task's (unique: a task is in one message), so Celery's log lines about a one-task message
+    name that task."""
+    message_id = tasks[0]["id"] if tasks else str(uuid.uuid4())
     kwargs = {"tasks": tasks}
     return encode_task_message(
         message_id, kwargs, queue=queue, task=TASK_PREDICT_MANY, context=False

@@ -25,8 +25,9 @@ from devstack import CeleryWorker, RedisServer, wait_until
 
 pytestmark = pytest.mark.e2e
 
-RECEIVED = re.compile(r"Task dispatch\.predict\[([0-9a-f-]+)\] received")
-SUCCEEDED = re.compile(r"Task dispatch\.predict\[([0-9a-f-]+)\] succeeded")
+# A message's id is its first task's; these sequential submits make one-task messages.
+RECEIVED = re.compile(r"Task dispatch\.predict(?:_many)?\[([0-9a-f-]+)\] received")
+SUCCEEDED = re.compile(r"Task dispatch\.predict(?:_many)?\[([0-9a-f-]+)\] succeeded")
 TASKS = 200
 MODEL_SLEEP = 0.05  # the session's `counting` model has one worker: 200 x 50 ms = 10 s of work
 # Short leases so a dead worker's messages come back in seconds; deadlines stay generous.
