@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import httpx
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -18,13 +19,18 @@ from api.limits import BodySizeLimit
 from api.metrics import MeteredStore, MeteredWaiter, install_metrics, release_process_metrics
 from api.request_id import RequestId
 from api.routes import batches, deliveries, dispatch, health, tasks
-from shared import tracing
+from shared import heap, tracing
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
 
 # Requests share this many Redis connections and wait for a free one rather than open more:
 # thousands of waiting clients must not mean thousands of Redis connections.
 REDIS_POOL_SIZE = 128
+# FastAPI's own OpenTelemetry middleware (FastAPI >= 0.16x) asks OpenTelemetry on every request
+# whether a provider is configured: an `os.environ` lookup that fails, a fifth of the API's CPU
+# per submit. Traces here are shared/tracing.py's (the FastAPI instrumentation, which turns the
+# native one off anyway when it is installed), so the native one is off for good.
+NATIVE_TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 # How long a request may queue for a free connection in a burst. A Redis that is down fails
 # fast (refused), so this does not delay the 503 of an outage; a busy pool is not an outage.
 POOL_WAIT_SECONDS = 5.0
@@ -64,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tracing.instrument_redis(client)
         tracing.instrument_httpx(app.state.http)
         await waiter.start()
+        heap.freeze_startup_heap()  # everything start-up built lives until exit
         try:
             yield
         finally:
@@ -77,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Dependable TorchServe inference: sync or async, queued on Celery over Redis.",
         version="0.1.0",
         lifespan=lifespan,
+        telemetry=NATIVE_TELEMETRY_OFF,
         # FastAPI's documentation pages load their scripts from a CDN: api/docs.py serves them.
         openapi_url=None,
         docs_url=None,

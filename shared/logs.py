@@ -101,9 +101,18 @@ def configure_logging(log_format: LogFormat = "console", level: int | str = logg
     logging.captureWarnings(True)  # warnings become log lines (`py.warnings`) like the rest
     for name in _FOREIGN_LOGGERS:
         logger = logging.getLogger(name)
+        if _switched_off(logger):
+            continue
         logger.handlers.clear()
         logger.propagate = True
     _configured = (log_format, level)
+
+
+def _switched_off(logger: logging.Logger) -> bool:
+    """uvicorn's `--no-access-log` leaves `uvicorn.access` with no handler and no propagation
+    (and then skips formatting the line at all): routing it to the root would turn the access
+    log back on, a formatted line per request that the operator asked not to pay for."""
+    return logger.name == "uvicorn.access" and not logger.propagate and not logger.handlers
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -154,3 +154,21 @@ def test_the_api_applies_log_format() -> None:
         """
     )
     assert all(json.loads(line) for line in raw)
+
+
+def test_uvicorn_no_access_log_stays_off() -> None:
+    # `uvicorn --no-access-log` (devstack, make run, the benchmark): uvicorn sets its loggers up
+    # without the access handler; the dispatcher's set-up must not route the line back in.
+    raw = run(
+        """
+        from uvicorn.config import Config
+        Config("api.main:create_app", access_log=False).configure_logging()
+        from shared.logs import configure_logging
+        configure_logging("json")
+        import logging
+        assert not logging.getLogger("uvicorn.access").hasHandlers()  # uvicorn skips the line
+        """
+    )
+    loggers = {json.loads(line)["logger"] for line in raw}
+    assert "uvicorn.access" not in loggers
+    assert {"uvicorn.error", "api.something", "worker.tasks"} <= loggers

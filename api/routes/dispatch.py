@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from api import idempotency
-from api.deps import OwnerDep, SettingsDep, StoreDep, WaitDep, WaiterDep
+from api.deps import WAIT_PARAMETERS, resolve
 from api.errors import error_response
 from api.inputs import read_request
 from api.store import ApiStore, new_task_id
@@ -114,7 +114,9 @@ def _request_body_doc() -> dict[str, Any]:
         "(`Idempotent-Replayed: true`), never a second run; another request with it is 422.",
     }
     return {
-        "parameters": [key, *query],
+        # What the route's parameters would declare (api/deps.py reads them without FastAPI's
+        # dependency solving), then the forms' own.
+        "parameters": [*WAIT_PARAMETERS, key, *query],
         "requestBody": {
             "required": True,
             "description": "JSON (`input`, or `data` as a data URI), multipart/form-data with "
@@ -140,20 +142,21 @@ def _request_body_doc() -> dict[str, Any]:
 )
 # The original service's path: answered here, not redirected (clients rarely re-POST a 307).
 @router.post("/dispatch_model/", include_in_schema=False)
-async def dispatch_model(
-    http: Request,
-    settings: SettingsDep,
-    store: StoreDep,
-    waiter: WaiterDep,
-    owner: OwnerDep,
-    preference: WaitDep,
-) -> Response:
+async def dispatch_model(http: Request) -> Response:
     """Enqueue the prediction and wait up to the preferred time (default DISPATCH_DEFAULT_WAIT).
 
     Finished in time: 200 with `prediction_value`, or the error with its status. Otherwise 202
     with `Location: /tasks/{task_id}`. `Prefer: respond-async` (or `?wait=0`) answers at once.
     The body is JSON, multipart/form-data, or raw bytes with the fields in the query string.
     """
+    deps = resolve(http)
+    settings, store, waiter, owner, preference = (
+        deps.settings,
+        deps.store,
+        deps.waiter,
+        deps.owner,
+        deps.preference,
+    )
     key = idempotency.parse_key(http.headers.getlist(idempotency.HEADER))
     request, payload = await read_request(http, settings.max_body_bytes)
     if request.priority is None:  # a caller who waits is interactive; one who polls is not
