@@ -6,6 +6,11 @@ being written wait for that write to end, then go together: one SUBMIT_MANY call
 (shared/records.py) records all of them, and each priority class's tasks share one message.
 An idle API sends a lone submit at once, in the caller's own task: latency at low load does not
 grow. Under load, the group is whatever arrived during one round trip (at most `max_tasks`).
+A round trip is short next to the time between submits of a few hundred requests a second, so
+while the API is busy (`busy()`: many sync callers waiting in this process) a submit that finds
+no write in flight lingers `linger` seconds (SUBMIT_LINGER_MS) for others to join it: waiting
+callers already spend tens of milliseconds in the queue, and a message of several tasks costs a
+worker far less per task than one each.
 
 Per task nothing is shared but the round trip: its own depth check, record, idempotency key and
 outcome (a 429 or a replay for one task is not one for the others).
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +52,11 @@ class SubmitGroups:
     held under its idempotency key, or raises what the write raised."""
 
     def __init__(self, script: AsyncScript, max_depth: int, ttl: int, idempotency_ttl: int,
-                 max_tasks: int) -> None:  # fmt: skip
+                 max_tasks: int, linger: float = 0.0) -> None:  # fmt: skip
         self._script = script
+        self._linger = linger
+        self.busy: Callable[[], bool] = lambda: False  # set by the app: see the module's doc
+        self._timer: asyncio.TimerHandle | None = None
         self._head = [max_depth, ttl, idempotency_ttl]
         self._max_tasks = max_tasks
         self._pending: list[Submit] = []
@@ -57,10 +66,23 @@ class SubmitGroups:
     async def submit(self, submit: Submit) -> int | str:
         submit.result = asyncio.get_running_loop().create_future()
         self._pending.append(submit)
-        if not self._writing:  # idle: this caller writes its own submit now
+        if not self._writing:
             self._writing = True
-            await self._write_group()
+            if self._linger > 0 and self.busy():  # let others join: one write after `linger`
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self._linger, self._write_in_background)
+            else:  # idle: this caller writes its own submit now
+                await self._write_group()
+        elif self._timer is not None and len(self._pending) >= self._max_tasks:
+            self._timer.cancel()  # a full group does not wait out the linger
+            self._write_in_background()
         return await submit.result
+
+    def _write_in_background(self) -> None:
+        self._timer = None
+        writer = asyncio.create_task(self._write_group(), name="submit-group")
+        self._writers.add(writer)  # a reference, so it is not collected mid-write
+        writer.add_done_callback(self._writers.discard)
 
     async def _write_group(self) -> None:
         group, self._pending = (
@@ -84,9 +106,7 @@ class SubmitGroups:
                     submit.result.set_result(result)
         finally:
             if self._pending:  # arrived meanwhile: the next group goes now, in the background
-                writer = asyncio.create_task(self._write_group(), name="submit-group")
-                self._writers.add(writer)  # a reference, so it is not collected mid-write
-                writer.add_done_callback(self._writers.discard)
+                self._write_in_background()
             else:
                 self._writing = False
 

@@ -66,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = MeteredStore(client, settings)
         app.state.batches = BatchStore(client, settings)
         app.state.waiter = waiter
+        # Busy enough for submits to linger and share a write (api/group_commit.py).
+        app.state.store.groups.busy = lambda: waiter.waiting >= settings.submit_linger_waiters
         app.state.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
         tracing.instrument_redis(client)
         tracing.instrument_httpx(app.state.http)

@@ -50,12 +50,13 @@ class ApiStore:
     def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         self.redis = client
         self._settings = settings
-        self._groups = SubmitGroups(
+        self.groups = SubmitGroups(
             client.register_script(records.SUBMIT_MANY),
             max_depth=settings.max_queue_depth,
             ttl=settings.result_ttl,
             idempotency_ttl=settings.idempotency_ttl,
             max_tasks=settings.message_max_tasks,
+            linger=settings.submit_linger_ms / 1000,
         )
         self._cancel = client.register_script(records.CANCEL)
         self._settle = client.register_script(records.SETTLE)
@@ -117,7 +118,7 @@ class ApiStore:
             idempotency_key=idempotency.redis_key if idempotency else "",
             idempotency_record=idempotency.record(task_id) if idempotency else "",
         )
-        accepted = await self._groups.submit(submit)
+        accepted = await self.groups.submit(submit)
         if isinstance(accepted, str) and idempotency is not None:
             raise Replay(idempotency.held_task(accepted))
         if not accepted:

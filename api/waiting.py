@@ -79,10 +79,11 @@ class ResultWaiter:
         self._watches: defaultdict[str, set[Watch]] = defaultdict(set)
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
+        self._waiting = 0  # kept, not summed: read on every submit (api/group_commit.py)
 
     @property
     def waiting(self) -> int:
-        return sum(len(watches) for watches in self._watches.values())
+        return self._waiting
 
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="result-listener")
@@ -98,9 +99,11 @@ class ResultWaiter:
         """Register for `task_id`'s end; enter before submitting or reading the task."""
         watch = Watch(task_id)
         self._watches[task_id].add(watch)
+        self._waiting += 1
         try:
             yield watch
         finally:
+            self._waiting -= 1
             watches = self._watches[task_id]
             watches.discard(watch)
             if not watches:
@@ -110,7 +113,7 @@ class ResultWaiter:
         watches = self._watches.get(records.published_task_id(message))
         if not watches:
             return  # another API process's task
-        _, fields = records.parse_published(message)
+        _, fields = records.parse_published(message)  # None: a big result, read by the waiter
         for watch in watches:
             watch.wake(fields)
 

@@ -91,6 +91,16 @@ class Settings(BaseSettings):
         description="Most tasks one Celery message carries (one group commit of concurrent "
         "submits, or a slice of a batch); 1 turns grouping off.",
     )
+    submit_linger_ms: float = Field(
+        2.0,
+        ge=0,
+        le=50,
+        description="While many sync callers wait in an API process, how long a submit waits "
+        "for others to share its Redis call and message (ms); an idle API never waits. 0: off.",
+    )
+    submit_linger_waiters: int = Field(
+        8, ge=1, description="Sync callers waiting in one API process from which it lingers."
+    )
     batch_max_requests: int = Field(
         10_000, gt=0, le=100_000, description="Most requests one POST /batches may carry."
     )
