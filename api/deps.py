@@ -11,11 +11,13 @@ documents them in the schema as the declared parameters did.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Query, Request
+from fastapi import Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import Field, TypeAdapter, ValidationError
 
 from api.auth import authenticate
@@ -142,3 +144,28 @@ def resolve(http: Request) -> Resolved:
     owner = authenticate(settings, headers.get("authorization"), headers.get("x-api-key"))
     preference = wait_preference(headers.get("prefer"), _wait_query(http), settings)
     return Resolved(settings, state.store, state.waiter, owner, preference)
+
+
+class DirectRoute(APIRoute):
+    """A route whose endpoint takes the `Request` alone, returns a `Response`, and resolves its
+    dependencies itself (`resolve`): FastAPI's request handler (dependency solving, parameter
+    parsing, the endpoint's exit stacks) is skipped, the rest is FastAPI's own (exception
+    handlers, middleware, the schema from the route's declaration and `openapi_extra`)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        dependant = self.dependant
+        declared = (
+            dependant.dependencies,
+            dependant.path_params,
+            dependant.query_params,
+            dependant.header_params,
+            dependant.cookie_params,
+            dependant.body_params,
+        )
+        if any(declared) or dependant.request_param_name is None:
+            raise TypeError(f"{path}: a DirectRoute's endpoint takes the Request and nothing else")
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
+        return handler

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from api import idempotency
-from api.deps import WAIT_PARAMETERS, resolve
+from api.deps import WAIT_PARAMETERS, DirectRoute, resolve
 from api.errors import error_response
 from api.inputs import read_request
 from api.store import ApiStore, new_task_id
@@ -20,7 +20,7 @@ from shared.errors import DispatchError, QueueUnavailable
 from shared.models import Accepted, PredictionRequest, TaskError, TaskStatus, TaskView
 from shared.priorities import Priority
 
-router = APIRouter(tags=["dispatch"])
+router = APIRouter(tags=["dispatch"], route_class=DirectRoute)  # the hot path: see api/deps.py
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": TaskError, "description": description}
