@@ -14,9 +14,9 @@ def resolve_origin(request: PredictionRequest, settings: Settings) -> str:
 
     Fields the request leaves out come from TORCHSERVE_URL, as the original proxy's defaults did.
     """
-    default = urlsplit(settings.torchserve_url)
     if request.host is None and request.port is None and request.http_protocol is None:
-        return settings.default_origin
+        return settings.default_origin  # the common case: nothing to parse
+    default = urlsplit(settings.torchserve_url)
     scheme = request.http_protocol or default.scheme
     host = request.host or default.hostname or ""
     port = request.port or default.port or (443 if scheme == "https" else 80)

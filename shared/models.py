@@ -65,6 +65,10 @@ WebhookEventType = Literal[
 DEFAULT_WEBHOOK_EVENTS = ("task.succeeded", "task.failed", "task.canceled", "task.expired")
 
 
+# JSON values that cannot hold NaN or Infinity (exact types: a float subclass is checked).
+_NEVER_NAN = frozenset({str, int, bool})
+
+
 class PredictionRequest(BaseModel):
     """`POST /dispatch_model`: the new fields plus every field the original proxy accepted."""
 
@@ -131,6 +135,8 @@ class PredictionRequest(BaseModel):
     @classmethod
     def _finite_json(cls, value: Any) -> Any:
         # Python's JSON parser accepts NaN and Infinity; JSON, and the TorchServe call, do not.
+        if value is None or type(value) in _NEVER_NAN:
+            return value  # nothing to serialize to know (most fields are None, most inputs not)
         try:
             json.dumps(value, allow_nan=False)
         except ValueError:

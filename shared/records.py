@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
+from shared import fastjson
 from shared.batches import BATCH_MOVE
 from shared.models import TaskError, TaskStatus, TaskView
 from shared.outbox import EMIT
@@ -316,7 +317,7 @@ def decode_record(task_id: str, fields: Mapping[str, str]) -> TaskView:
         priority=Priority(fields.get("priority") or Priority.default.value),
         batch_id=fields.get("batch") or None,
         custom_id=fields.get("custom_id"),
-        prediction_value=json.loads(result) if result is not None else None,
+        prediction_value=fastjson.loads(result) if result is not None else None,
         prediction_content_type=fields.get("result_type"),
         error=TaskError.model_validate_json(error) if error else None,
     )

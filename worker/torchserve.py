@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import codecs
-import json
 import logging
 import random
 import time
@@ -14,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from shared import tracing
+from shared import fastjson, tracing
 from shared.errors import (
     DeadlineExceeded,
     DispatchError,
@@ -43,7 +42,7 @@ JITTER = 0.5
 def parse_body(content: bytes) -> Any:
     """TorchServe sends JSON without a Content-Type: parse it, and fall back to text."""
     try:
-        return json.loads(content)
+        return fastjson.loads(content)
     except ValueError:
         return content.decode("utf-8", errors="replace")
 
@@ -74,7 +73,7 @@ def parse_answer(content: bytes, content_type: str | None) -> Answer:
     media = media.strip().lower()
     if not media or media == "application/json" or media.endswith("+json"):
         try:
-            return Answer(json.loads(content))
+            return Answer(fastjson.loads(content))
         except ValueError:
             pass
     if not media or media.startswith("text/"):
