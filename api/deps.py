@@ -6,7 +6,8 @@ and those hops were a quarter of the API's CPU per request (see docs/BENCHMARKS.
 `POST /dispatch_model`, the hot path, takes none of them: FastAPI's dependency solving was a fifth
 of the API's CPU per request there, so `resolve` reads the same values straight from the request
 (same headers, same `?wait=` validation and 422 message, same 401 first) and `WAIT_PARAMETERS`
-documents them in the schema as the declared parameters did.
+documents them in the schema as the declared parameters did. Its route is a `DirectRoute`, so
+FastAPI's request handler (which would still solve the Request-only signature) is skipped too.
 """
 
 from __future__ import annotations
