@@ -5,7 +5,7 @@ import logging
 from shared import tracing
 from shared.celery_app import create_celery_app
 from shared.settings import get_settings
-from worker import broker_fixes, metrics, refusals
+from worker import broker_fixes, broker_speed, metrics, refusals
 
 # Module-level because Celery's CLI loads the app by name; settings come from the environment.
 # Logging: Celery's `setup_logging` signal (shared/celery_app.py) routes it through shared/logs.py.
@@ -19,6 +19,8 @@ refusals.install()
 metrics.install()
 # A broker connection loss must not end the worker either: acks of tasks that ran across the loss.
 broker_fixes.install()
+# One redis-py client per channel for kombu's per-message QoS calls, not one per call.
+broker_speed.install()
 # Per-task INFO lines ("received", "succeeded", httpx's "HTTP Request") cost ~15% of a worker's
 # CPU per task (docs/BENCHMARKS.md); failures still log at WARNING and above, start-up at INFO.
 logging.getLogger("httpx").setLevel(logging.WARNING)

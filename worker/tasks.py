@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import signals
 
-from shared import tracing
+from shared import heap, tracing
 from shared.celery_app import REQUEST_ID_HEADER, TASK_PREDICT, TASK_PREDICT_MANY
 from shared.models import PredictionCall
 from shared.settings import get_settings
@@ -29,6 +29,14 @@ def _remember_concurrency(instance: Any = None, **_: Any) -> None:
     concurrency = getattr(instance, "concurrency", None)
     if isinstance(concurrency, int) and concurrency > 0:
         _concurrency["threads"] = concurrency
+
+
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
+def _freeze_heap(**_: Any) -> None:
+    # Start-up done (in the main process, and in each prefork child): what lives now lives until
+    # exit; the cyclic collector need not walk it again (shared/heap.py).
+    heap.freeze_startup_heap()
 
 
 @cache
