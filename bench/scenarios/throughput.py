@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+import httpx
+
 from bench import profiling
 from bench.loadgen import WrkResult, run_wrk
 from bench.progress import say
@@ -100,6 +104,26 @@ def _profile(ctx: Context) -> None:
     ]
 
 
+def _warm_up(url: str, seconds: float = 60.0) -> None:
+    """POST the tiny request until it is answered 200, or fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            response = httpx.post(
+                url,
+                content=TINY_DISPATCH_BODY,
+                headers={"Content-Type": "application/json"},
+                timeout=seconds,
+            )
+            if response.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer a request within {seconds:g} s")
+        time.sleep(0.2)
+
+
 def _peer(ctx: Context, ours: WrkResult) -> None:
     plan, stack = ctx.plan, ctx.stack
     say(
@@ -107,6 +131,10 @@ def _peer(ctx: Context, ours: WrkResult) -> None:
         f"{plan.pool} x {plan.concurrency}) on its own Redis ..."
     )
     with stack.start_peer(plan.workers, plan.concurrency, plan.pool) as peer:
+        # One answered request first: a cold peer (first connections, Celery's first task) is
+        # not what the load measures, and on a loaded machine the smoke run's 1 s window could
+        # otherwise end before its first answer (0 req/s).
+        _warm_up(peer.dispatch_url)
         say("throughput: peer (common pattern), same load ...")
         theirs = _wrk(ctx, peer.dispatch_url, TINY_DISPATCH_BODY)
         say(f"  {theirs.describe()}")
