@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap run test lint bench chaos
+.PHONY: bootstrap run test test-fast lint bench chaos
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -13,6 +13,10 @@ run: bootstrap
 test: bootstrap
 	$(PY) -m pytest
 
+# The fast tier: unit tests and the Redis scripts on a bare redis-server; no torch, no TorchServe.
+test-fast: bootstrap
+	$(PY) -m pytest tests/unit
+
 lint: bootstrap
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -22,6 +26,6 @@ lint: bootstrap
 bench: bootstrap
 	$(PY) -m bench
 
-# The fault scenarios many times each on a loaded machine (tests/chaos.py); not part of `make test`.
+# The fault scenarios many times each on a loaded machine (tests/support/chaos.py); not part of `make test`.
 chaos: bootstrap
-	$(PY) tests/chaos.py
+	$(PY) tests/support/chaos.py

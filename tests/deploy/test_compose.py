@@ -1,0 +1,282 @@
+"""docker-compose.yml and .env.example, checked without a Docker engine.
+
+Compose's healthchecks and start order, the settings the containers get, the monitoring profile,
+and the example environment against `Settings`. When a Docker Compose v2 CLI is installed,
+`docker compose config` (client-side, no engine) validates the compose file too.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from dotenv import dotenv_values
+
+from shared.settings import Settings
+from tests.support.deploy_files import (
+    COMPOSE_FILE,
+    ENV_EXAMPLE,
+    HEALTHCHECK_KEYS,
+    REPO,
+    RESTART_POLICIES,
+    SERVICE_KEYS,
+    SETTINGS_ENV_NAMES,
+    TOP_LEVEL_KEYS,
+    TORCHSERVE_CONFIG,
+    comparable,
+    compose,
+    compose_cli,
+    duration_seconds,
+    env_example_names,
+    environment,
+    exec_form,
+    final_stage,
+    healthcheck_text,
+    model_names,
+    properties,
+    service,
+    services,
+)
+
+# === docker-compose.yml ========================================================================
+
+
+def test_compose_validates() -> None:
+    """`docker compose config` when the CLI is there; the YAML's structure in any case."""
+    cli = compose_cli()
+    if cli is not None:
+        result = subprocess.run(
+            [*cli, "-f", str(COMPOSE_FILE), "config", "-q"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, f"docker compose config failed:\n{result.stderr}"
+    # Without the CLI these are the whole validation; with it they still pin the structure.
+    data = compose()
+    unknown = {key for key in data if not key.startswith("x-")} - TOP_LEVEL_KEYS
+    assert not unknown, f"unknown top-level keys {unknown}"
+    assert {"redis", "torchserve", "api", "worker"} <= set(services())
+    for name, svc in services().items():
+        assert set(svc) <= SERVICE_KEYS, f"{name}: unknown keys {set(svc) - SERVICE_KEYS}"
+        assert ("image" in svc) != ("build" in svc), f"{name}: needs exactly one of image/build"
+        assert svc.get("restart") in RESTART_POLICIES, f"{name}: no restart policy"
+        for volume in svc.get("volumes", []):
+            source = str(volume).split(":", 1)[0]
+            if not source.startswith((".", "/")):
+                assert source in (data.get("volumes") or {}), f"{name}: undeclared {source}"
+
+
+def test_every_dependency_is_waited_for_until_healthy() -> None:
+    depended_on = set()
+    for name, svc in services().items():
+        depends_on = svc.get("depends_on", {})
+        assert isinstance(depends_on, dict), f"{name}: depends_on needs the long form (condition)"
+        for target, options in depends_on.items():
+            assert target in services(), f"{name} depends on unknown service {target}"
+            condition = options.get("condition") if isinstance(options, dict) else None
+            assert condition == "service_healthy", f"{name} must wait for {target} to be healthy"
+            depended_on.add(target)
+    assert {"redis", "torchserve"} <= depended_on
+    for api_dependency in ("redis", "torchserve"):
+        assert api_dependency in service("api")["depends_on"]
+        assert api_dependency in service("worker")["depends_on"]
+    for name in depended_on | {"api"}:
+        healthcheck = service(name).get("healthcheck")
+        assert healthcheck, f"{name} needs a healthcheck"
+        assert not healthcheck.get("disable"), f"{name} needs a healthcheck"
+        assert set(healthcheck) <= HEALTHCHECK_KEYS, f"{name}: unknown healthcheck keys"
+        test = healthcheck["test"]
+        assert isinstance(test, list), f"{name}: healthcheck test must be a list"
+        assert test[0] in {"CMD", "CMD-SHELL"}, f"{name}: healthcheck test must start with CMD"
+        assert len(test) > 1, f"{name}: empty healthcheck"
+        for key in ("interval", "timeout", "start_period"):
+            if key in healthcheck:
+                assert duration_seconds(healthcheck[key]) > 0
+
+
+def test_redis_persists_and_is_checked_with_ping() -> None:
+    redis = service("redis")
+    assert str(redis["image"]).startswith("redis:7")
+    command = redis["command"]
+    argv = command if isinstance(command, list) else shlex.split(command)
+    argv = [str(arg) for arg in argv]
+    assert argv[0] == "redis-server"
+    options = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert options.get("--appendonly") == "yes", "Redis must run with AOF (--appendonly yes)"
+    assert options.get("--appendfsync") == "everysec"
+    assert options.get("--maxmemory-policy", "noeviction") == "noeviction", "tasks would be evicted"
+    assert any(str(v).endswith(":/data") for v in redis.get("volumes", [])), "/data not persisted"
+    assert "redis-cli ping" in healthcheck_text(redis)
+
+
+def test_torchserve_is_healthy_only_when_every_model_is_ready() -> None:
+    torchserve = service("torchserve")
+    check = healthcheck_text(torchserve)
+    management_port = urlsplit(properties(TORCHSERVE_CONFIG)["management_address"]).port
+    assert f"127.0.0.1:{management_port}/models/" in check, "check the management API, not /ping"
+    assert "READY" in check
+    for model in model_names():
+        assert re.search(rf"\b{re.escape(model)}\b", check), f"healthcheck ignores {model}"
+    # Loading models takes a while: the healthcheck must not count as failing meanwhile.
+    assert duration_seconds(torchserve["healthcheck"]["start_period"]) >= 30
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_worker_scales_and_shuts_down_warm() -> None:
+    worker = service("worker")
+    # One name/port per replica: a fixed container name or host port stops the second replica,
+    # and a fixed hostname merges their Celery node names and heartbeat keys.
+    for fixed in ("container_name", "hostname", "ports"):
+        assert fixed not in worker, f"worker `{fixed}` breaks `docker compose up --scale worker=N`"
+    defaults = Settings(_env_file=None)
+    # A task's default deadline plus one attempt's overrun (Settings.task_time_limit's shape).
+    needed = defaults.dispatch_default_timeout + defaults.torchserve_connect_timeout + 5
+    grace = duration_seconds(worker.get("stop_grace_period", "10s"))
+    assert grace >= needed, f"stop_grace_period {grace}s < {needed}s: tasks cut off at shutdown"
+    assert worker.get("stop_signal", "SIGTERM") == "SIGTERM", "SIGTERM is Celery's warm shutdown"
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_api_and_worker_get_the_same_real_settings() -> None:
+    api, worker = service("api"), service("worker")
+    assert environment(api) == environment(worker), "API and workers must agree on settings"
+    assert api.get("env_file") == worker.get("env_file")
+    env = environment(api)
+    unknown = set(env) - SETTINGS_ENV_NAMES
+    assert not unknown, f"not Settings fields (typo? renamed?): {sorted(unknown)}"
+    assert {"REDIS_URL", "TORCHSERVE_URL"} <= set(env)
+    settings = Settings(_env_file=None, **{name.lower(): value for name, value in env.items()})
+    redis = urlsplit(settings.redis_url)
+    assert redis.hostname == "redis", "REDIS_URL must name the compose service"
+    assert (redis.port or 6379) == 6379
+    torchserve = urlsplit(settings.torchserve_url)
+    inference = urlsplit(properties(TORCHSERVE_CONFIG)["inference_address"])
+    assert torchserve.hostname == "torchserve", "TORCHSERVE_URL must name the compose service"
+    assert torchserve.port == inference.port
+    assert inference.hostname == "0.0.0.0", "TorchServe must listen beyond its own container"
+    for entry in api.get("env_file", []):
+        spec = entry if isinstance(entry, dict) else {"path": entry}
+        assert spec.get("required") is False or (REPO / spec["path"]).is_file()
+        assert spec["path"] != ".env.example", "the example holds defaults, not deployment values"
+
+
+def test_only_the_api_is_published() -> None:
+    api_ports = [str(port) for port in service("api").get("ports", [])]
+    expose = final_stage("api").args("EXPOSE")
+    assert expose == ["8000"]
+    assert any(port.endswith(":8000") for port in api_ports), "the API is not published"
+    for name in ("redis", "torchserve"):  # no auth on either: compose network only
+        assert not service(name).get("ports"), f"{name} must not be published"
+
+
+# === .env.example =============================================================================
+
+
+def test_env_example_lists_exactly_the_settings() -> None:
+    names = env_example_names()
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    assert not duplicates, f".env.example sets {duplicates} twice"
+    assert set(names) == SETTINGS_ENV_NAMES, (
+        f"missing: {sorted(SETTINGS_ENV_NAMES - set(names))}, "
+        f"not settings: {sorted(set(names) - SETTINGS_ENV_NAMES)}"
+    )
+    assert set(dotenv_values(ENV_EXAMPLE)) == SETTINGS_ENV_NAMES  # as pydantic-settings reads it
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    for index, line in enumerate(lines):
+        if line.strip() and not line.startswith("#"):
+            assert index > 0, f"no comment above {line!r}"
+            assert lines[index - 1].startswith("# "), f"no comment above {line!r}"
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_env_example_holds_the_defaults() -> None:
+    from_example = Settings(_env_file=ENV_EXAMPLE)
+    defaults = Settings(_env_file=None)
+    assert comparable(from_example) == comparable(defaults)
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_env_example_values_are_read_not_ignored(tmp_path: Path) -> None:
+    """The check above means something: a changed value in such a file does change Settings."""
+    changed = tmp_path / "changed.env"
+    text = ENV_EXAMPLE.read_text()
+    assert "\nMAX_DELIVERIES=3\n" in text
+    changed.write_text(text.replace("\nMAX_DELIVERIES=3\n", "\nMAX_DELIVERIES=7\n"))
+    assert Settings(_env_file=changed).max_deliveries == 7
+
+
+# === monitoring profile =======================================================================
+
+MONITORING = ("prometheus", "grafana")
+PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
+
+
+def bind_mounts(svc: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> repository path of the service's bind mounts (`./x:/y[:ro]`)."""
+    mounts = {}
+    for volume in svc.get("volumes", []):
+        source, _, rest = str(volume).partition(":")
+        if source.startswith("./"):
+            mounts[rest.split(":")[0]] = REPO / source
+    return mounts
+
+
+def test_monitoring_is_a_profile_the_default_stack_does_not_start() -> None:
+    for name, svc in services().items():
+        if name in MONITORING:
+            assert svc.get("profiles") == ["monitoring"], f"{name} belongs to the profile"
+        else:
+            assert "profiles" not in svc, f"{name} must start with a plain `docker compose up`"
+    for name in MONITORING:
+        for port in service(name).get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_prometheus_scrapes_the_api_and_every_worker_replica() -> None:
+    prometheus = service("prometheus")
+    mounts = bind_mounts(prometheus)
+    for source in mounts.values():
+        assert source.is_file(), f"{source} is mounted but missing"
+    config_path = next(arg for arg in prometheus["command"] if arg.startswith("--config.file="))
+    config = yaml.safe_load(mounts[config_path.partition("=")[2]].read_text())
+    for rule_file in config["rule_files"]:
+        assert rule_file in mounts, f"{rule_file} is not mounted into the container"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    api_port = exec_form(final_stage("api").args("CMD")[0], "CMD")
+    api_target = f"api:{api_port[api_port.index('--port') + 1]}"
+    assert jobs["dispatcher-api"]["static_configs"][0]["targets"] == [api_target]
+    # One target per replica: DNS service discovery on the service name, not a fixed address.
+    (dns,) = jobs["dispatcher-worker"]["dns_sd_configs"]
+    assert dns["names"] == ["worker"]
+    assert dns["type"] == "A"
+    port = Settings(_env_file=None).worker_metrics_port
+    assert dns["port"] == port
+    assert str(port) in [str(item) for item in service("worker").get("expose", [])]
+    assert "WORKER_METRICS_PORT" not in environment(service("worker")), "keep the default"
+    assert "prometheus" in service("grafana").get("depends_on", {})
+
+
+def test_grafana_loads_the_dashboard_from_the_prometheus_service() -> None:
+    grafana = service("grafana")
+    mounts = bind_mounts(grafana)
+    assert REPO / "deploy" / "grafana" / "dispatcher.json" in mounts.values()
+    provisioning = mounts["/etc/grafana/provisioning"]
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    (source,) = datasource["datasources"]
+    assert source["type"] == "prometheus"
+    listen = service("prometheus")["ports"][0].rsplit(":", 1)[1]
+    assert source["url"] == f"http://prometheus:{listen}"
+    dashboards = yaml.safe_load((provisioning / "dashboards" / "dispatcher.yml").read_text())
+    (provider,) = dashboards["providers"]
+    dashboard_dir = provider["options"]["path"]
+    assert any(target.startswith(dashboard_dir + "/") for target in mounts), dashboard_dir

@@ -1,0 +1,280 @@
+"""Dockerfile.api, Dockerfile.worker and docker/torchserve/, checked without a Docker engine.
+
+Read as text and held against the code: what the Dockerfiles copy, run and start, their users
+and healthchecks, and the models the TorchServe image archives.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import importlib.util
+import posixpath
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from shared.celery_app import QUEUE
+from shared.priorities import ALL_QUEUES
+from shared.settings import Settings
+from tests.support.deploy_files import (
+    BUILT_SERVICES,
+    DISPATCHER_SERVICES,
+    MODELS_DIR,
+    REPO,
+    ROOT_USERS,
+    TORCHSERVE_CONFIG,
+    Stage,
+    build_of,
+    context_files,
+    copies,
+    dockerfile_instructions,
+    dockerfile_stages,
+    dockerignored,
+    exec_form,
+    final_stage,
+    healthcheck_cmd,
+    healthcheck_text,
+    model_names,
+    properties,
+    service,
+)
+
+# === Dockerfiles ==============================================================================
+
+
+@pytest.mark.parametrize("service_name", BUILT_SERVICES)
+def test_final_stage_runs_as_non_root(service_name: str) -> None:
+    users = final_stage(service_name).args("USER")
+    assert users, f"{service_name}: the final stage sets no USER"
+    user = users[-1].split(":")[0]
+    assert user not in ROOT_USERS, f"{service_name} runs as root"
+    if service_name in DISPATCHER_SERVICES:
+        assert user.isdigit(), "use a numeric uid (runAsNonRoot can verify only those)"
+        assert int(user) >= 1000, "a uid of its own, not a system one"
+
+
+@pytest.mark.parametrize("service_name", BUILT_SERVICES)
+def test_copy_sources_exist_and_reach_the_build(service_name: str) -> None:
+    context, dockerfile = build_of(service_name)
+    stages = dockerfile_stages(dockerfile)
+    stage_names = {stage.name for stage in stages if stage.name}
+    checked = 0
+    for stage in stages:
+        for copy in copies(stage):
+            if copy.from_stage is not None:
+                assert copy.from_stage in stage_names, f"COPY --from={copy.from_stage}: no stage"
+                continue
+            for source in copy.sources:
+                matches = sorted(context.glob(source.rstrip("/"))) or [context / source]
+                for path in matches:
+                    assert path.exists(), f"{dockerfile.name}: COPY {source}: not in the repo"
+                    sent = list(context_files(context, path))
+                    assert sent, f"{dockerfile.name}: COPY {source}: excluded by .dockerignore"
+                    checked += 1
+    assert checked
+
+
+def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
+    left_out = (
+        ".venv/bin/python", ".git/HEAD", ".env", ".env.production", "tests/x.py", ".local/state",
+        "api/__pycache__/main.cpython-311.pyc", ".mypy_cache/x",
+    )  # fmt: skip
+    for path in left_out:
+        assert dockerignored(path), f"{path} would be sent to the build"
+    for kept in ("pyproject.toml", "api/main.py", "models/echo/handler.py",
+                 "docker/torchserve/config.properties"):  # fmt: skip
+        assert not dockerignored(kept), f"{kept} would be missing from the build"
+
+
+@pytest.mark.parametrize("service_name", DISPATCHER_SERVICES)
+def test_python_image_installs_the_project_without_extras(service_name: str) -> None:
+    stages = dockerfile_stages(build_of(service_name)[1])
+    for stage in stages:
+        assert re.fullmatch(r"(python:3\.11-slim|\$\{PYTHON_IMAGE\})", stage.base), stage.base
+    args = dockerfile_instructions(build_of(service_name)[1])
+    python_image = [rest for key, rest in args if key == "ARG" and rest.startswith("PYTHON_IMAGE")]
+    assert python_image in ([], ["PYTHON_IMAGE=python:3.11-slim"])
+    runs = " ".join(rest for stage in stages for rest in stage.args("RUN"))
+    assert re.search(r"pip install (--?\S+ )*\.(\s|$)", runs), "`pip install .` missing"
+    assert not re.search(r"\btorch\b|\.\[", runs), "no torch or extras in the service images"
+    # Every package pyproject.toml ships must be copied in, or `pip install .` leaves it out.
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = {source.strip("./") for stage in stages for c in copies(stage) for source in c.sources}
+    for package in (pattern.rstrip("*") for pattern in packages):
+        if (REPO / package / "__init__.py").is_file():
+            assert package in copied or "" in copied, f"{service_name}: {package}/ not copied"
+    env = " ".join(stages[-1].args("ENV"))
+    assert re.search(r"\bPYTHONUNBUFFERED=1\b", env), "logs must not sit in a buffer"
+
+
+async def status_of(app: Any, path: str) -> int:
+    """GET `path` from an ASGI app in-process; its lifespan does not run."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        return (await client.get(path)).status_code
+
+
+def _module_defines(module: str, name: str) -> bool:
+    spec = importlib.util.find_spec(module)
+    assert spec is not None, f"no module {module}"
+    assert spec.origin, f"no module {module}"
+    tree = ast.parse(Path(spec.origin).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            if node.name == name:
+                return True
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return True
+    return False
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_api_image_starts_the_app_factory_and_checks_health() -> None:
+    stage = final_stage("api")
+    (cmd_rest,) = stage.args("CMD")
+    cmd = exec_form(cmd_rest, "CMD")
+    # `python -m api` execs uvicorn with API_WORKERS processes (api/__main__.py).
+    assert cmd[:3] == ["python", "-m", "api"]
+    from api.__main__ import parse, uvicorn_command
+
+    uvicorn = uvicorn_command(parse(cmd[3:]), workers=1)
+    assert uvicorn[1:3] == ["-m", "uvicorn"]
+    assert "--factory" in uvicorn, f"{uvicorn[3]} is an app factory"
+    module, _, factory = uvicorn[3].partition(":")
+    assert _module_defines(module, factory), f"{uvicorn[3]} does not exist"
+    port = cmd[cmd.index("--port") + 1]
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert stage.args("EXPOSE") == [port]
+    check = " ".join(healthcheck_cmd(stage))
+    path = re.search(rf"http://127\.0\.0\.1:{port}(/\w+)", check)
+    assert path, f"the image's HEALTHCHECK does not call port {port}"
+    assert path.group(0) in healthcheck_text(service("api"))
+    # The app the factory builds answers it: liveness needs neither Redis nor TorchServe
+    # (the client runs no lifespan, so nothing connects anywhere).
+    from api.main import create_app
+
+    app = create_app(Settings(_env_file=None))
+    assert asyncio.run(status_of(app, path.group(1))) == 200
+
+
+def test_worker_image_starts_the_celery_app_on_the_dispatch_queue() -> None:
+    (cmd_rest,) = final_stage("worker").args("CMD")
+    cmd = exec_form(cmd_rest, "CMD")
+    assert cmd[:1] == ["celery"]
+    assert "worker" in cmd
+    app_path = cmd[cmd.index("-A") + 1]
+    module, _, attribute = app_path.partition(":")
+    assert _module_defines(module, attribute or "app"), f"{app_path} has no Celery app"
+    queues = cmd[cmd.index("-Q") + 1].split(",")
+    assert queues == list(ALL_QUEUES), "the worker must consume every queue the API fills"
+    assert QUEUE in queues
+    assert cmd[cmd.index("--pool") + 1] == "threads"
+    assert {"--without-gossip", "--without-mingle"} <= set(cmd)
+
+
+# === TorchServe ===============================================================================
+
+
+def archiver_calls(stage: Stage) -> list[dict[str, str]]:
+    """The options of every `torch-model-archiver` command in the stage's RUN lines."""
+    calls = []
+    for rest in stage.args("RUN"):
+        commands = re.split(r"\s*(?:&&|\|\||;)\s*", rest)
+        for words in (shlex.split(command) for command in commands):
+            if words[:1] != ["torch-model-archiver"]:
+                continue
+            options = {}
+            for word, following in zip(words[1:], [*words[2:], ""], strict=True):
+                if word.startswith("--"):
+                    options[word] = "" if following.startswith("--") else following
+            calls.append(options)
+    return calls
+
+
+def test_torchserve_image_archives_every_model() -> None:
+    context, dockerfile = build_of("torchserve")
+    stages = dockerfile_stages(dockerfile)
+    assert all(stage.base in {"pytorch/torchserve:0.12.0-cpu", "${TORCHSERVE_IMAGE}"}
+               for stage in stages)  # fmt: skip
+    args = dockerfile_instructions(dockerfile)
+    assert ("ARG", "TORCHSERVE_IMAGE=pytorch/torchserve:0.12.0-cpu") in args or all(
+        stage.base == "pytorch/torchserve:0.12.0-cpu" for stage in stages
+    )
+    archived: dict[str, tuple[Stage, dict[str, str]]] = {}
+    for stage in stages:
+        for call in archiver_calls(stage):
+            assert call["--model-name"] not in archived, f"{call['--model-name']} archived twice"
+            archived[call["--model-name"]] = (stage, call)
+    assert sorted(archived) == model_names(), "every models/<name>/ is archived, nothing else"
+    export_paths = set()
+    for name, (stage, call) in archived.items():
+        handler = call["--handler"]
+        origin = next(
+            (
+                (copy.sources[0], handler.removeprefix(copy.dest.rstrip("/") + "/"))
+                for copy in copies(stage)
+                if copy.from_stage is None and handler.startswith(copy.dest.rstrip("/") + "/")
+            ),
+            None,
+        )
+        assert origin, f"{name}: handler {handler} is not copied into the image"
+        source = context / origin[0] / origin[1]
+        assert source == MODELS_DIR / name / "handler.py", f"{name} is built from {source}"
+        export_paths.add(posixpath.normpath(call["--export-path"]))
+    (export_path,) = export_paths
+    model_store = properties(TORCHSERVE_CONFIG)["model_store"]
+    final = stages[-1]
+    if archived[model_names()[0]][0] is not final:  # archived in a build stage: copied over?
+        assert any(
+            copy.from_stage is not None
+            and posixpath.normpath(copy.sources[0]) == export_path
+            and posixpath.normpath(copy.dest) == model_store
+            for copy in copies(final)
+        ), f"the archives in {export_path} never reach {model_store}"
+    else:
+        assert export_path == model_store
+
+
+def test_torchserve_image_starts_with_the_config_in_the_foreground() -> None:
+    context, dockerfile = build_of("torchserve")
+    final = dockerfile_stages(dockerfile)[-1]
+    (entrypoint,) = final.args("ENTRYPOINT")
+    argv = exec_form(entrypoint, "ENTRYPOINT")
+    assert argv[0] == "torchserve"
+    assert "--foreground" in argv, "the container must end when TorchServe does"
+    config_in_image = argv[argv.index("--ts-config") + 1]
+    assert any(
+        copy.dest == config_in_image
+        and context / copy.sources[0] == TORCHSERVE_CONFIG
+        and copy.from_stage is None
+        for copy in copies(final)
+    ), f"{TORCHSERVE_CONFIG.name} is not copied to {config_in_image}"
+    check = " ".join(healthcheck_cmd(final))
+    for model in model_names():
+        assert re.search(rf"\b{re.escape(model)}\b", check), f"HEALTHCHECK ignores {model}"
+    assert "READY" in check
+    assert "/models/" in check
+
+
+def test_torchserve_config() -> None:
+    config = properties(TORCHSERVE_CONFIG)
+    assert urlsplit(config["inference_address"]).port == 8080
+    assert urlsplit(config["management_address"]).port == 8081
+    assert urlsplit(config["metrics_address"]).port == 8082
+    # The management API can register models from any URL: never beyond the container.
+    assert urlsplit(config["management_address"]).hostname == "127.0.0.1"
+    assert config["load_models"] == "all"
+    assert config["model_store"] == "/home/model-server/model-store"
+    assert config["disable_token_authorization"] == "true"
+    assert config["enable_model_api"] == "true"
+    assert int(config["default_workers_per_model"]) >= 1

@@ -1,0 +1,392 @@
+"""The local stack's building blocks against the real programs: processes, Redis, TorchServe."""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from devstack import (
+    PAYLOAD_MODULE,
+    ApiServer,
+    CeleryWorker,
+    ManagedProcess,
+    RedisServer,
+    TorchServe,
+    archive_demo_models,
+    archive_model,
+    start_stack,
+    wait_until,
+)
+from devstack.processes import free_port
+from tests.support.paths import SUPPORT
+from tests.support.stack import StackFactory
+
+FAKES_WORKER_APP = "tests.support.devstack_fakes"
+FAKES_API_APP = "tests.support.devstack_fakes:create_app"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (this machine's init does not reap orphans)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def test_wait_until_returns_the_value_and_names_what_timed_out() -> None:
+    assert wait_until(lambda: 42, 1, "the answer") == 42
+    with pytest.raises(TimeoutError, match="the impossible"):
+        wait_until(lambda: False, 0.2, "the impossible")
+
+
+def test_free_port_can_be_bound() -> None:
+    port = free_port()
+    assert 1024 <= port <= 65535
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    # This machine kind's kernel gives consecutive bind(0) probes the same port.
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+
+
+def test_managed_process_logs_output(tmp_path: Path) -> None:
+    process = ManagedProcess(["sh", "-c", "echo out; echo err >&2"], tmp_path / "p.log").start()
+    wait_until(lambda: not process.alive, 5, "sh to exit")
+    process.stop()
+    assert process.log_text().splitlines() == ["out", "err"]
+    assert process.returncode == 0
+
+
+def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 60 & echo $! > {pid_file}; wait"
+    with ManagedProcess(["sh", "-c", script], tmp_path / "p.log") as process:
+        written = wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 5, "pid")
+        child = int(written)
+        assert _running(child)
+    assert not process.alive
+    assert not _running(child)
+
+
+def test_stop_kills_what_ignores_sigterm(tmp_path: Path) -> None:
+    process = ManagedProcess(["sh", "-c", "trap '' TERM; sleep 60"], tmp_path / "p.log").start()
+    time.sleep(0.2)  # let the shell install the trap
+    began = time.monotonic()
+    process.stop(timeout=0.5)
+    assert not process.alive
+    assert 0.5 <= time.monotonic() - began < 5
+    process.stop()  # a second stop is harmless
+
+
+def test_managed_process_fresh_runs_the_same_command_again(tmp_path: Path) -> None:
+    first = ManagedProcess(["sh", "-c", "echo run"], tmp_path / "p.log", cwd=tmp_path).start()
+    wait_until(lambda: not first.alive, 5, "sh to exit")
+    with pytest.raises(RuntimeError, match="started already"):
+        first.start()
+    second = first.fresh()
+    assert (second.argv, second.cwd, second.started) == (first.argv, tmp_path, False)
+    second.start()
+    wait_until(lambda: not second.alive, 5, "sh to exit again")
+    first.stop()
+    second.stop()
+    assert second.log_text().splitlines() == ["run", "run"]  # one log, appended
+    assert second.run_log_text() == "run\n"
+
+
+# --- Redis -------------------------------------------------------------------------------------
+
+
+def test_redis_server_answers_and_stops(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, appendonly=False) as server:
+        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        client = redis.Redis.from_url(server.url)
+        assert client.ping()
+        client.close()
+    assert not server.alive
+
+
+def test_redis_restart_keeps_data_in_the_append_only_file(tmp_path: Path) -> None:
+    with RedisServer(tmp_path) as server:
+        client = server.client()
+        client.rpush("queue", "a", "b", "c")
+        pid = server.pid
+        server.restart()
+        assert server.pid != pid
+        assert client.lrange("queue", 0, -1) == [b"a", b"b", b"c"]  # reconnects, same port
+        server.kill()
+        assert not server.alive
+        with pytest.raises(redis.ConnectionError):
+            client.ping()
+        server.start()
+        assert client.llen("queue") == 3
+        client.close()
+
+
+def test_redis_appendfsync_always_and_a_restart_after_sigkill(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="appendfsync"):
+        RedisServer(tmp_path, appendfsync="sometimes")
+    with RedisServer(tmp_path, appendfsync="always") as server:
+        client = server.client(decode_responses=True)
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
+        client.rpush("queue", *range(100))
+        server.kill()  # no shutdown flush: only what was fsynced survives
+        port = server.port
+        server.start()
+        assert server.port == port
+        assert client.llen("queue") == 100
+        client.close()
+
+
+def test_redis_password(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, password="s3cret") as server:
+        assert server.url == f"redis://:s3cret@127.0.0.1:{server.port}/0"
+        assert server.client().ping()
+        # from_url: a plain redis.Redis(...) retries 10 times with backoff (redis-py 8), ~4 s.
+        anonymous = redis.Redis.from_url(f"redis://127.0.0.1:{server.port}/0")
+        with pytest.raises(redis.AuthenticationError):
+            anonymous.ping()
+        anonymous.close()
+
+
+# --- model archives ----------------------------------------------------------------------------
+
+
+def test_archive_model_names_the_file_and_the_model(tmp_path: Path) -> None:
+    models = SUPPORT / "models"
+    mar = archive_model(
+        "versioned", models / "versioned_v2.py", tmp_path, "2.0", [PAYLOAD_MODULE],
+        mar_name="versioned_v2",
+    )  # fmt: skip
+    assert mar == tmp_path / "versioned_v2.mar"
+    with zipfile.ZipFile(mar) as archive:
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        assert {"versioned_v2.py", "payload.py"} <= set(archive.namelist())
+    assert manifest["model"]["modelName"] == "versioned"
+    assert manifest["model"]["modelVersion"] == "2.0"
+    assert [path.name for path in tmp_path.iterdir()] == ["versioned_v2.mar"]  # no scratch left
+
+
+def test_archive_demo_models(tmp_path: Path) -> None:
+    assert archive_demo_models(tmp_path) == [
+        "echo.mar",
+        "linear.mar",
+        "image_info.mar",
+        "grayscale.mar",
+    ]
+
+
+def test_archive_model_reports_archiver_errors(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="torch-model-archiver failed"):
+        archive_model("broken", tmp_path / "missing.py", tmp_path)
+
+
+# --- TorchServe (the session instance of conftest) ---------------------------------------------
+
+
+def _predict(server: TorchServe, path: str, body: object) -> httpx.Response:
+    return httpx.post(f"{server.inference_url}/predictions/{path}", json=body, timeout=30)
+
+
+def test_torchserve_has_every_model_ready(torchserve: TorchServe) -> None:
+    for model in ("echo", "linear", "failing", "rejecting", "counting", "versioned"):
+        assert torchserve.ready(model), model
+    slow = torchserve.describe("slow")
+    assert [worker["status"] for worker in slow[0]["workers"]] == ["READY", "READY"]
+    assert sorted(d["modelVersion"] for d in torchserve.describe("versioned")) == ["1.0", "2.0"]
+    print(f"TorchServe with 7 models was ready after {torchserve.start_seconds:.1f} s")
+
+
+def test_echo_returns_the_body(torchserve: TorchServe) -> None:
+    body = {"hello": "world", "n": [1, 2.5, None], "nested": {"ok": True}}
+    response = _predict(torchserve, "echo", body)
+    assert response.status_code == 200
+    assert response.json() == body
+    text = httpx.post(f"{torchserve.inference_url}/predictions/echo", content=b"not json")
+    assert text.text == "not json"
+
+
+# nn.Linear(3, 2) initialised after torch.manual_seed(0), computed once with torch 2.13 (this
+# process does not import torch: without numpy installed its import warns, and warnings fail).
+LINEAR_EXPECTED = [
+    [-0.8218859434127808, 0.0526045560836792],
+    [-0.5587476491928101, 0.757554292678833],
+]
+
+
+def test_linear_is_deterministic(torchserve: TorchServe) -> None:
+    first = _predict(torchserve, "linear", {"inputs": [[1, 2, 3], [0, -1, 0.5]]})
+    second = _predict(torchserve, "linear", {"inputs": [[1, 2, 3], [0, -1, 0.5]]})
+    assert first.status_code == 200
+    outputs = first.json()["outputs"]
+    assert first.json() == second.json()
+    assert [len(row) for row in outputs] == [2, 2]
+    for row, expected in zip(outputs, LINEAR_EXPECTED, strict=True):
+        assert row == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"x": [[1, 2, 3]]}, "missing 'inputs'"),
+        ({"inputs": [[1, 2]]}, "wrong shape"),
+        ({"inputs": []}, "wrong shape"),
+        ({"inputs": [[1, 2, "3"]]}, "wrong shape"),
+        ([1, 2, 3], "missing 'inputs'"),
+    ],
+)
+def test_linear_rejects_bad_input_with_422(
+    torchserve: TorchServe, body: object, message: str
+) -> None:
+    response = _predict(torchserve, "linear", body)
+    assert response.status_code == 422
+    assert message in response.json()["message"]
+
+
+def test_versions_answer_differently(torchserve: TorchServe) -> None:
+    assert _predict(torchserve, "versioned/1.0", {"a": 1}).json() == {
+        "version": "1.0",
+        "echo": {"a": 1},
+    }
+    assert _predict(torchserve, "versioned/2.0", {"a": 1}).json()["version"] == "2.0"
+    # The first version registered stays the default.
+    assert _predict(torchserve, "versioned", {}).json()["version"] == "1.0"
+
+
+def test_test_models_fail_the_documented_ways(torchserve: TorchServe) -> None:
+    failing = _predict(torchserve, "failing", {})
+    assert (failing.status_code, failing.json()["message"]) == (503, "Prediction failed")
+    rejecting = _predict(torchserve, "rejecting", {"x": -1})
+    assert rejecting.status_code == 422
+    assert rejecting.json()["message"] == "input rejected: field 'x' must be positive"
+    slow = _predict(torchserve, "slow", {"sleep": 0.2})
+    assert slow.json() == {"slept": 0.2, "echo": {"sleep": 0.2}}
+
+
+def test_counting_model_logs_each_request(torchserve: TorchServe, counting_log: Path) -> None:
+    before = len(counting_log.read_text().splitlines()) if counting_log.exists() else 0
+    response = _predict(torchserve, "counting", {"marker": "test-counting"})
+    assert response.json() == {"count": before + 1}
+    assert json.loads(counting_log.read_text().splitlines()[-1]) == {"marker": "test-counting"}
+
+
+# --- TorchServe with token auth, on its own -----------------------------------------------------
+
+
+def test_torchserve_token_auth_and_stop(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    archive_demo_models(store)
+    server = TorchServe(tmp_path / "ts", store, ["echo.mar"], token_auth=True)
+    with server:
+        token = server.inference_token
+        assert token
+        anonymous = _predict(server, "echo", {"a": 1})
+        assert anonymous.status_code == 400
+        assert anonymous.json()["type"] == "InvalidKeyException"
+        authorized = httpx.post(
+            f"{server.inference_url}/predictions/echo",
+            json={"a": 1},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert authorized.json() == {"a": 1}
+        workers = [w["pid"] for w in server.describe("echo")[0]["workers"]]
+        print(f"TorchServe with echo only was ready after {server.start_seconds:.1f} s")
+    assert not server.alive
+    assert not any(_running(pid) for pid in workers)  # model workers went with the frontend
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.inference_url}/ping")
+
+
+# --- dispatcher services, on stand-in apps ------------------------------------------------------
+
+
+def test_celery_worker_reports_ready_and_stops(redis_server: RedisServer, tmp_path: Path) -> None:
+    env = {"REDIS_URL": redis_server.url}
+    worker = CeleryWorker(env, "fake", tmp_path / "worker.log", app=FAKES_WORKER_APP)
+    with worker:
+        assert worker.alive
+        assert "ready." in worker.log_text()
+        assert "fake@" in worker.log_text()
+    assert not worker.alive
+
+
+def test_a_dead_service_starts_again_on_the_same_port(tmp_path: Path) -> None:
+    with ApiServer({}, tmp_path / "api.log", app=FAKES_API_APP) as api:
+        first = api.pid
+        with pytest.raises(RuntimeError, match="running already"):
+            api.start()
+        api.process.popen.kill()  # the server alone dies, as a crash would
+        wait_until(lambda: not api.alive, 5, "the API to die")
+        assert api.returncode == -9
+        api.start()
+        assert api.pid != first
+        assert httpx.get(f"{api.url}/health").status_code == 200
+    assert not api.alive
+
+
+def test_a_restarted_celery_worker_waits_for_its_own_ready_line(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = {"REDIS_URL": redis_server.url}
+    with CeleryWorker(env, "again", tmp_path / "worker.log", app=FAKES_WORKER_APP) as worker:
+        worker.kill()
+        worker.start()  # the first run's "ready." is in the same log: it must not count
+        assert worker.alive
+        assert "ready." in worker.process.run_log_text()
+        assert worker.log_text().count("ready.") == 2
+
+
+def test_api_server_health_and_stop(tmp_path: Path) -> None:
+    with ApiServer({}, tmp_path / "api.log", app=FAKES_API_APP) as api:
+        assert httpx.get(f"{api.url}/health").json() == {"status": "ok"}
+    assert not api.alive
+
+
+def test_start_stack_starts_and_stops_everything(redis_server: RedisServer, tmp_path: Path) -> None:
+    env = {"REDIS_URL": redis_server.url}
+    with start_stack(
+        env, tmp_path, workers=2, worker_app=FAKES_WORKER_APP, api_app=FAKES_API_APP
+    ) as stack:
+        assert httpx.get(f"{stack.api_url}/health").status_code == 200
+        assert [worker.name for worker in stack.workers] == ["worker1", "worker2"]
+        assert [consumer.name for consumer in stack.webhook_consumers] == ["webhooks1"]
+        assert all(worker.alive for worker in [*stack.workers, *stack.webhook_consumers])
+        assert stack.logs().count("ready.") == 3  # each worker's and the webhook consumer's
+    assert not stack.api.alive
+    assert not any(worker.alive for worker in [*stack.workers, *stack.webhook_consumers])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_worker_stop_is_a_warm_shutdown(stack_factory: StackFactory, pool: str) -> None:
+    # SIGTERM reaches the worker's main process only: prefork children would die mid-task.
+    stack = stack_factory.start(workers=1, concurrency=1, pool=pool)
+    with httpx.Client(base_url=stack.api_url, timeout=10) as http:
+        body = {"model_name": "slow", "input": {"sleep": 2}}
+        status_url = http.post(
+            "/dispatch_model", json=body, headers={"Prefer": "respond-async"}
+        ).json()["status_url"]
+        wait_until(lambda: http.get(status_url).json()["status"] == "running", 10, "task start")
+        stack.workers[0].stop()
+        assert http.get(status_url).json()["status"] == "succeeded"
+    assert "WorkerLostError" not in stack.logs()
+
+
+def test_torchserve_without_models_starts_and_registers(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    archive_demo_models(store)
+    with TorchServe(tmp_path / "ts", store, []) as server:
+        assert httpx.get(f"{server.management_url}/models").json() == {"models": []}
+        server.register("echo.mar")
+        assert server.ready("echo")
+        assert _predict(server, "echo", [1, 2]).json() == [1, 2]
