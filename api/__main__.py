@@ -17,7 +17,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import NoReturn
 
-from shared.metrics import MULTIPROC_ENV
+from shared.prometheus import MULTIPROC_ENV
 from shared.settings import get_settings
 
 APP = "api.main:create_app"

@@ -29,7 +29,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from api.errors import queue_refuses_writes
-from shared.celery_app import encode_group_message
+from shared.celery_app import encode_message
 from shared.errors import redis_write_refusal
 
 
@@ -130,7 +130,7 @@ class SubmitGroups:
         encoded: list[str] = []
         for queue, queued in by_queue.items():
             messages[queue] = 6 + len(encoded)
-            encoded.append(encode_group_message(queued, queue=queue))
+            encoded.append(encode_message(queued, queue=queue))
         args: list[Any] = [
             *self._head,
             json.dumps(tasks),

@@ -12,7 +12,7 @@ from fastapi.telemetry import TelemetryConfig
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from api.batches import BatchStore
+from api.batch_store import BatchStore
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit

@@ -32,9 +32,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import OwnerDep
 from api.store import ApiStore
 from api.waiting import ResultWaiter, Watch
-from shared.metrics import LATENCY_BUCKETS, ModelLabels, multiprocess_dir, scrape_registry
 from shared.models import PredictionRequest, TaskView
 from shared.priorities import ALL_QUEUES, Priority
+from shared.prometheus import LATENCY_BUCKETS, ModelLabels, multiprocess_dir, scrape_registry
 from shared.queue_depth import parse_depth, queued_key
 from shared.records import LIVE_BEATS, WORKERS_KEY
 from shared.settings import Settings

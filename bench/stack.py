@@ -31,7 +31,7 @@ SLOW_HANDLER = Path(__file__).parent / "models" / "slow20.py"
 # TorchServe's queue per model; the burst scenario is about what happens beyond it.
 JOB_QUEUE_SIZE = 100
 PEER_API_APP = "bench.peer.app:create_app"
-PEER_WORKER_APP = "bench.peer.tasks"
+PEER_WORKER_APP = "bench.peer.worker"
 
 
 class BenchStack(StopsOnExit):

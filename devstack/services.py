@@ -18,7 +18,7 @@ from devstack.processes import ManagedProcess, StopsOnExit, free_port, wait_unti
 from shared.priorities import ALL_QUEUES, INTERACTIVE_QUEUES
 
 HOST = "127.0.0.1"
-# shared.metrics.MULTIPROC_ENV, named here so that starting processes imports no prometheus_client.
+# shared.prometheus.MULTIPROC_ENV, named here: starting processes imports no prometheus_client.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # uvicorn's lines, once per serving process (console and JSON logs alike carry the message).
 _SERVER_STARTED = re.compile(r"Started server process \[(\d+)\]")

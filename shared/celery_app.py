@@ -25,7 +25,7 @@ from shared.settings import Settings, get_settings
 # Messages enqueued before several tasks could share one: one task each, still consumed.
 TASK_PREDICT = "dispatch.predict"
 # A message carrying 1..K tasks (`tasks`: [{"id", "call", "headers"}, ...]), from one group
-# commit of the API or a slice of a batch; see worker/group.py for how a worker runs it.
+# commit of the API or a slice of a batch; see worker/messages.py for how a worker runs it.
 TASK_PREDICT_MANY = "dispatch.predict_many"
 QUEUE = "dispatch"
 # The message header (a worker reads it as `task.request.request_id`) carrying X-Request-ID.
@@ -166,7 +166,7 @@ def encode_task_message(
     return json.dumps(envelope)
 
 
-def encode_group_message(tasks: list[dict[str, Any]], *, queue: str = QUEUE) -> str:
+def encode_message(tasks: list[dict[str, Any]], *, queue: str = QUEUE) -> str:
     """One `TASK_PREDICT_MANY` message for `tasks` ({"id", "call", "headers"} each). Each task
     keeps its id, record and outcome; the message only carries them. Its own id is its first
     task's (unique: a task is in one message), so Celery's log lines about a one-task message
@@ -182,14 +182,14 @@ _ID, _BODY = "@@message-id@@", "@@body@@"  # neither can occur in base64 or in a
 _EMBED = json.dumps({"callbacks": None, "errbacks": None, "chain": None, "chord": None})
 
 
-def encode_group_messages(
+def encode_messages(
     calls: list[tuple[str, str]], *, queue: str = QUEUE, per_message: int
 ) -> list[str]:
     """`TASK_PREDICT_MANY` messages for many tasks of one request (a batch): (task id, JSON of
     its `call`) each, `per_message` tasks a message. The envelope is built once and each message
     is that template with its id and body filled in (10,000 tasks cost ~10x less than building
     every envelope). The message id and delivery tag are the first task's id (unique)."""
-    envelope = json.loads(encode_group_message([], queue=queue))
+    envelope = json.loads(encode_message([], queue=queue))
     envelope["body"] = _BODY
     envelope["headers"]["id"] = envelope["headers"]["root_id"] = _ID
     envelope["properties"]["correlation_id"] = envelope["properties"]["delivery_tag"] = _ID

@@ -5,14 +5,15 @@ import logging
 from shared import tracing
 from shared.celery_app import create_celery_app
 from shared.settings import get_settings
-from worker import broker_fixes, broker_speed, metrics, refusals
+from worker import broker_fixes, broker_speed, refusals
+from worker import task_metrics as metrics
 
 # Module-level because Celery's CLI loads the app by name; settings come from the environment.
 # Logging: Celery's `setup_logging` signal (shared/celery_app.py) routes it through shared/logs.py.
 app = create_celery_app(get_settings())
 # Traces when OTEL_EXPORTER_OTLP_ENDPOINT is set: a span per task, continuing the API's trace.
 tracing.setup("model-dispatcher-worker")
-app.conf.include = ["worker.tasks", "worker.heartbeat"]
+app.conf.include = ["worker.consumer", "worker.heartbeat"]
 # A Redis that refuses writes (OOM, read-only replica) must not crash the worker or lose messages.
 refusals.install()
 # Prometheus metrics on WORKER_METRICS_PORT, and this worker in the live-worker registry.

@@ -29,7 +29,7 @@ from shared.logs import current_request_id
 from shared.models import PredictionCall
 from shared.payloads import DEFAULT_MEDIA_TYPE, encode_multipart
 from shared.settings import Settings
-from worker import metrics
+from worker import task_metrics as metrics
 
 log = logging.getLogger(__name__)
 

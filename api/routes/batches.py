@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from api import idempotency
 from api.batch_inputs import JSONL_TYPES, InvalidBatch, read_batch
-from api.batches import BatchStore, batch_idempotency
+from api.batch_store import BatchStore, batch_idempotency
 from api.deps import OwnerDep, SettingsDep, WaiterDep
 from api.routes.dispatch import ERROR_RESPONSES
 from api.waiting import RECHECK_SECONDS

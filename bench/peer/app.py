@@ -11,8 +11,8 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
-from bench.peer.tasks import TASK_NAME
-from bench.peer.tasks import app as celery_app
+from bench.peer.worker import TASK_NAME
+from bench.peer.worker import app as celery_app
 
 WAIT_SECONDS = 60
 

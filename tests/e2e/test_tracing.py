@@ -53,7 +53,7 @@ def worker_env(
     monkeypatch: pytest.MonkeyPatch, dedicated_redis: RedisServer, torchserve: TorchServe
 ) -> Iterator[None]:
     """The worker's settings (read from the environment) point at this test's servers."""
-    from worker import tasks
+    from worker import consumer as tasks
 
     monkeypatch.setenv("REDIS_URL", dedicated_redis.url)
     monkeypatch.setenv("TORCHSERVE_URL", torchserve.inference_url)
@@ -85,7 +85,7 @@ def pop_message(redis_server: RedisServer) -> dict[str, Any]:
 
 def run_task(envelope: dict[str, Any]) -> None:
     """What a worker does with the message: the task body under a request built from it."""
-    from worker.tasks import predict, predict_many
+    from worker.consumer import predict, predict_many
 
     headers = envelope["headers"]
     task = predict_many if headers["task"] == predict_many.name else predict
@@ -185,7 +185,7 @@ baseline = {m for m in sys.modules if m.startswith("opentelemetry")}
 from api.main import create_app
 from shared.celery_app import encode_task_message
 from shared.settings import Settings
-import worker.tasks
+import worker.consumer
 create_app(Settings(_env_file=None))
 headers = json.loads(encode_task_message("t", {}))["headers"]
 assert "traceparent" not in headers

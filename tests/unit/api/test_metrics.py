@@ -18,10 +18,10 @@ from api.main import create_app
 from api.metrics import count_rejection
 from devstack.processes import free_port
 from shared.errors import ModelNotFound, TorchServeUnavailable
-from shared.metrics import OTHER_MODEL, UNKNOWN_MODEL, ModelLabels
 from shared.models import PredictionCall
+from shared.prometheus import OTHER_MODEL, UNKNOWN_MODEL, ModelLabels
 from shared.settings import Settings
-from worker import metrics as worker_metrics
+from worker import task_metrics as worker_metrics
 from worker.torchserve import TorchServeClient
 
 KEY = "metrics-test-key-1"

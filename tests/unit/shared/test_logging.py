@@ -34,11 +34,11 @@ access = ("1.2.3.4:5", "GET", "/x", "1.1", 200)
 logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', *access)
 logging.getLogger("celery.worker.consumer").warning("celery line")
 with task_context("task-2", "linear", "req-2"):
-    structlog.get_logger("worker.tasks").info("keyed", attempt=2)
+    structlog.get_logger("worker.consumer").info("keyed", attempt=2)
     try:
         fail("{SECRET_LOCAL}")
     except ValueError:
-        logging.getLogger("worker.tasks").exception("crashed")
+        logging.getLogger("worker.consumer").exception("crashed")
 warnings.warn("a warning", UserWarning, stacklevel=1)
 logging.getLogger("after").info("no context here")
 """
@@ -171,4 +171,4 @@ def test_uvicorn_no_access_log_stays_off() -> None:
     )
     loggers = {json.loads(line)["logger"] for line in raw}
     assert "uvicorn.access" not in loggers
-    assert {"uvicorn.error", "api.something", "worker.tasks"} <= loggers
+    assert {"uvicorn.error", "api.something", "worker.consumer"} <= loggers

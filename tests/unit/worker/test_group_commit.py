@@ -1,4 +1,4 @@
-"""The worker's group commit and priority pool (worker/group.py), with threads and no servers."""
+"""The worker's group commit and priority pool (worker/messages.py), with threads and no servers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from worker.group import GroupCommit, PriorityPool
+from worker.group_commit import GroupCommit
+from worker.pool import PriorityPool
 
 WAIT = 10.0
 

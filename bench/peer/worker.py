@@ -1,7 +1,7 @@
 """The peer's Celery app (Redis broker and Redis result backend) and its TorchServe task.
 
 Configured the way tutorials do it: JSON, results in Redis, everything else Celery's defaults.
-`celery -A bench.peer.tasks worker -Q dispatch` runs it (devstack's CeleryWorker).
+`celery -A bench.peer.worker worker -Q dispatch` runs it (devstack's CeleryWorker).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The worker's Prometheus metrics, served by each worker on WORKER_METRICS_PORT (0: off).
 
-worker/tasks.py reports each delivery's outcome (`TaskObservation`), worker/torchserve.py each
+worker/consumer.py reports each delivery's outcome (`TaskObservation`), worker/torchserve.py each
 TorchServe attempt (`torchserve_request`) and retry (`count_retry`). With the prefork pool, set
-PROMETHEUS_MULTIPROC_DIR (see shared/metrics.py): tasks run in child processes, and the main
+PROMETHEUS_MULTIPROC_DIR (see shared/prometheus.py): tasks run in child processes, and the main
 process serves what they all wrote.
 """
 
@@ -18,7 +18,8 @@ from celery.signals import worker_ready, worker_shutdown
 from prometheus_client import Counter, Histogram, start_http_server
 
 from shared.errors import DispatchError, ModelNotFound
-from shared.metrics import (
+from shared.models import PredictionCall
+from shared.prometheus import (
     DEFAULT_PRIORITY,
     LATENCY_BUCKETS,
     UNKNOWN_MODEL,
@@ -26,7 +27,6 @@ from shared.metrics import (
     multiprocess_dir,
     scrape_registry,
 )
-from shared.models import PredictionCall
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from api.idempotency import KEY_PREFIX, IdempotencyClaim, Replay
 from api.store import ORPHAN_MARGIN, _write
 from shared import batches, records
 from shared.batches import BatchStatus, BatchView, decode_batch, item_task_id
-from shared.celery_app import encode_group_messages
+from shared.celery_app import encode_messages
 from shared.errors import BatchFinished, BatchNotFound, QueueFull, TaskCanceled
 from shared.models import PredictionCall
 from shared.priorities import queue_of
@@ -166,7 +166,7 @@ class BatchStore:
             items.append([index, queue, fields, len(payloads) if stored is not None else 0])
         per_message = self._settings.message_max_tasks
         messages = {
-            queue: encode_group_messages(c, queue=queue, per_message=per_message)
+            queue: encode_messages(c, queue=queue, per_message=per_message)
             for queue, c in calls.items()
         }
         return [

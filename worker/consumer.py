@@ -1,4 +1,4 @@
-"""The prediction tasks: a message of 1..K tasks (worker/group.py), and the one-task messages
+"""The prediction tasks: a message of 1..K tasks (worker/messages.py), and the one-task messages
 enqueued before messages could carry several."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from shared.celery_app import REQUEST_ID_HEADER, TASK_PREDICT, TASK_PREDICT_MANY
 from shared.models import PredictionCall
 from shared.settings import get_settings
 from worker.app import app
-from worker.group import Runner, TaskEntry
+from worker.messages import Runner, TaskEntry
 from worker.store import WorkerStore
 from worker.torchserve import TorchServeClient
 
 # The worker's pool size (`-c`), read once it is set up: a message's extra tasks run on as many
-# threads per process (worker/group.py), so a worker calls TorchServe at most about twice that.
+# threads per process (worker/messages.py), so a worker calls TorchServe at most about twice that.
 _concurrency = {"threads": 8}
 _lock = threading.Lock()
 

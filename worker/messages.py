@@ -6,30 +6,21 @@ batch packs its items (shared/celery_app.py). Per task nothing changes: it has i
 START verdict, deliveries count, deadline and outcome, and a redelivered message re-runs only the
 tasks whose records have not ended (START skips the others).
 
-- `Runner.run`: the message's first task runs in the Celery pool's own thread (a lone task pays
-  no hand-off), the others on `PriorityPool`. A task is STARTed when a thread takes it, so one
-  waiting for a thread is still `queued` (cancelable, expiring at its deadline).
-- `PriorityPool`: this process's threads for the extra tasks, as many as the worker's
-  concurrency, taking interactive tasks first: a batch message's items never queue ahead of a
-  sync caller's task inside the worker.
-- `GroupCommit`: STARTs and outcomes are group-committed, like submits in the API: the first
-  thread writes at once; threads that arrive while that write is in flight go together in the
-  next one (one START_MANY or FINISH_MANY call), written by one of them. The message is acked
-  only after every one of its outcomes is stored (the Celery task returns then), so
-  at-least-once holds per task.
+`Runner.run`: the message's first task runs in the Celery pool's own thread (a lone task pays no
+hand-off), the others on the process's `PriorityPool` (worker/pool.py). A task is STARTed when a
+thread takes it, so one waiting for a thread is still `queued` (cancelable, expiring at its
+deadline). STARTs and outcomes are group-committed across threads (worker/group_commit.py). The
+message is acked only after every one of its outcomes is stored (the Celery task returns then),
+so at-least-once holds per task.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
-import queue
-import threading
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast
+from typing import Any
 
 from shared import tracing
 from shared.celery_app import REQUEST_ID_HEADER, TASK_PREDICT
@@ -38,14 +29,14 @@ from shared.logs import task_context
 from shared.models import PredictionCall
 from shared.payloads import read_payload
 from shared.priorities import Priority
-from worker import metrics
+from worker import task_metrics as metrics
+from worker.group_commit import GroupCommit
+from worker.pool import PriorityPool
 from worker.store import Outcome, StartVerdict, WorkerStore
 from worker.torchserve import TorchServeClient
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-R = TypeVar("R")
 _RANK = {priority: rank for rank, priority in enumerate(Priority)}
 
 
@@ -64,94 +55,6 @@ class TaskEntry:
     @property
     def rank(self) -> int:
         return _RANK[self.call.priority or Priority.default]
-
-
-class PriorityPool:
-    """Daemon threads running callables, lowest rank first (FIFO within a rank)."""
-
-    def __init__(self, threads: int) -> None:
-        self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], Any], Future[Any]]] = (
-            queue.PriorityQueue()
-        )
-        self._order = itertools.count()
-        for n in range(max(1, threads)):
-            threading.Thread(target=self._work, name=f"dispatch-group-{n}", daemon=True).start()
-
-    def submit(self, rank: int, fn: Callable[[], Any]) -> Future[Any]:
-        future: Future[Any] = Future()
-        self._queue.put((rank, next(self._order), fn, future))
-        return future
-
-    def _work(self) -> None:
-        while True:
-            _, _, fn, future = self._queue.get()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as error:  # handed to the waiting Celery thread
-                    future.set_exception(error)
-
-
-class _Slot(Generic[T, R]):
-    """One item waiting in a GroupCommit: written, failed, or handed the lead."""
-
-    def __init__(self, item: T) -> None:
-        self.item = item
-        self.woken = threading.Event()
-        self.done = False
-        self.value: R | None = None
-        self.error: BaseException | None = None
-
-    def settle(self, value: R | None = None, error: BaseException | None = None) -> None:
-        self.value, self.error, self.done = value, error, True
-        self.woken.set()
-
-    def result(self) -> R:
-        if self.error is not None:
-            raise self.error
-        return cast(R, self.value)
-
-
-class GroupCommit(Generic[T, R]):
-    """Group commit across this process's threads: `call(item)` writes the item with every other
-    item pending at that moment in one `write(items) -> results` call. The first caller writes at
-    once; callers that arrive meanwhile go together in the next call, led by one of them."""
-
-    def __init__(self, write: Callable[[list[T]], Sequence[R]]) -> None:
-        self._write = write
-        self._lock = threading.Lock()
-        self._pending: list[_Slot[T, R]] = []
-        self._writing = False
-
-    def call(self, item: T) -> R:
-        slot: _Slot[T, R] = _Slot(item)
-        with self._lock:
-            self._pending.append(slot)
-            lead, self._writing = not self._writing, True
-        if not lead:
-            slot.woken.wait()
-            if slot.done:
-                return slot.result()
-        self._write_round()  # led by this thread: the round includes its own item
-        return slot.result()
-
-    def _write_round(self) -> None:
-        with self._lock:
-            group, self._pending = self._pending, []
-        try:
-            results = self._write([slot.item for slot in group])
-        except BaseException as error:
-            for slot in group:
-                slot.settle(error=error)
-        else:
-            for slot, value in zip(group, results, strict=True):
-                slot.settle(value)
-        finally:
-            with self._lock:
-                if self._pending:  # arrived meanwhile: the first of them leads the next round
-                    self._pending[0].woken.set()
-                else:
-                    self._writing = False
 
 
 class Runner:
