@@ -13,6 +13,7 @@ from redis.exceptions import RedisError, ResponseError
 from shared import records
 from shared.errors import redis_write_refusal
 from shared.priorities import ALL_QUEUES
+from shared.queue_depth import parse_depth, queued_key
 from shared.settings import Settings
 
 # Queued work and nothing finished for this long means the workers stopped consuming
@@ -22,6 +23,7 @@ CHECK_TIMEOUT = 2.0
 # Written on every check: a Redis that answers PING may still refuse writes (out of memory under
 # noeviction, a read-only replica after a failover), and then nothing can be submitted.
 WRITE_PROBE_KEY = "dispatch:ready_probe"
+QUEUED_KEYS = [queued_key(queue) for queue in ALL_QUEUES]
 
 
 class Readiness(BaseModel):
@@ -39,7 +41,9 @@ async def _check_redis_and_workers(state: Any) -> dict[str, str]:
             refusal = await _refuses_writes(client)
             live_since = time.time() - records.LIVE_BEATS * state.settings.worker_heartbeat_interval
             workers = await client.zcount(records.WORKERS_KEY, live_since, "+inf")
-            depths = [await client.llen(queue) for queue in ALL_QUEUES]
+            # Tasks, not messages (one message carries 1..MESSAGE_MAX_TASKS tasks): the same
+            # counters as the 429 limit and dispatcher_queue_depth.
+            depths = [parse_depth(raw) for raw in await client.mget(QUEUED_KEYS)]
             last_finished = await client.get(records.LAST_FINISHED_KEY)
     except (RedisError, OSError, TimeoutError) as error:
         return {"redis": f"unreachable ({type(error).__name__})", "workers": "unknown"}
@@ -48,7 +52,9 @@ async def _check_redis_and_workers(state: Any) -> dict[str, str]:
         return {"redis": redis_check, "workers": "no worker has sent a heartbeat recently"}
     idle = time.time() - float(last_finished) if last_finished else 0.0
     if any(depths) and idle > STALL_SECONDS:
-        queued = ", ".join(f"{n} in {q}" for q, n in zip(ALL_QUEUES, depths, strict=True) if n)
+        queued = ", ".join(
+            f"{n} task(s) in {q}" for q, n in zip(ALL_QUEUES, depths, strict=True) if n
+        )
         return {
             "redis": redis_check,
             "workers": f"tasks queued ({queued}) but none finished for {idle:.0f}s: "

@@ -1,0 +1,64 @@
+"""`/ready`'s worker check against a real redis-server: queued work is counted in tasks.
+
+A Celery message carries 1..MESSAGE_MAX_TASKS tasks, so the length of a queue's list is not the
+number of tasks waiting; /ready reads the same per-class counters as the 429 limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from api.readiness import STALL_SECONDS, _check_redis_and_workers
+from devstack import RedisServer
+from shared import records
+from shared.queue_depth import queued_key
+from shared.settings import Settings
+
+
+@pytest.fixture
+def redis_url(dedicated_redis: RedisServer) -> str:
+    return dedicated_redis.url
+
+
+def _check(url: str) -> dict[str, str]:
+    async def run() -> dict[str, str]:
+        client = aioredis.Redis.from_url(url, decode_responses=True)
+        try:
+            state = SimpleNamespace(store=SimpleNamespace(redis=client), settings=Settings())
+            return await _check_redis_and_workers(state)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def test_stalled_workers_are_reported_with_the_queued_task_count(
+    redis_url: str, clean_env: None
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.zadd(records.WORKERS_KEY, {"w1@host": time.time()})
+    client.set(records.LAST_FINISHED_KEY, time.time() - STALL_SECONDS - 5)
+    # One message in the list, carrying 3 tasks: the counter says 3.
+    client.lpush("dispatch", "a-message-of-three-tasks")
+    client.set(queued_key("dispatch"), 3)
+    checks = _check(redis_url)
+    assert checks["redis"] == "ok"
+    assert checks["workers"].startswith("tasks queued (3 task(s) in dispatch)"), checks
+
+
+def test_an_empty_counter_is_not_a_stall_whatever_the_lists_hold(
+    redis_url: str, clean_env: None
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.zadd(records.WORKERS_KEY, {"w1@host": time.time()})
+    client.set(records.LAST_FINISHED_KEY, time.time() - STALL_SECONDS - 5)
+    # A message whose tasks all left `queued` (canceled meanwhile) still sits in the list.
+    client.lpush("dispatch", "a-message-of-canceled-tasks")
+    client.set(queued_key("dispatch"), 0)
+    assert _check(redis_url) == {"redis": "ok", "workers": "ok"}
