@@ -1,0 +1,123 @@
+-- lib.lua: the helpers the scripts share. The loader (shared/redis_state/loader.py) runs each
+-- script as one source: the generated prelude (K, QUEUE_OF, PUBLISH_INLINE_BYTES and
+-- MIN_EVENT_TTL from keys.py), this file, then the script. Line numbers in a script's error
+-- messages count from the start of the prelude.
+--
+-- Every task transition goes through end_task (a task ends) or moved (it changes status), so
+-- the queue depth counters, the batch counters, the webhook outbox, the claim-checked payload
+-- and the finished channel are kept in one place, in the same atomic step as the record.
+
+-- The id held in an idempotency record "<fingerprint>:<id>" (record.py writes it).
+local function held_id(held)
+  local _, colon = string.find(held, ':', 1, true)
+  return string.sub(held, colon + 1)
+end
+
+-- An error body (JSON without task_id) with the task's id in it.
+local function with_task_id(error, task_id)
+  local body = cjson.decode(error)
+  body['task_id'] = task_id
+  return cjson.encode(body)
+end
+
+-- Writes the webhook event `event_type` of the hash `key` (a task record or a batch) to the
+-- outbox, when the hash has a webhook subscribed to that type: the event hash (its id, type,
+-- time, URL and a snapshot of `key`, taken after `webhook_event` names it) and its entry in the
+-- due set. The event id follows from the subject's id and `suffix`: one subject emits each type
+-- at most once, so it is unique without a random source (which scripts do not have) and stable
+-- for every retry of that event.
+local function emit_event(key, subject_id, event_type, suffix, now, ttl)
+  local hook = redis.call('HMGET', key, 'webhook', 'webhook_events')
+  if not hook[1] then return end
+  if not string.find(',' .. (hook[2] or '') .. ',', ',' .. event_type .. ',', 1, true) then
+    return
+  end
+  local id = 'msg_' .. (string.gsub(subject_id, '-', '')) .. '_' .. suffix
+  local event = K.event .. id
+  redis.call('HSET', key, 'webhook_event', id)
+  redis.call('HSET', event, 'task_id', subject_id, 'type', event_type, 'at', now,
+    'url', hook[1], 'record', cjson.encode(redis.call('HGETALL', key)), 'state', 'pending',
+    'attempts', 0, 'round', 0, 'ticket', 0)
+  redis.call('EXPIRE', event, math.max(tonumber(ttl), MIN_EVENT_TTL))
+  redis.call('ZADD', K.due, now, id)
+end
+
+-- The task of record `key` moved into `status`: its task.* event (task.started for running).
+local function emit_webhook(key, task_id, status, now, ttl)
+  local kind = status
+  if status == 'running' then kind = 'started' end
+  emit_event(key, task_id, 'task.' .. kind, kind, now, ttl)
+end
+
+-- The task of record `key` moved out of status `old`: when that was `queued`, its class's
+-- counter goes down. A task leaves `queued` exactly once, whichever script moves it.
+local function left_queue(key, old)
+  if old ~= 'queued' then return end
+  redis.call('DECR', K.queued .. QUEUE_OF[redis.call('HGET', key, 'priority')])
+end
+
+-- The batch's last item ended: the batch ends (`canceled` after a DELETE), keeps RESULT_TTL
+-- (its `ttl` field), emits batch.completed and publishes its hash to every waiter.
+local function end_batch(bkey, batch, now)
+  local status = 'completed'
+  if redis.call('HGET', bkey, 'cancel_requested_at') then status = 'canceled' end
+  redis.call('HSET', bkey, 'status', status, 'finished_at', now)
+  local ttl = tonumber(redis.call('HGET', bkey, 'ttl'))
+  redis.call('EXPIRE', bkey, ttl)
+  emit_event(bkey, batch, 'batch.completed', 'batch_completed', now, ttl)
+  redis.call('PUBLISH', K.finished, cjson.encode({batch, redis.call('HGETALL', bkey)}))
+end
+
+-- Keeps the batch counters of the task of record `key` (a no-op outside batches). An item that
+-- ended keeps its record as long as its batch, so results stay readable as long as the batch
+-- is; the last item to end ends the batch.
+local function batch_move(key, old, new, now)
+  local batch = redis.call('HGET', key, 'batch')
+  if not batch or old == new then return end
+  local bkey = K.batch .. batch
+  if redis.call('EXISTS', bkey) == 0 then return end
+  redis.call('HINCRBY', bkey, old, -1)
+  redis.call('HINCRBY', bkey, new, 1)
+  if new == 'running' then return end
+  local left = redis.call('TTL', bkey)
+  if left > redis.call('TTL', key) then redis.call('EXPIRE', key, left) end
+  local ended = redis.call('HINCRBY', bkey, 'ended', 1)
+  if ended == tonumber(redis.call('HGET', bkey, 'total')) then end_batch(bkey, batch, now) end
+end
+
+-- The task of record `key` moved from `old` to `new`.
+local function moved(key, old, new, now)
+  left_queue(key, old)
+  batch_move(key, old, new, now)
+end
+
+-- Publishes the ended task's whole record, so waiters need no read after the wake-up; a big
+-- result is left out (the id alone), so each API process does not receive every large answer:
+-- the one waiting for it reads it. Every ending passes here, so this is also where the task's
+-- claim-checked payload goes: its key follows from the id rather than being passed in KEYS,
+-- which is fine on the single Redis used here.
+local function publish_record(key, task_id)
+  redis.call('DEL', K.payload .. task_id)
+  if redis.call('HSTRLEN', key, 'result') > PUBLISH_INLINE_BYTES then
+    redis.call('PUBLISH', K.finished, cjson.encode({task_id}))
+  else
+    redis.call('PUBLISH', K.finished, cjson.encode({task_id, redis.call('HGETALL', key)}))
+  end
+end
+
+-- The task of record `key` ends: from `old` into the terminal status `new` at `now`, with the
+-- fields that follow `ttl` (name, value, ...: its result or error), kept `ttl` seconds. Its
+-- counters, webhook event, payload and publish follow from here, in every script that ends one.
+local function end_task(key, task_id, old, new, now, ttl, ...)
+  redis.call('HSET', key, 'status', new, 'finished_at', now, ...)
+  redis.call('EXPIRE', key, ttl)
+  moved(key, old, new, now)
+  emit_webhook(key, task_id, new, now, ttl)
+  publish_record(key, task_id)
+end
+
+-- Cancels the queued task of record `key`: `error` is its error body (JSON with its task_id).
+-- task_cancel and batch_cancel_items both cancel through here.
+local function cancel_queued(key, task_id, now, ttl, error)
+  end_task(key, task_id, 'queued', 'canceled', now, ttl, 'error', error)
+end

@@ -1,0 +1,166 @@
+"""Typed calls of the task scripts (lua/task_*.lua): the only code that knows their arguments.
+
+The API (asyncio) submits, cancels and settles; the workers (sync) start and finish. Each class
+registers its script on the client it is given and turns typed values into KEYS and ARGV, and
+the script's reply into Python values. Redis refusing a write (OOM, a read-only replica) is the
+callers' concern: they know what to tell their own caller.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from shared.models import TaskStatus
+from shared.redis_state.keys import LAST_FINISHED_KEY, task_key
+from shared.redis_state.loader import register, register_async, text
+from shared.redis_state.record import Outcome
+
+# task_submit's ARGV before the messages: max depth, two TTLs, the tasks, the messages' indices.
+_SUBMIT_HEAD = 5
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitTask:
+    """One task of a task_submit call."""
+
+    task_id: str
+    queue: str
+    fields: list[str]  # field, value, ... of its record (record.NewTask.fields)
+    payload: bytes | None = None  # claim-checked payload, stored under its own key
+    idempotency_key: str = ""  # '' for none
+    idempotency_record: str = ""  # record.idempotency_record
+
+
+class SubmitTasks:
+    """task_submit: records tasks and pushes their messages, each task on its own terms."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._script = register_async(client, "task_submit")
+
+    async def __call__(
+        self,
+        tasks: Sequence[SubmitTask],
+        messages: Mapping[str, str],
+        *,
+        max_depth: int,
+        ttl: int,
+        idempotency_ttl: int,
+    ) -> list[int | str]:
+        """`messages`: the Celery message of each queue's tasks. One result per task: 1
+        (recorded), 0 (its class is at `max_depth`) or the idempotency record held for it."""
+        indices = {queue: _SUBMIT_HEAD + 1 + n for n, queue in enumerate(messages)}
+        payloads: list[bytes] = []
+        entries: list[list[Any]] = []
+        for task in tasks:
+            position = 0
+            if task.payload is not None:
+                payloads.append(task.payload)
+                position = _SUBMIT_HEAD + len(messages) + len(payloads)
+            entries.append(
+                [task.task_id, task.queue, task.fields, position,
+                 task.idempotency_key, task.idempotency_record]
+            )  # fmt: skip
+        args: list[Any] = [
+            max_depth,
+            ttl,
+            idempotency_ttl,
+            json.dumps(entries),
+            json.dumps(indices),
+            *messages.values(),
+            *payloads,
+        ]
+        return [r if isinstance(r, int) else text(r) for r in await self._script(args=args)]
+
+
+class CancelTask:
+    """task_cancel: cancels a queued task, flags a running one."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._script = register_async(client, "task_cancel")
+
+    async def __call__(self, task_id: str, *, now: float, ttl: int, error: str) -> str:
+        """`error`: the cancel's error body (JSON, with the task id). The status after the call:
+        'canceled', 'cancel_requested', the terminal one it had, or 'missing'."""
+        return text(await self._script(keys=[task_key(task_id)], args=[now, ttl, task_id, error]))
+
+
+class SettleTask:
+    """task_settle: ends a task that outlived its bounds, unless it moved on meanwhile."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._script = register_async(client, "task_settle")
+
+    async def __call__(
+        self,
+        task_id: str,
+        *,
+        expected: TaskStatus,
+        new: TaskStatus,
+        now: float,
+        error: str,
+        ttl: int,
+    ) -> bool:
+        """True when it ended here; False when its status was no longer `expected`."""
+        args = [expected.value, new.value, now, error, ttl, task_id]
+        return bool(await self._script(keys=[task_key(task_id)], args=args))
+
+
+class StartTasks:
+    """task_start: one delivery of the tasks of one message."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._script = register(client, "task_start")
+
+    def __call__(
+        self,
+        task_ids: Sequence[str],
+        *,
+        now: float,
+        max_deliveries: int,
+        ttl: int,
+        worker: str,
+        expired_error: str,
+        overran_error: str,
+    ) -> list[tuple[str, int]]:
+        """(verdict, deliveries) per task, in order: 'run', 'missing', 'too_many', 'expired' or
+        the terminal status of a task that had ended. The errors: JSON without task_id."""
+        args: list[str | float] = [
+            now,
+            max_deliveries,
+            ttl,
+            worker,
+            expired_error,
+            overran_error,
+            *task_ids,
+        ]
+        flat = self._script(args=args)
+        return [(text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+class FinishTasks:
+    """task_finish: stores outcomes; a task that had ended keeps its first one."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._script = register(client, "task_finish")
+
+    def __call__(self, outcomes: Sequence[Outcome], *, now: float, ttl: int) -> list[bool]:
+        """False for each task that had ended already (nothing written for it)."""
+        entries = []
+        values: list[str] = []
+        for outcome in outcomes:
+            values.append(outcome.value)
+            # ARGV: now, ttl, the entries, then the values (Lua counts from 1).
+            entries.append(
+                [outcome.task_id, outcome.status.value, outcome.field, 3 + len(values),
+                 outcome.extra]
+            )  # fmt: skip
+        ended = self._script(
+            keys=[LAST_FINISHED_KEY], args=[now, ttl, json.dumps(entries), *values]
+        )
+        return [bool(flag) for flag in ended]

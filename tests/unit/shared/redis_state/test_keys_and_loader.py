@@ -1,0 +1,93 @@
+"""The key names have one definition, every script is documented and has one typed wrapper,
+and no Redis command is left in a Python string."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import redis
+from kombu.transport.redis import Channel
+
+from shared.redis_state import keys, loader
+
+ROOT = Path(__file__).resolve().parents[4]
+PACKAGE = ROOT / "shared" / "redis_state"
+LUA = PACKAGE / "lua"
+
+
+def test_every_script_loads_into_redis(r: redis.Redis) -> None:
+    assert len(loader.script_names()) == 14
+    for name in loader.script_names():
+        assert r.script_load(loader.source(name))
+
+
+def test_every_script_opens_with_its_keys_args_reply_and_writes() -> None:
+    for name in loader.script_names():
+        text = (LUA / f"{name}.lua").read_text()
+        header = text[: text.index("\nlocal") if "\nlocal" in text else len(text)]
+        assert header.startswith(f"-- {name}: "), name
+        for part in (
+            f"-- {name}(",
+            "--   keys=[",
+            "--   args=[",
+            "-- Returns",
+            "\n-- Reads",
+            "\n-- Writes",
+        ):
+            assert part in header, (name, part)
+
+
+def test_every_script_has_exactly_one_wrapper() -> None:
+    registered: list[str] = []
+    for module in PACKAGE.glob("*_scripts.py"):
+        registered += re.findall(r'register(?:_async)?\(client, "(\w+)"\)', module.read_text())
+    assert sorted(registered) == sorted(loader.script_names())
+
+
+def test_no_key_name_is_spelled_in_lua() -> None:
+    for path in LUA.glob("*.lua"):
+        assert keys.NAMESPACE not in path.read_text(), path.name
+
+
+def test_the_prelude_defines_every_lua_key() -> None:
+    prelude = loader.source("task_start")
+    for name, value in keys.LUA_KEYS.items():
+        assert f"{name} = '{value}'" in prelude
+    assert "['interactive'] = 'dispatch.interactive'" in prelude
+    assert f"local PUBLISH_INLINE_BYTES = {keys.PUBLISH_INLINE_BYTES}" in prelude
+
+
+def test_the_layout_table_names_every_key_of_keys_py() -> None:
+    names = {
+        value
+        for name, value in vars(keys).items()
+        if name.endswith(("_KEY", "_PREFIX", "_CHANNEL")) and isinstance(value, str)
+    }
+    patterns = " ".join(spec.pattern for spec in keys.KEY_LAYOUT)
+    assert {name for name in names if name not in patterns} == set()
+    for spec in keys.KEY_LAYOUT:
+        assert all((spec.pattern, spec.type, spec.holds, spec.written_by, spec.read_by, spec.ttl))
+
+
+def test_the_kombu_keys_are_kombus() -> None:
+    assert Channel.unacked_key == keys.KOMBU_UNACKED_KEY
+    assert Channel.unacked_index_key == keys.KOMBU_UNACKED_INDEX_KEY
+
+
+def test_the_scripts_ship_as_package_data() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    data = config["tool"]["setuptools"]["package-data"]
+    assert "lua/*.lua" in data["shared.redis_state"]
+
+
+def test_key_functions() -> None:
+    assert keys.task_key("t") == "dispatch:task:t"
+    assert keys.payload_key("t") == "dispatch:payload:t"
+    assert keys.queued_key("dispatch.batch") == "dispatch:queued:dispatch.batch"
+    assert keys.idempotency_key("h") == "dispatch:idem:h"
+    assert keys.batch_idempotency_key("h") == "dispatch:idem:batch:h"
+    assert keys.batch_key("b") == "dispatch:batch:b"
+    assert keys.event_key("e") == "dispatch:webhook:event:e"
+    assert keys.log_key("t") == "dispatch:webhook:log:t"
