@@ -24,11 +24,11 @@ from api.errors import describe_validation
 from api.inputs import decode_data_uri, fallback_type, too_large
 from api.targets import resolve_origin
 from api.webhook_targets import check_webhook
-from shared.batches import BATCH_EVENTS
 from shared.errors import DispatchError, InvalidRequest
 from shared.models import PredictionRequest, WebhookEventType
 from shared.payloads import DEFAULT_MEDIA_TYPE, Part, Payload
 from shared.priorities import Priority
+from shared.redis_state.batch import BATCH_EVENTS
 from shared.settings import Settings
 
 JSONL_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")

@@ -1,10 +1,11 @@
-"""The API's side of batches (shared/batches.py): create in one transaction, read, cancel, results.
+"""The API's side of batches (shared/redis_state/batch.py): create in one transaction, read,
+cancel, results.
 
-Creating 10,000 items is one MULTI/EXEC: CREATE (depth checks per class, the batch hash, the
-Idempotency-Key) followed by ADD_ITEMS scripts of ITEMS_PER_SCRIPT items each, so Redis sees a
-handful of commands instead of 30,000 and the batch appears whole or not at all. The per-item
-work left in Python (the call, its Celery message) is what `BatchStore.create` spends its time
-on; issue 12 can put several items into one message here.
+Creating 10,000 items is one MULTI/EXEC: batch_create (depth checks per class, the batch hash,
+the Idempotency-Key) followed by batch_add_items scripts of ITEMS_PER_SCRIPT items each, so Redis
+sees a handful of commands instead of 30,000 and the batch appears whole or not at all. The
+per-item work left in Python (the call, its Celery message) is what `BatchStore.create` spends
+its time on.
 """
 
 from __future__ import annotations
@@ -15,31 +16,45 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import cast
 
 import redis.asyncio as aioredis
 
 from api.batch_inputs import BatchInput, BatchItem
-from api.idempotency import KEY_PREFIX, IdempotencyClaim, Replay
+from api.idempotency import IdempotencyClaim, Replay
 from api.store import ORPHAN_MARGIN, _write
-from shared import batches, records
-from shared.batches import BatchStatus, BatchView, decode_batch, item_task_id
 from shared.celery_app import encode_messages
 from shared.errors import BatchFinished, BatchNotFound, QueueFull, TaskCanceled
 from shared.models import PredictionCall
 from shared.priorities import queue_of
-from shared.queue_depth import queued_key
+from shared.redis_state.batch import (
+    BatchStatus,
+    BatchView,
+    NewBatch,
+    decode_batch,
+    item_task_id,
+)
+from shared.redis_state.batch_scripts import (
+    AddBatchItems,
+    BatchItemRecord,
+    CancelBatchItems,
+    CreateBatch,
+    MarkBatchCanceling,
+)
+from shared.redis_state.keys import batch_idempotency_key, batch_key, task_key
+from shared.redis_state.record import NewTask, as_mapping
 from shared.settings import Settings
 
-# The call dicts built by hand in BatchStore._item_args must stay PredictionCall's fields.
+# The call dicts built by hand in BatchStore._items must stay PredictionCall's fields.
 CALL_FIELDS = (
     "origin", "model_name", "model_version", "body", "payload", "deadline", "submitted_at",
     "priority", "token", "username", "password",
 )  # fmt: skip
-assert set(CALL_FIELDS) == set(PredictionCall.model_fields), "update BatchStore._item_args"
+assert set(CALL_FIELDS) == set(PredictionCall.model_fields), "update BatchStore._items"
 
-# Items per ADD_ITEMS / CANCEL_ITEMS call: big enough to keep the calls few, small enough that no
-# one script holds Redis for more than a few milliseconds between other clients' commands.
+# Items per batch_add_items / batch_cancel_items call: big enough to keep the calls few, small
+# enough that no one script holds Redis for more than a few milliseconds between other clients'
+# commands.
 ITEMS_PER_SCRIPT = 500
 # Items read per round trip when streaming results.
 RESULTS_PER_READ = 500
@@ -54,10 +69,10 @@ class BatchStore:
     def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         self.redis = client
         self._settings = settings
-        self._create = client.register_script(batches.CREATE)
-        self._add = client.register_script(batches.ADD_ITEMS)
-        self._mark = client.register_script(batches.MARK_CANCELING)
-        self._cancel = client.register_script(records.CANCEL_ITEMS)
+        self._create = CreateBatch(client)
+        self._add = AddBatchItems(client)
+        self._mark = MarkBatchCanceling(client)
+        self._cancel = CancelBatchItems(client)
 
     async def create(
         self, batch: BatchInput, owner: str, idempotency: IdempotencyClaim | None
@@ -70,64 +85,59 @@ class BatchStore:
         longest = max(self._timeout(item) for item in batch.items)
         # The batch outlives its last item's bounds, then is kept RESULT_TTL like a task.
         ttl = int(settings.result_ttl + longest + settings.visibility_timeout + ORPHAN_MARGIN)
-        fields: dict[str, Any] = {
-            "status": BatchStatus.in_progress.value,
-            "total": len(batch.items),
-            "queued": len(batch.items),
-            "created_at": now,
-            "owner": owner,
-            "ttl": settings.result_ttl,
-        }
-        if batch.webhook and batch.webhook_events:
-            fields["webhook"] = batch.webhook
-            fields["webhook_events"] = ",".join(batch.webhook_events)
-        key = batches.batch_key(batch_id)
-        queues = list(per_queue)
-        head = [
-            settings.max_queue_depth,
-            idempotency.record(batch_id) if idempotency else "",
-            settings.idempotency_ttl,
-            ttl,
-            *(per_queue[queue] for queue in queues),
-            *(item for pair in fields.items() for item in pair),
-        ]
+        fields = NewBatch(
+            total=len(batch.items),
+            created_at=now,
+            owner=owner,
+            ttl=settings.result_ttl,
+            webhook=batch.webhook,
+            webhook_events=batch.webhook_events,
+        ).fields()
         async with self.redis.pipeline(transaction=True) as pipe:
             await self._create(
-                keys=[
-                    key,
-                    idempotency.redis_key if idempotency else key,
-                    *(queued_key(queue) for queue in queues),
-                ],
-                args=head,
-                client=pipe,
+                pipe,
+                batch_id,
+                fields=fields,
+                per_queue=per_queue,
+                ttl=ttl,
+                max_depth=settings.max_queue_depth,
+                idempotency_key=idempotency.redis_key if idempotency else "",
+                idempotency_record=idempotency.record(batch_id) if idempotency else "",
+                idempotency_ttl=settings.idempotency_ttl,
             )
-            common: list[Any] = [settings.result_ttl, now, owner, batch_id]
             for start in range(0, len(batch.items), ITEMS_PER_SCRIPT):
                 chunk = batch.items[start : start + ITEMS_PER_SCRIPT]
-                args = self._item_args(batch, batch_id, start, chunk, now)
-                await self._add(keys=[key], args=[*common, *args], client=pipe)
-            outcome = (await _write(pipe.execute, "nothing was enqueued"))[0]
+                items, messages = self._items(batch, batch_id, start, chunk, now)
+                await self._add(
+                    pipe,
+                    batch_id,
+                    items=items,
+                    messages=messages,
+                    ttl=settings.result_ttl,
+                    now=now,
+                    owner=owner,
+                )
+            outcome = (await _write(pipe.execute(), "nothing was enqueued"))[0]
         if isinstance(outcome, str) and idempotency is not None:
             raise Replay(idempotency.held_task(outcome))
         if not outcome:
-            full = ", ".join(sorted(queues))
+            full = ", ".join(sorted(per_queue))
             raise QueueFull(
                 f"the batch's {len(batch.items)} items would take {full} past MAX_QUEUE_DEPTH "
                 f"({settings.max_queue_depth}); retry later or send a smaller batch"
             )
-        return decode_batch(batch_id, {k: str(v) for k, v in fields.items()})
+        return decode_batch(batch_id, as_mapping(fields))
 
     def _timeout(self, item: BatchItem) -> float:
         return item.request.timeout or self._settings.dispatch_default_timeout
 
-    def _item_args(
+    def _items(
         self, batch: BatchInput, batch_id: str, start: int, chunk: list[BatchItem], now: float
-    ) -> list[Any]:
-        """ADD_ITEMS' arguments after the common ones: the items' JSON, messages, payloads."""
-        items: list[Any] = []
+    ) -> tuple[list[BatchItemRecord], list[tuple[str, str]]]:
+        """One batch_add_items call's items and their (queue, message) pairs."""
+        items: list[BatchItemRecord] = []
         calls: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        payloads: list[bytes | bytearray] = []
-        events = ",".join(batch.task_events)
+        events = batch.task_events
         for index, item in enumerate(chunk, start):
             task_id = item_task_id(batch_id, index)
             request, queue = item.request, queue_of(item.priority)
@@ -148,37 +158,33 @@ class BatchStore:
                 "password": request.password.get_secret_value() if request.password else None,
             }
             calls[queue].append((task_id, json.dumps(call)))
-            fields = [
-                "model_name", request.model_name,
-                "model_version", request.model_version or "",
-                "origin", item.origin,
-                "deadline", repr(deadline),
-                "custom_id", item.custom_id,
-                "priority", item.priority.value,
-            ]  # fmt: skip
+            webhook, webhook_events = None, events
             if request.webhook:
-                fields += ["webhook", request.webhook]
-                fields += ["webhook_events", ",".join(request.webhook_event_types())]
+                webhook, webhook_events = request.webhook, request.webhook_event_types()
             elif events and batch.webhook:  # the batch's task.* events, for every item
-                fields += ["webhook", batch.webhook, "webhook_events", events]
-            if stored is not None:
-                payloads.append(stored)
-            items.append([index, queue, fields, len(payloads) if stored is not None else 0])
+                webhook = batch.webhook
+            fields = NewTask(
+                model_name=request.model_name,
+                model_version=request.model_version,
+                origin=item.origin,
+                deadline=deadline,
+                priority=item.priority,
+                webhook=webhook,
+                webhook_events=webhook_events,
+                custom_id=item.custom_id,
+            ).item_fields()
+            items.append(BatchItemRecord(index, queue, fields, stored))
         per_message = self._settings.message_max_tasks
-        messages = {
-            queue: encode_messages(c, queue=queue, per_message=per_message)
+        messages = [
+            (queue, message)
             for queue, c in calls.items()
-        }
-        return [
-            json.dumps(items),
-            json.dumps([queue for queue, queued in messages.items() for _ in queued]),
-            *(message for queued in messages.values() for message in queued),
-            *payloads,
+            for message in encode_messages(c, queue=queue, per_message=per_message)
         ]
+        return items, messages
 
     async def get(self, batch_id: str, owner: str) -> BatchView:
         """The batch as its owner may see it; 404 for unknown ids and other owners' batches."""
-        fields = cast(dict[str, str], await self.redis.hgetall(batches.batch_key(batch_id)))
+        fields = cast(dict[str, str], await self.redis.hgetall(batch_key(batch_id)))
         if not fields or fields.get("owner", "") != owner:
             raise BatchNotFound(f"no batch {batch_id!r}: it was never submitted or has expired")
         return decode_batch(batch_id, fields)
@@ -186,10 +192,7 @@ class BatchStore:
     async def cancel(self, batch_id: str, owner: str) -> BatchView:
         """Cancel every queued item (they never reach TorchServe); running ones finish."""
         view = await self.get(batch_id, owner)
-        key = batches.batch_key(batch_id)
-        before = await _write(
-            self._mark, "the batch was not canceled", keys=[key], args=[time.time()]
-        )
+        before = await _write(self._mark(batch_id, now=time.time()), "the batch was not canceled")
         if before in (BatchStatus.completed.value, BatchStatus.canceled.value):
             raise BatchFinished(f"batch {batch_id} already ended as {before}: nothing to cancel")
         error = TaskCanceled("the task's batch was canceled before a worker started it")
@@ -198,17 +201,16 @@ class BatchStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for start in range(0, total, ITEMS_PER_SCRIPT):
                 last = min(start + ITEMS_PER_SCRIPT, total) - 1
-                args: list[Any] = [
-                    time.time(),
-                    self._settings.result_ttl,
-                    records.FINISHED_CHANNEL,
-                    body,
+                await self._cancel(
+                    pipe,
                     batch_id,
                     start,
                     last,
-                ]
-                await self._cancel(keys=[], args=args, client=pipe)
-            await _write(pipe.execute, "some queued items may not have been canceled")
+                    now=time.time(),
+                    ttl=self._settings.result_ttl,
+                    error=body,
+                )
+            await _write(pipe.execute(), "some queued items may not have been canceled")
         return await self.get(batch_id, owner)
 
     async def results(self, view: BatchView) -> AsyncIterator[bytes]:
@@ -222,7 +224,7 @@ class BatchStore:
             indices = range(start, min(start + RESULTS_PER_READ, total))
             async with self.redis.pipeline(transaction=False) as pipe:
                 for index in indices:
-                    pipe.hmget(records.task_key(item_task_id(view.batch_id, index)), RESULT_FIELDS)
+                    pipe.hmget(task_key(item_task_id(view.batch_id, index)), RESULT_FIELDS)
                 rows = await pipe.execute()
             lines = []
             for index, (status, custom_id, result, error) in zip(indices, rows, strict=True):
@@ -248,4 +250,4 @@ def _line(
 def batch_idempotency(key: str, owner: str, fingerprint: str) -> IdempotencyClaim:
     """Idempotency-Key on POST /batches: per caller, apart from the same key on a dispatch."""
     scoped = hashlib.sha256(f"{owner}\0batch\0{key}".encode()).hexdigest()
-    return IdempotencyClaim(KEY_PREFIX + "batch:" + scoped, fingerprint)
+    return IdempotencyClaim(batch_idempotency_key(scoped), fingerprint)

@@ -2,15 +2,15 @@
 
 A submit costs a round trip and a script run in Redis, and its Celery message costs a worker
 more than the prediction (docs/BENCHMARKS.md). So submits that arrive while another group is
-being written wait for that write to end, then go together: one SUBMIT_MANY call
-(shared/records.py) records all of them, and each priority class's tasks share one message.
-An idle API sends a lone submit at once, in the caller's own task: latency at low load does not
-grow. Under load, the group is whatever arrived during one round trip (at most `max_tasks`).
-A round trip is short next to the time between submits of a few hundred requests a second, so
-while the API is busy (`busy()`: many sync callers waiting in this process) a submit that finds
-no write in flight lingers `linger` seconds (SUBMIT_LINGER_MS) for others to join it: waiting
-callers already spend tens of milliseconds in the queue, and a message of several tasks costs a
-worker far less per task than one each.
+being written wait for that write to end, then go together: one task_submit call
+(shared/redis_state/lua/task_submit.lua) records all of them, and each priority class's tasks
+share one message. An idle API sends a lone submit at once, in the caller's own task: latency at
+low load does not grow. Under load, the group is whatever arrived during one round trip (at most
+`max_tasks`). A round trip is short next to the time between submits of a few hundred requests a
+second, so while the API is busy (`busy()`: many sync callers waiting in this process) a submit
+that finds no write in flight lingers `linger` seconds (SUBMIT_LINGER_MS) for others to join it:
+waiting callers already spend tens of milliseconds in the queue, and a message of several tasks
+costs a worker far less per task than one each.
 
 Per task nothing is shared but the round trip: its own depth check, record, idempotency key and
 outcome (a 429 or a replay for one task is not one for the others).
@@ -19,31 +19,25 @@ outcome (a 429 or a replay for one task is not one for the others).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from api.errors import queue_refuses_writes
 from shared.celery_app import encode_message
 from shared.errors import redis_write_refusal
+from shared.redis_state.task_scripts import SubmitTask, SubmitTasks
 
 
 @dataclass(slots=True)
 class Submit:
-    """One task to record and enqueue: what SUBMIT_MANY needs, and the task for the message."""
+    """One task to record and enqueue: what task_submit records, and its message entry."""
 
-    task_id: str
-    queue: str
-    fields: list[str]  # field, value, ... of its record
+    new: SubmitTask
     task: dict[str, Any]  # {"id", "call", "headers"}: its entry in the Celery message
-    payload: bytes | None = None  # claim-checked payload, stored under its own key
-    idempotency_key: str = ""
-    idempotency_record: str = ""
     result: asyncio.Future[int | str] = field(init=False)
 
 
@@ -51,13 +45,13 @@ class SubmitGroups:
     """Writes submits in groups; `submit` answers 1 (recorded), 0 (queue full) or the record
     held under its idempotency key, or raises what the write raised."""
 
-    def __init__(self, script: AsyncScript, max_depth: int, ttl: int, idempotency_ttl: int,
+    def __init__(self, script: SubmitTasks, max_depth: int, ttl: int, idempotency_ttl: int,
                  max_tasks: int, linger: float = 0.0) -> None:  # fmt: skip
         self._script = script
         self._linger = linger
         self.busy: Callable[[], bool] = lambda: False  # set by the app: see the module's doc
         self._timer: asyncio.TimerHandle | None = None
-        self._head = [max_depth, ttl, idempotency_ttl]
+        self._max_depth, self._ttl, self._idempotency_ttl = max_depth, ttl, idempotency_ttl
         self._max_tasks = max_tasks
         self._pending: list[Submit] = []
         self._writing = False
@@ -111,35 +105,18 @@ class SubmitGroups:
                 self._writing = False
 
     async def _write(self, group: list[Submit]) -> list[int | str]:
-        tasks = []
         by_queue: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
-        payloads: list[bytes] = []
-        messages: dict[str, int] = {}
         for submit in group:
-            by_queue[submit.queue].append(submit.task)
-        first_payload = 6 + len(by_queue)  # ARGV: head (3), tasks, messages, then the messages
-        for submit in group:
-            position = 0
-            if submit.payload is not None:
-                position = first_payload + len(payloads)
-                payloads.append(submit.payload)
-            tasks.append(
-                [submit.task_id, submit.queue, submit.fields, position,
-                 submit.idempotency_key, submit.idempotency_record]
-            )  # fmt: skip
-        encoded: list[str] = []
-        for queue, queued in by_queue.items():
-            messages[queue] = 6 + len(encoded)
-            encoded.append(encode_message(queued, queue=queue))
-        args: list[Any] = [
-            *self._head,
-            json.dumps(tasks),
-            json.dumps(messages),
-            *encoded,
-            *payloads,
-        ]
+            by_queue[submit.new.queue].append(submit.task)
+        messages = {queue: encode_message(tasks, queue=queue) for queue, tasks in by_queue.items()}
         try:
-            return list(await self._script(args=args))
+            return await self._script(
+                [submit.new for submit in group],
+                messages,
+                max_depth=self._max_depth,
+                ttl=self._ttl,
+                idempotency_ttl=self._idempotency_ttl,
+            )
         except ResponseError as error:
             reason = redis_write_refusal(error)
             if reason is None:

@@ -3,9 +3,10 @@
 A client that lost its connection (or whose sync wait ended) retries with the same key and gets
 the same task, never a second TorchServe call. The key is scoped to the caller's API key (its
 owner name) and kept IDEMPOTENCY_TTL. Stored under it: a fingerprint of the request and the task
-id, written by the same Redis script that writes the task and its message (shared.records.SUBMIT),
-so concurrent first requests with one key create exactly one task and the others attach to it.
-A request refused before that script (422, 403, 413) or by it (429) stores nothing.
+id (shared/redis_state/record.py), written by the same Redis script that writes the task and its
+message (task_submit), so concurrent first requests with one key create exactly one task and
+the others attach to it. A request refused before that script (422, 403, 413) or by it (429)
+stores nothing.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 from shared.errors import IdempotencyKeyReused, InvalidIdempotencyKey
 from shared.models import PredictionRequest
 from shared.payloads import Payload
+from shared.redis_state.keys import idempotency_key
+from shared.redis_state.record import idempotency_record, parse_idempotency_record
 
 HEADER = "Idempotency-Key"
-KEY_PREFIX = "dispatch:idem:"
 MAX_KEY_CHARS = 255
 # RFC 8941 sf-string: printable ASCII in quotes, `"` and `\` escaped with a backslash.
 _SF_STRING = re.compile(r'^"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"$')
@@ -32,7 +34,7 @@ _HASH_INLINE_BYTES = 256 * 1024
 
 
 class Replay(Exception):  # not an error: the route answers with the held task
-    """SUBMIT found a live task under the key, for the same request: answer with that task."""
+    """task_submit found a live task under the key, for the same request: answer with that task."""
 
     def __init__(self, task_id: str) -> None:
         super().__init__(task_id)
@@ -41,17 +43,17 @@ class Replay(Exception):  # not an error: the route answers with the held task
 
 @dataclass(frozen=True)
 class IdempotencyClaim:
-    """What SUBMIT needs: the Redis key, and the fingerprint to store or compare."""
+    """What task_submit needs: the Redis key, and the fingerprint to store or compare."""
 
     redis_key: str
     fingerprint: str
 
     def record(self, task_id: str) -> str:
-        return f"{self.fingerprint}:{task_id}"
+        return idempotency_record(self.fingerprint, task_id)
 
     def held_task(self, held: str) -> str:
         """The task held under the key; 422 when it was created by a different request."""
-        fingerprint, _, task_id = held.partition(":")
+        fingerprint, task_id = parse_idempotency_record(held)
         if fingerprint != self.fingerprint:
             raise IdempotencyKeyReused(
                 f"this {HEADER} was used for a different request (model, version, target, "
@@ -91,7 +93,7 @@ async def claim(
         fingerprint = await asyncio.to_thread(fingerprint_of, request, origin, payload)
     else:
         fingerprint = fingerprint_of(request, origin, payload)
-    return IdempotencyClaim(KEY_PREFIX + scoped, fingerprint)
+    return IdempotencyClaim(idempotency_key(scoped), fingerprint)
 
 
 def fingerprint_of(request: PredictionRequest, origin: str, payload: Payload | None) -> str:

@@ -35,8 +35,7 @@ from api.waiting import ResultWaiter, Watch
 from shared.models import PredictionRequest, TaskView
 from shared.priorities import ALL_QUEUES, Priority
 from shared.prometheus import LATENCY_BUCKETS, ModelLabels, multiprocess_dir, scrape_registry
-from shared.queue_depth import parse_depth, queued_key
-from shared.records import LIVE_BEATS, WORKERS_KEY
+from shared.redis_state.keys import LIVE_BEATS, WORKERS_KEY, parse_depth, queued_key
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -10,19 +10,22 @@ import httpx
 from pydantic import BaseModel
 from redis.exceptions import RedisError, ResponseError
 
-from shared import records
 from shared.errors import redis_write_refusal
 from shared.priorities import ALL_QUEUES
-from shared.queue_depth import parse_depth, queued_key
+from shared.redis_state.keys import (
+    LAST_FINISHED_KEY,
+    LIVE_BEATS,
+    WORKERS_KEY,
+    WRITE_PROBE_KEY,
+    parse_depth,
+    queued_key,
+)
 from shared.settings import Settings
 
 # Queued work and nothing finished for this long means the workers stopped consuming
 # (seen after Redis reconnects: celery#8030), even if their processes still beat.
 STALL_SECONDS = 60.0
 CHECK_TIMEOUT = 2.0
-# Written on every check: a Redis that answers PING may still refuse writes (out of memory under
-# noeviction, a read-only replica after a failover), and then nothing can be submitted.
-WRITE_PROBE_KEY = "dispatch:ready_probe"
 QUEUED_KEYS = [queued_key(queue) for queue in ALL_QUEUES]
 
 
@@ -39,12 +42,12 @@ async def _check_redis_and_workers(state: Any) -> dict[str, str]:
         async with asyncio.timeout(CHECK_TIMEOUT):
             await client.ping()
             refusal = await _refuses_writes(client)
-            live_since = time.time() - records.LIVE_BEATS * state.settings.worker_heartbeat_interval
-            workers = await client.zcount(records.WORKERS_KEY, live_since, "+inf")
+            live_since = time.time() - LIVE_BEATS * state.settings.worker_heartbeat_interval
+            workers = await client.zcount(WORKERS_KEY, live_since, "+inf")
             # Tasks, not messages (one message carries 1..MESSAGE_MAX_TASKS tasks): the same
             # counters as the 429 limit and dispatcher_queue_depth.
             depths = [parse_depth(raw) for raw in await client.mget(QUEUED_KEYS)]
-            last_finished = await client.get(records.LAST_FINISHED_KEY)
+            last_finished = await client.get(LAST_FINISHED_KEY)
     except (RedisError, OSError, TimeoutError) as error:
         return {"redis": f"unreachable ({type(error).__name__})", "workers": "unknown"}
     redis_check = f"refuses writes: {refusal}" if refusal else "ok"
@@ -66,6 +69,9 @@ async def _check_redis_and_workers(state: Any) -> dict[str, str]:
 async def _refuses_writes(client: Any) -> str | None:
     """Why Redis refuses writes, or None when it accepts them."""
     try:
+        # Written on every check: a Redis that answers PING may still refuse writes (out of
+        # memory under noeviction, a read-only replica after a failover): nothing could be
+        # submitted.
         await client.set(WRITE_PROBE_KEY, str(time.time()), ex=60)
     except ResponseError as error:
         reason = redis_write_refusal(error)

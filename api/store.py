@@ -1,21 +1,24 @@
-"""The API's side of the task records: submit (record + message in one step), read, cancel."""
+"""The API's side of the task records: submit (record + message in one step), read, cancel.
+
+Every write is one script of shared/redis_state. Reading a task can write too: a task that can
+no longer end by itself (queued past its deadline, or running long after its worker was lost)
+is settled by the read that finds it, hence `read_and_settle`.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TypeVar, cast
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from api.errors import queue_refuses_writes
 from api.group_commit import Submit, SubmitGroups
 from api.idempotency import IdempotencyClaim, Replay
-from shared import records
 from shared.celery_app import task_headers
 from shared.errors import (
     DispatchError,
@@ -32,12 +35,17 @@ from shared.logs import bind_task
 from shared.models import PredictionCall, PredictionRequest, TaskStatus, TaskView
 from shared.payloads import Payload
 from shared.priorities import ALL_QUEUES, Priority, queue_of
-from shared.queue_depth import parse_depth, queued_key
+from shared.redis_state.keys import parse_depth, queued_key, task_key
+from shared.redis_state.outbox_scripts import RetryEvent
+from shared.redis_state.record import NewTask, as_mapping, decode_record
+from shared.redis_state.task_scripts import CancelTask, SettleTask, SubmitTask, SubmitTasks
 from shared.settings import Settings
 
 # How long after its deadline a `running` task may still be waiting for redelivery before the
 # API gives it up: the broker's visibility timeout plus this margin for the redelivered run.
 ORPHAN_MARGIN = 60.0
+
+T = TypeVar("T")
 
 
 def new_task_id() -> str:
@@ -45,21 +53,22 @@ def new_task_id() -> str:
 
 
 class ApiStore:
-    """Task records as the API sees them; all writes are the atomic scripts of shared.records."""
+    """Task records as the API sees them; all writes are the scripts of shared/redis_state."""
 
     def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         self.redis = client
         self._settings = settings
         self.groups = SubmitGroups(
-            client.register_script(records.SUBMIT_MANY),
+            SubmitTasks(client),
             max_depth=settings.max_queue_depth,
             ttl=settings.result_ttl,
             idempotency_ttl=settings.idempotency_ttl,
             max_tasks=settings.message_max_tasks,
             linger=settings.submit_linger_ms / 1000,
         )
-        self._cancel = client.register_script(records.CANCEL)
-        self._settle = client.register_script(records.SETTLE)
+        self._cancel = CancelTask(client)
+        self._settle = SettleTask(client)
+        self.retry_event = RetryEvent(client)
 
     async def submit(
         self,
@@ -96,27 +105,25 @@ class ApiStore:
             username=request.username,
             password=request.password.get_secret_value() if request.password else None,
         )
-        fields: dict[str, Any] = {
-            "status": TaskStatus.queued.value,
-            "model_name": request.model_name,
-            "model_version": request.model_version or "",
-            "created_at": now,
-            "deadline": deadline,
-            "owner": owner,
-            "origin": origin,
-            "priority": priority.value,
-        }
-        if request.webhook:  # read by the transition scripts, which emit the events
-            fields["webhook"] = request.webhook
-            fields["webhook_events"] = ",".join(request.webhook_event_types())
+        fields = NewTask(
+            model_name=request.model_name,
+            model_version=request.model_version,
+            origin=origin,
+            deadline=deadline,
+            priority=priority,
+            webhook=request.webhook,
+            webhook_events=request.webhook_event_types() if request.webhook else (),
+        ).fields(now, owner)
         submit = Submit(
-            task_id=task_id,
-            queue=queue_of(priority),  # the 429 limit applies per class
-            fields=[str(item) for pair in fields.items() for item in pair],
+            new=SubmitTask(
+                task_id=task_id,
+                queue=queue_of(priority),  # the 429 limit applies per class
+                fields=fields,
+                payload=None if stored is None else bytes(stored),
+                idempotency_key=idempotency.redis_key if idempotency else "",
+                idempotency_record=idempotency.record(task_id) if idempotency else "",
+            ),
             task={"id": task_id, "call": call.model_dump(), "headers": task_headers()},
-            payload=None if stored is None else bytes(stored),
-            idempotency_key=idempotency.redis_key if idempotency else "",
-            idempotency_record=idempotency.record(task_id) if idempotency else "",
         )
         accepted = await self.groups.submit(submit)
         if isinstance(accepted, str) and idempotency is not None:
@@ -126,7 +133,7 @@ class ApiStore:
                 f"{self._settings.max_queue_depth} {priority.value} tasks are already queued; "
                 "retry later"
             )
-        return records.decode_record(task_id, {k: str(v) for k, v in fields.items()})
+        return decode_record(task_id, as_mapping(fields))
 
     def timeout_of(self, request: PredictionRequest) -> float:
         if request.timeout is None:
@@ -137,16 +144,20 @@ class ApiStore:
             )
         return request.timeout
 
-    async def get(self, task_id: str, owner: str) -> TaskView:
-        """The task as its owner may see it; 404 for unknown ids and other owners' tasks."""
-        fields = cast(dict[str, str], await self.redis.hgetall(records.task_key(task_id)))
+    async def read_and_settle(self, task_id: str, owner: str) -> TaskView:
+        """The task as its owner may see it; 404 for unknown ids and other owners' tasks.
+
+        Not a pure read: a task that can no longer end by itself is ended here (task_settle),
+        so nothing stays queued or running forever, and the view shows it ended.
+        """
+        fields = cast(dict[str, str], await self.redis.hgetall(task_key(task_id)))
         if not fields or fields.get("owner", "") != owner:
             raise TaskNotFound(f"no task {task_id!r}: it was never submitted or has expired")
-        view = records.decode_record(task_id, fields)
+        view = decode_record(task_id, fields)
         bind_task(task_id, view.model_name)
         settled = await self._settle_overdue(view)
         if settled is True:
-            return await self.get(task_id, owner)
+            return await self.read_and_settle(task_id, owner)
         return settled or view
 
     async def _settle_overdue(self, view: TaskView) -> TaskView | bool:
@@ -170,16 +181,12 @@ class ApiStore:
             return False
         try:
             settled = await self._settle(
-                keys=[records.task_key(view.task_id)],
-                args=[
-                    view.status.value,
-                    new_status.value,
-                    now,
-                    error.body(view.task_id).model_dump_json(),
-                    self._settings.result_ttl,
-                    records.FINISHED_CHANNEL,
-                    view.task_id,
-                ],
+                view.task_id,
+                expected=view.status,
+                new=new_status,
+                now=now,
+                error=error.body(view.task_id).model_dump_json(),
+                ttl=self._settings.result_ttl,
             )
         except ResponseError as refused:
             if redis_write_refusal(refused) is None:
@@ -191,50 +198,45 @@ class ApiStore:
                     "error": error.body(view.task_id),
                 }
             )
-        return bool(settled)
+        return settled
 
     async def cancel(self, task_id: str, owner: str) -> TaskView:
         """Cancel a queued task at once, flag a running one; 409 for a finished one."""
-        view = await self.get(task_id, owner)
+        view = await self.read_and_settle(task_id, owner)
         if view.status.terminal:  # CANCEL would answer `canceled` for a task canceled before
             raise TaskAlreadyFinished(
                 f"task {task_id} already ended as {view.status.value}; there is nothing to cancel"
             )
         canceled = TaskCanceled("the task was canceled before a worker started it")
         outcome = await _write(
-            self._cancel,
-            "the task was not canceled",
-            keys=[records.task_key(task_id)],
-            args=[
-                time.time(),
-                self._settings.result_ttl,
-                records.FINISHED_CHANNEL,
+            self._cancel(
                 task_id,
-                canceled.body(task_id).model_dump_json(),
-            ],
+                now=time.time(),
+                ttl=self._settings.result_ttl,
+                error=canceled.body(task_id).model_dump_json(),
+            ),
+            "the task was not canceled",
         )
         if outcome not in ("canceled", "cancel_requested"):
             raise TaskAlreadyFinished(
                 f"task {task_id} already ended as {outcome!s}; there is nothing to cancel"
             )
-        return await self.get(view.task_id, owner)
+        return await self.read_and_settle(view.task_id, owner)
 
     async def queue_depth(self) -> int:
-        """Tasks waiting in every class's queue (shared/queue_depth.py)."""
+        """Tasks waiting in every class's queue (the counters of shared/redis_state/keys.py)."""
         depths = await self.redis.mget([queued_key(queue) for queue in ALL_QUEUES])
         return sum(parse_depth(depth) for depth in depths)
 
 
-async def _write(
-    script: AsyncScript | Callable[[], Awaitable[Any]], outcome: str, **call: Any
-) -> Any:
-    """Run a write script; 503 saying why when Redis refuses writes (OOM, read-only replica).
+async def _write(write: Awaitable[T], outcome: str) -> T:
+    """Await a write script; 503 saying why when Redis refuses writes (OOM, read-only replica).
 
     Every script's first write is the one Redis can refuse (it checks memory at a script's first
     write and lets the rest through), so a refused script has written nothing.
     """
     try:
-        return await script(**call)
+        return await write
     except ResponseError as error:
         reason = redis_write_refusal(error)
         if reason is None:

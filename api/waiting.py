@@ -1,6 +1,6 @@
 """Waiting for results without threads: one pub/sub connection per API process for every waiter.
 
-Workers publish a task's whole record on `shared.records.FINISHED_CHANNEL` when it ends. The
+Workers publish a task's whole record on `FINISHED_CHANNEL` (shared/redis_state) when it ends. The
 listener subscribes once, at start-up, and hands the record to the waiters registered for that
 id, so a woken waiter needs no read. A waiter registers before it submits (or reads) the task,
 so a task that ends in between still wakes it; it re-reads the record now and then (and after
@@ -19,8 +19,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared import records
 from shared.models import TaskStatus, TaskView
+from shared.redis_state.keys import FINISHED_CHANNEL
+from shared.redis_state.published import parse_published, published_task_id
+from shared.redis_state.record import decode_record
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ class Watch:
                     await self.woken.wait()
             self.woken.clear()
             if self.published is not None:
-                view = records.decode_record(self.task_id, self.published)
+                view = decode_record(self.task_id, self.published)
                 self.published = None
             else:
                 view = await read()
@@ -110,10 +112,10 @@ class ResultWaiter:
                 del self._watches[task_id]
 
     def _deliver(self, message: str) -> None:
-        watches = self._watches.get(records.published_task_id(message))
+        watches = self._watches.get(published_task_id(message))
         if not watches:
             return  # another API process's task
-        _, fields = records.parse_published(message)  # None: a big result, read by the waiter
+        _, fields = parse_published(message)  # None: a big result, read by the waiter
         for watch in watches:
             watch.wake(fields)
 
@@ -126,7 +128,7 @@ class ResultWaiter:
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(records.FINISHED_CHANNEL)
+                    await pubsub.subscribe(FINISHED_CHANNEL)
                     self.subscribed.set()
                     self._wake_all()  # anything published while we were away
                     await self._dispatch(pubsub)

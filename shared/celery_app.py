@@ -3,8 +3,8 @@
 The API never imports worker code: it enqueues by task name. It also does not go through Celery's
 (blocking) producer: `encode_task_message` builds the same Celery protocol-2 message kombu's Redis
 transport would push, so the API can push it with redis.asyncio in the same atomic script that
-writes the task record (see `shared.records.SUBMIT`). `tests/test_celery_message.py` keeps the
-format in step with what Celery itself produces.
+writes the task record (shared/redis_state/lua/task_submit.lua). `tests/test_celery_message.py`
+keeps the format in step with what Celery itself produces.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def create_celery_app(settings: Settings) -> Celery:
         # JSON only: pickle from the broker would be remote code execution.
         task_serializer="json",
         accept_content=["json"],
-        # Results live in the dispatcher's own records (shared.records), not Celery's backend.
+        # Results live in the dispatcher's own records (shared/redis_state), not Celery's backend.
         task_ignore_result=True,
         result_backend=None,
         # Ack after the task ran, and give the message back if the worker process dies, so a

@@ -5,7 +5,7 @@ parts back to back) plus each part's name, filename, content type and size. Smal
 inline in the Celery message; above `CLAIM_CHECK_BYTES` they are stored once in Redis under
 `dispatch:payload:<task id>` with the task's TTL (a claim check) and the message carries only the
 reference: a 6 MB image is not base64'd twice into the broker's list and then copied into
-`unacked` too. Every transition that ends a task deletes the key (shared/records.py).
+`unacked` too. Every transition that ends a task deletes the key (shared/redis_state/lua/lib.lua).
 
 The multipart encoding lives here, not in the worker, because the API bounds the body *as
 TorchServe will receive it* (MAX_BODY_BYTES) and so must know its exact size before enqueueing.
@@ -20,15 +20,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from redis.client import NEVER_DECODE
 
+from shared.redis_state.keys import payload_key
+
 CLAIM_CHECK_BYTES = 64 * 1024
-PAYLOAD_KEY_PREFIX = "dispatch:payload:"
 DEFAULT_MEDIA_TYPE = "application/octet-stream"
 # Same length for every boundary, so the API can size a body before the worker encodes it.
 _BOUNDARY_BYTES = 16
-
-
-def payload_key(task_id: str) -> str:
-    return PAYLOAD_KEY_PREFIX + task_id
 
 
 class Part(BaseModel):

@@ -2,7 +2,8 @@
 
 Used by the API (the allow-list check before anything is enqueued) and by the webhook consumer
 (the same check again at send time, the signature and the body). The outbox that carries events
-from a task's transition to the consumer is shared/outbox.py; the sender is worker/webhooks.py.
+from a task's transition to the consumer is shared/redis_state/outbox_scripts.py; the sender is
+worker/webhooks.py.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, Field
 
-from shared.batches import decode_batch
-from shared.records import decode_record
+from shared.redis_state.batch import decode_batch
+from shared.redis_state.record import as_mapping, decode_record
 
 SECRET_PREFIX = "whsec_"  # noqa: S105  # the format's prefix, not a secret
 
@@ -175,9 +176,8 @@ def signature(keys: Iterable[bytes], webhook_id: str, timestamp: int, body: byte
 
 def event_body(event: Mapping[str, str]) -> bytes:
     """`{"type", "timestamp", "data"}` of an outbox event; data is the task view at the event."""
-    record = json.loads(event["record"])
-    fields = dict(zip(record[::2], record[1::2], strict=True))
-    # `batch.completed` carries the batch as GET /batches/{id} shows it (shared/batches.py).
+    fields = as_mapping(json.loads(event["record"]))
+    # `batch.completed` carries the batch as GET /batches/{id} shows it.
     batch = event["type"].startswith("batch.")
     view = (decode_batch if batch else decode_record)(event["task_id"], fields)
     at = datetime.fromtimestamp(float(event["at"]), UTC)

@@ -1,10 +1,10 @@
 """Liveness for `/ready` and the metrics: each worker beats in the live-worker registry.
 
-The registry is one sorted set (`records.WORKERS_KEY`) scored by each worker's last beat, so the
-API counts live workers with one ZCOUNT; a worker leaves it on shutdown, and the beats of the others
-drop the entry of one that died.
+The registry is one sorted set (`WORKERS_KEY`, shared/redis_state/keys.py) scored by each worker's
+last beat, so the API counts live workers with one ZCOUNT; a worker leaves it on shutdown, and the
+beats of the others drop the entry of one that died.
 
-Whether workers also *complete* work is judged from `dispatch:last_finished` (api/readiness.py).
+Whether workers also *complete* work is judged from `LAST_FINISHED_KEY` (api/readiness.py).
 The same beat renews the broker lease of every message the worker holds (see `_renew_leases`).
 """
 
@@ -22,7 +22,7 @@ from celery.signals import worker_ready, worker_shutdown
 from celery.worker import state as worker_state
 from kombu.transport.redis import Channel
 
-from shared import records
+from shared.redis_state.keys import STALE_BEATS, WORKERS_KEY
 from shared.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ def _renew_leases(client: redis.Redis) -> None:
 def _beat_once(client: redis.Redis, name: str, interval: float) -> None:
     now = time.time()
     with client.pipeline(transaction=False) as pipe:
-        pipe.zadd(records.WORKERS_KEY, {name: now})
-        pipe.zremrangebyscore(records.WORKERS_KEY, "-inf", now - records.STALE_BEATS * interval)
+        pipe.zadd(WORKERS_KEY, {name: now})
+        pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - STALE_BEATS * interval)
         pipe.execute()
 
 
@@ -87,6 +87,6 @@ def stop_heartbeat(**_: Any) -> None:
     _stop.set()
     if "client" in _running:
         try:  # leave at once, so /ready and the metrics stop counting this worker
-            _running["client"].zrem(records.WORKERS_KEY, _running["name"])
+            _running["client"].zrem(WORKERS_KEY, _running["name"])
         except redis.RedisError as error:
             log.warning("could not leave the worker registry: %s", type(error).__name__)

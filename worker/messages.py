@@ -29,10 +29,11 @@ from shared.logs import task_context
 from shared.models import PredictionCall
 from shared.payloads import read_payload
 from shared.priorities import Priority
+from shared.redis_state.record import Outcome
 from worker import task_metrics as metrics
 from worker.group_commit import GroupCommit
 from worker.pool import PriorityPool
-from worker.store import Outcome, StartVerdict, WorkerStore
+from worker.store import StartVerdict, WorkerStore
 from worker.torchserve import TorchServeClient
 
 log = logging.getLogger(__name__)

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from dataclasses import field as dataclass_field
 from enum import Enum
-from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from shared import records
-from shared.errors import DeadlineExceeded, DispatchError, TaskExpired
-from shared.models import TaskStatus
+from shared.errors import DeadlineExceeded, TaskExpired
+from shared.redis_state.record import Outcome
+from shared.redis_state.task_scripts import FinishTasks, StartTasks
 from shared.settings import Settings
 from worker.refusals import retry_while_refused
 
@@ -53,8 +49,8 @@ class WorkerStore:
             retry=Retry(ExponentialBackoff(cap=REDIS_BACKOFF_CAP), REDIS_RETRIES),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
-        self._start = self.redis.register_script(records.START_MANY)
-        self._finish = self.redis.register_script(records.FINISH_MANY)
+        self._start = StartTasks(self.redis)
+        self._finish = FinishTasks(self.redis)
 
     def start(self, task_ids: Sequence[str]) -> list[tuple[StartVerdict, int]]:
         """START every task of one message in one call: (verdict, deliveries) each, in order."""
@@ -62,77 +58,30 @@ class WorkerStore:
         overran = DeadlineExceeded("the task's worker was lost and its deadline passed meanwhile")
         # While Redis refuses writes nothing is started (a refused script wrote nothing), and
         # the message stays unacknowledged: wait, never run the task unrecorded or ack it away.
-        flat = retry_while_refused(
+        started = retry_while_refused(
             lambda: self._start(
-                args=[
-                    time.time(),
-                    self._settings.max_deliveries,
-                    self._settings.result_ttl,
-                    records.FINISHED_CHANNEL,
-                    self._worker_name,
-                    expired.body().model_dump_json(),
-                    overran.body().model_dump_json(),
-                    *task_ids,
-                ],
+                task_ids,
+                now=time.time(),
+                max_deliveries=self._settings.max_deliveries,
+                ttl=self._settings.result_ttl,
+                worker=self._worker_name,
+                expired_error=expired.body().model_dump_json(),
+                overran_error=overran.body().model_dump_json(),
             ),
             f"starting {len(task_ids)} task(s)",
         )
-        return [_verdict(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        return [_verdict(verdict, deliveries) for verdict, deliveries in started]
 
     def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         """Store the outcomes of several tasks in one call; False for a task that had ended."""
-        entries = []
-        values: list[str] = []
-        for outcome in outcomes:
-            values.append(outcome.value)
-            entries.append(
-                [
-                    outcome.task_id,
-                    outcome.status.value,
-                    outcome.field,
-                    4 + len(values),
-                    outcome.extra,
-                ]
-            )
         # The outcomes are in hand: keep them until Redis accepts the write rather than run again.
-        ended = retry_while_refused(
-            lambda: self._finish(
-                keys=[records.LAST_FINISHED_KEY],
-                args=[
-                    time.time(),
-                    self._settings.result_ttl,
-                    records.FINISHED_CHANNEL,
-                    json.dumps(entries),
-                    *values,
-                ],
-            ),
+        return retry_while_refused(
+            lambda: self._finish(outcomes, now=time.time(), ttl=self._settings.result_ttl),
             f"storing the outcomes of {len(outcomes)} task(s)",
         )
-        return [bool(flag) for flag in ended]
 
 
 def _verdict(verdict: str, deliveries: int) -> tuple[StartVerdict, int]:
     if verdict in (StartVerdict.run, StartVerdict.too_many, StartVerdict.missing):
         return StartVerdict(verdict), int(deliveries)
     return StartVerdict.done, int(deliveries)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How one task ended, as FINISH_MANY stores it."""
-
-    task_id: str
-    status: TaskStatus
-    field: str  # 'result' or 'error'
-    value: str  # JSON
-    extra: list[str] = dataclass_field(default_factory=list)  # more fields: name, value, ...
-
-    @classmethod
-    def succeeded(cls, task_id: str, value: Any, content_type: str | None = None) -> Outcome:
-        """`content_type`: the answer's when it is not JSON (kept for /tasks/{id}/result)."""
-        extra = ["result_type", content_type] if content_type else []
-        return cls(task_id, TaskStatus.succeeded, "result", json.dumps(value), extra)
-
-    @classmethod
-    def failed(cls, task_id: str, error: DispatchError) -> Outcome:
-        return cls(task_id, TaskStatus.failed, "error", error.body(task_id).model_dump_json())

@@ -104,10 +104,10 @@ class TaskObservation:
             TASK_TOTAL.labels(model, self.priority).observe(max(0.0, now - self.submitted_at))
 
     def skipped(self, missing: bool = False) -> None:
-        """START ran nothing. Its `deliveries` tell why (see shared.records.START): 0 for a copy of
-        a task that ended already, or whose record is gone (`missing`); 1 for a task that expired
-        in the queue; more for a redelivered task whose deadline passed while its worker was
-        lost."""
+        """START ran nothing. Its `deliveries` tell why (shared/redis_state/lua/task_start.lua): 0
+        for a copy of a task that ended already, or whose record is gone (`missing`); 1 for a task
+        that expired in the queue; more for a redelivered task whose deadline passed while its
+        worker was lost."""
         if self.deliveries == 0:
             code = "missing" if missing else "duplicate"
             TASKS_FINISHED.labels(model_label(self.model), "skipped", code).inc()

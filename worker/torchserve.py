@@ -28,6 +28,7 @@ from shared.errors import (
 from shared.logs import current_request_id
 from shared.models import PredictionCall
 from shared.payloads import DEFAULT_MEDIA_TYPE, encode_multipart
+from shared.redis_state.record import charset_of
 from shared.settings import Settings
 from worker import task_metrics as metrics
 
@@ -58,18 +59,10 @@ class Answer:
     content_type: str | None = None
 
 
-def _charset(params: str) -> str:
-    for param in params.split(";"):
-        key, _, value = param.partition("=")
-        if key.strip().lower() == "charset" and value.strip():
-            return value.strip().strip('"')
-    return "utf-8"
-
-
 def parse_answer(content: bytes, content_type: str | None) -> Answer:
     """TorchServe's 200 kept with its Content-Type (TorchServe sends none for JSON): JSON parses,
     text decodes, and bytes are never decoded as text, they become a data URI."""
-    media, _, params = (content_type or "").partition(";")
+    media = (content_type or "").partition(";")[0]
     media = media.strip().lower()
     if not media or media == "application/json" or media.endswith("+json"):
         try:
@@ -78,7 +71,7 @@ def parse_answer(content: bytes, content_type: str | None) -> Answer:
             pass
     if not media or media.startswith("text/"):
         try:
-            charset = _charset(params)
+            charset = charset_of(content_type)
             codecs.lookup(charset)
             return Answer(content.decode(charset), content_type or "text/plain; charset=utf-8")
         except (LookupError, UnicodeDecodeError):

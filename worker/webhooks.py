@@ -4,7 +4,8 @@ The relay (a thread in each consumer's main process) moves due events from the o
 set onto the queue every RELAY_SECONDS; `webhooks.deliver` claims one, sends it once and records
 the outcome: delivered (2xx in time), stopped (410, or the allow-list now refuses it), failed
 (WEBHOOK_MAX_ATTEMPTS used), or due again after the next delay of WEBHOOK_RETRY_SCHEDULE
-(jittered) or the receiver's Retry-After on 429/503. See shared/outbox.py for why nothing is lost
+(jittered) or the receiver's Retry-After on 429/503. See shared/redis_state/outbox_scripts.py for
+why nothing is lost
 when a consumer dies and why a duplicate message is not a duplicate send. Nothing here reads or
 writes the task's own state: a webhook never changes a task.
 """
@@ -24,7 +25,8 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 from prometheus_client import Counter, start_http_server
 
-from shared import outbox
+from shared.redis_state.keys import MIN_EVENT_TTL, event_key
+from shared.redis_state.outbox_scripts import ClaimEvent, DeferEvent, PromoteEvents, RecordOutcome
 from shared.settings import Settings, get_settings
 from shared.webhooks import attempt_json
 from worker.webhook_app import TASK_DELIVER, WEBHOOK_QUEUE, app
@@ -51,17 +53,17 @@ DELIVERIES = Counter(
 
 
 class Outbox:
-    """The consumer's side of shared/outbox.py (sync redis-py)."""
+    """The consumer's side of the outbox (shared/redis_state/outbox_scripts.py; sync redis-py)."""
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.redis = client or redis.Redis.from_url(
             settings.redis_url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5
         )
-        self._promote = self.redis.register_script(outbox.PROMOTE)
-        self._claim = self.redis.register_script(outbox.CLAIM)
-        self._outcome = self.redis.register_script(outbox.OUTCOME)
-        self._defer = self.redis.register_script(outbox.DEFER)
+        self._promote = PromoteEvents(self.redis)
+        self._claim = ClaimEvent(self.redis)
+        self._outcome = RecordOutcome(self.redis)
+        self._defer = DeferEvent(self.redis)
         self.sender = WebhookSender(settings)
         self._in_flight: defaultdict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
@@ -72,22 +74,15 @@ class Outbox:
         return 2 * self.settings.webhook_timeout + 5
 
     def promote(self) -> list[tuple[str, str]]:
-        flat = cast(
-            list[str],
-            self._promote(keys=[outbox.DUE_KEY], args=[time.time(), QUEUE_LEASE, RELAY_BATCH]),
-        )
-        return list(zip(flat[::2], flat[1::2], strict=True))
+        return self._promote(now=time.time(), lease=QUEUE_LEASE, limit=RELAY_BATCH)
 
     def deliver(self, event_id: str, ticket: str) -> None:
-        key = outbox.event_key(event_id)
-        url = cast(str | None, self.redis.hget(key, "url"))
+        url = cast(str | None, self.redis.hget(event_key(event_id), "url"))
         if url is None:
             return
         origin = url.split("/", 3)[2] if url.count("/") >= 2 else url
         if not self._enter(origin):
-            self._defer(
-                keys=[key, outbox.DUE_KEY], args=[event_id, ticket, time.time() + DEFER_SECONDS]
-            )
+            self._defer(event_id, ticket, due=time.time() + DEFER_SECONDS)
             return
         try:
             self._deliver(event_id, ticket)
@@ -95,16 +90,9 @@ class Outbox:
             self._leave(origin)
 
     def _deliver(self, event_id: str, ticket: str) -> None:
-        key = outbox.event_key(event_id)
-        flat = cast(
-            list[str],
-            self._claim(
-                keys=[key, outbox.DUE_KEY], args=[event_id, ticket, time.time(), self.send_lease]
-            ),
-        )
-        if not flat:
+        event = self._claim(event_id, ticket, now=time.time(), lease=self.send_lease)
+        if not event:
             return  # a duplicate message, or the event was sent meanwhile
-        event = dict(zip(flat[::2], flat[1::2], strict=True))
         at = time.time()
         result = self.sender.send(event_id, event)
         state, due, outcome = self._decide(result, int(event["round"]))
@@ -119,11 +107,11 @@ class Outbox:
             response=result.response,
             outcome=outcome,
         )
-        ttl = max(self.settings.result_ttl, outbox.MIN_EVENT_TTL)
+        ttl = max(self.settings.result_ttl, MIN_EVENT_TTL)
         self._outcome(
-            keys=[key, outbox.DUE_KEY, outbox.log_key(event["task_id"])],
-            args=[event_id, event["ticket"], entry, state, due, ttl, outbox.LOG_LIMIT],
-        )
+            event_id, event["ticket"], event["task_id"], attempt=entry, state=state, due=due,
+            log_ttl=ttl,
+        )  # fmt: skip
         DELIVERIES.labels(event["type"], outcome).inc()
         # The origin only: a webhook URL's path and query may carry the receiver's secrets.
         origin = event["url"].split("/", 3)[2] if event["url"].count("/") >= 2 else "?"

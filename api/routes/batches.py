@@ -15,7 +15,7 @@ from api.batch_store import BatchStore, batch_idempotency
 from api.deps import OwnerDep, SettingsDep, WaiterDep
 from api.routes.dispatch import ERROR_RESPONSES
 from api.waiting import RECHECK_SECONDS
-from shared.batches import BatchView
+from shared.redis_state.batch import BatchView
 
 router = APIRouter(prefix="/batches", tags=["batches"])
 

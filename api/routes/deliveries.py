@@ -15,23 +15,23 @@ from api.deps import OwnerDep, StoreDep
 from api.routes.dispatch import ERROR_RESPONSES
 from api.routes.tasks import TaskId
 from api.store import ApiStore
-from shared import outbox, records
 from shared.errors import NoWebhookEvent
+from shared.redis_state.keys import event_key, log_key, task_key
 from shared.webhooks import Deliveries, DeliveryAttempt
 
 router = APIRouter(prefix="/tasks", tags=["webhooks"])
 
 
 async def _latest_event(store: ApiStore, task_id: str, owner: str) -> str | None:
-    await store.get(task_id, owner)  # 404 unless the caller owns the task
-    return cast(str | None, await store.redis.hget(records.task_key(task_id), "webhook_event"))
+    await store.read_and_settle(task_id, owner)  # 404 unless the caller owns the task
+    return cast(str | None, await store.redis.hget(task_key(task_id), "webhook_event"))
 
 
 async def _deliveries(store: ApiStore, task_id: str, event_id: str | None) -> Deliveries:
     state: str | None = None
     if event_id is not None:
-        state = cast(str | None, await store.redis.hget(outbox.event_key(event_id), "state"))
-    logged = cast(list[str], await store.redis.lrange(outbox.log_key(task_id), 0, -1))
+        state = cast(str | None, await store.redis.hget(event_key(event_id), "state"))
+    logged = cast(list[str], await store.redis.lrange(log_key(task_id), 0, -1))
     return Deliveries(
         task_id=task_id,
         webhook_id=event_id,
@@ -59,9 +59,7 @@ async def retry_delivery(task_id: TaskId, store: StoreDep, owner: OwnerDep) -> D
     event_id = await _latest_event(store, task_id, owner)
     retried = 0
     if event_id is not None:
-        retried = await store.redis.eval(
-            outbox.RETRY, 2, outbox.event_key(event_id), outbox.DUE_KEY, event_id, time.time()
-        )
+        retried = await store.retry_event(event_id, now=time.time())
     if not retried:
         raise NoWebhookEvent(
             f"task {task_id} has no webhook event to send: it has no webhook, no subscribed "

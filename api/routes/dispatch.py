@@ -171,7 +171,7 @@ async def dispatch_model(http: Request) -> Response:
             async with waiter.watch(task_id) as watch:
                 view = await store.submit(request, origin, owner, task_id, payload, claim)
                 result = await _wait(
-                    watch, view, preference.seconds, lambda: store.get(task_id, owner)
+                    watch, view, preference.seconds, lambda: store.read_and_settle(task_id, owner)
                 )
         else:
             result = task_response(
@@ -190,10 +190,10 @@ async def _replay(
 ) -> Response:
     """What a fresh request with this wait preference would get for the held task now."""
     if seconds <= 0:
-        return task_response(await store.get(task_id, owner))
+        return task_response(await store.read_and_settle(task_id, owner))
     async with waiter.watch(task_id) as watch:
-        view = await store.get(task_id, owner)
-        return await _wait(watch, view, seconds, lambda: store.get(task_id, owner))
+        view = await store.read_and_settle(task_id, owner)
+        return await _wait(watch, view, seconds, lambda: store.read_and_settle(task_id, owner))
 
 
 async def _wait(watch: Watch, view: TaskView, seconds: float, read: Read) -> Response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Annotated, Any
 
@@ -12,6 +11,7 @@ from api.deps import OwnerDep, SettingsDep, StoreDep, WaiterDep
 from api.routes.dispatch import ERROR_RESPONSES
 from shared.errors import ResultNotAvailable
 from shared.models import TaskStatus, TaskView
+from shared.redis_state.record import answer_bytes
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -32,10 +32,12 @@ async def get_task(
     """The task's status, timestamps, and `prediction_value` or `error` once it ended."""
     seconds = min(wait, settings.dispatch_max_wait)
     if seconds <= 0:
-        return await store.get(task_id, owner)
+        return await store.read_and_settle(task_id, owner)
     async with waiter.watch(task_id) as watch:  # before the read: an end in between is seen
-        view = await store.get(task_id, owner)
-        return await watch.until_terminal(view, seconds, lambda: store.get(task_id, owner))
+        view = await store.read_and_settle(task_id, owner)
+        return await watch.until_terminal(
+            view, seconds, lambda: store.read_and_settle(task_id, owner)
+        )
 
 
 @router.get(
@@ -51,7 +53,7 @@ async def get_task(
 )
 async def get_result(task_id: TaskId, store: StoreDep, owner: OwnerDep) -> Response:
     """The answer of a succeeded task, raw (an image as its bytes); 409 until it succeeded."""
-    view = await store.get(task_id, owner)
+    view = await store.read_and_settle(task_id, owner)
     if view.status is not TaskStatus.succeeded:
         raise ResultNotAvailable(
             f"task {task_id} is {view.status.value}: only a succeeded task has a result"
@@ -61,19 +63,10 @@ async def get_result(task_id: TaskId, store: StoreDep, owner: OwnerDep) -> Respo
 
 
 def raw_answer(value: Any, content_type: str | None) -> Response:
-    """The answer as TorchServe sent it, from what the worker stored (worker/torchserve.py)."""
+    """The answer as TorchServe sent it, from what the worker stored (shared/redis_state)."""
     if content_type is None:  # JSON
         return Response(json.dumps(value), media_type="application/json")
-    if isinstance(value, str) and value.startswith("data:"):
-        header, _, encoded = value.partition(",")
-        if header.endswith(";base64"):
-            return Response(base64.b64decode(encoded), headers={"Content-Type": content_type})
-    charset = "utf-8"
-    for param in content_type.split(";")[1:]:
-        key, _, found = param.partition("=")
-        if key.strip().lower() == "charset" and found.strip():
-            charset = found.strip().strip('"')
-    return Response(str(value).encode(charset), headers={"Content-Type": content_type})
+    return Response(answer_bytes(value, content_type), headers={"Content-Type": content_type})
 
 
 @router.delete("/{task_id}", response_model=TaskView, responses=ERROR_RESPONSES)

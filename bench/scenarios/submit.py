@@ -7,10 +7,10 @@ from bench.loadgen import WrkResult, run_wrk
 from bench.progress import say
 from bench.scenarios.context import TINY_DISPATCH_BODY, Context, CpuMeter
 from bench.table import Row, number
+from shared.redis_state.keys import FINISHED_CHANNEL
 
 SUBMIT_TARGET = 5_000.0  # issue 12
 ACCEPTED = 202
-FINISHED_CHANNEL = "dispatch:finished"
 
 
 def run(ctx: Context) -> None:

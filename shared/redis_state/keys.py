@@ -85,6 +85,11 @@ def queued_key(queue: str) -> str:
     return QUEUED_KEY_PREFIX + queue
 
 
+def parse_depth(raw: str | bytes | None) -> int:
+    """A queued-task counter as read (absent: no task has been counted yet)."""
+    return int(raw or 0)
+
+
 def idempotency_key(scoped: str) -> str:
     """`scoped`: the hash of the caller and its Idempotency-Key (api/idempotency.py)."""
     return IDEMPOTENCY_KEY_PREFIX + scoped
@@ -147,8 +152,7 @@ KEY_LAYOUT: tuple[KeySpec, ...] = (
     KeySpec(
         QUEUED_KEY_PREFIX + "<queue>", "string (integer)",
         "tasks waiting in one priority class's queue",
-        "task_submit, batch_create (up); task_start, task_cancel, task_settle, "
-        "batch_cancel_items (down)",
+        f"task_submit, batch_create (up); {_TRANSITIONS} (down, once per task)",
         "task_submit, batch_create (the 429 limit); API metrics and readiness", "none",
     ),
     KeySpec(
@@ -202,7 +206,7 @@ KEY_LAYOUT: tuple[KeySpec, ...] = (
         "every API process's listener (api/waiting.py)", "-",
     ),
     KeySpec(
-        " ".join(ALL_QUEUES) + " webhooks", "list (kombu)",
+        ", ".join((*ALL_QUEUES, "webhooks")), "list (kombu)",
         "Celery messages of 1..MESSAGE_MAX_TASKS tasks; webhook sends",
         "task_submit, batch_add_items (LPUSH); Celery for webhooks", "kombu (BRPOP)", "none",
     ),
@@ -213,6 +217,16 @@ KEY_LAYOUT: tuple[KeySpec, ...] = (
         "kombu's visibility-timeout sweep", "none",
     ),
 )  # fmt: skip
+
+
+def layout_markdown() -> str:
+    """KEY_LAYOUT as a Markdown table (docs/architecture.md embeds it)."""
+    rows = ["| Key | Type | Holds | Written by | Read by | TTL |", "|---|---|---|---|---|---|"]
+    for spec in KEY_LAYOUT:
+        rest = (spec.type, spec.holds, spec.written_by, spec.read_by, spec.ttl)
+        cells = (f"`{spec.pattern}`", *(cell.replace("<", "&lt;") for cell in rest))
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
 def lua_prelude() -> str:

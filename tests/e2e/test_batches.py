@@ -27,7 +27,7 @@ from standardwebhooks import Webhook
 from devstack import RedisServer, Stack, TorchServe, free_port, wait_until
 from shared.celery_app import TASK_PREDICT_MANY
 from shared.priorities import QUEUES, Priority
-from shared.queue_depth import queued_key
+from shared.redis_state.keys import queued_key
 from tests.support.stack import StackFactory
 
 pytestmark = pytest.mark.e2e

@@ -28,8 +28,7 @@ from shared.celery_app import TASK_PREDICT_MANY
 from shared.errors import QueueFull
 from shared.models import PredictionRequest, TaskStatus
 from shared.priorities import QUEUES, Priority
-from shared.queue_depth import queued_key
-from shared.records import FINISHED_CHANNEL, PUBLISH_INLINE_BYTES
+from shared.redis_state.keys import FINISHED_CHANNEL, PUBLISH_INLINE_BYTES, queued_key
 from shared.settings import Settings
 from tests.support.faults import model_calls, records, wait_terminal
 from tests.support.stack import StackFactory

@@ -18,7 +18,7 @@ import redis
 
 from devstack import CeleryWorker, RedisServer, Stack, TorchServe, wait_until
 from shared.priorities import QUEUES, Priority
-from shared.queue_depth import queued_key
+from shared.redis_state.keys import queued_key
 from tests.support.stack import StackFactory
 
 pytestmark = pytest.mark.e2e
@@ -27,7 +27,7 @@ INTERACTIVE, DEFAULT, BATCH = (QUEUES[p] for p in Priority)
 
 
 def depths(client: redis.Redis) -> dict[str, int]:
-    """Queued tasks per class (a message may carry several: shared/queue_depth.py)."""
+    """Queued tasks per class (a message may carry several: shared/redis_state/keys.py)."""
     return {
         queue: int(client.get(queued_key(queue)) or 0) for queue in (INTERACTIVE, DEFAULT, BATCH)
     }

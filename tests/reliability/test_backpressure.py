@@ -7,7 +7,7 @@ import pytest
 
 from devstack import CeleryWorker, RedisServer
 from shared.priorities import QUEUES, Priority
-from shared.records import TASK_KEY_PREFIX
+from shared.redis_state.keys import TASK_KEY_PREFIX
 from tests.support.faults import submit, wait_terminal
 from tests.support.stack import StackFactory
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from devstack import RedisServer, wait_until
-from shared.records import TASK_KEY_PREFIX
+from shared.redis_state.keys import TASK_KEY_PREFIX
 from tests.support.faults import model_calls, submit, wait_terminal
 from tests.support.stack import StackFactory
 

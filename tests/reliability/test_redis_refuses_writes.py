@@ -30,7 +30,7 @@ import redis
 from devstack import RedisServer, wait_until
 from shared.celery_app import QUEUE
 from shared.errors import redis_write_refusal
-from shared.records import TASK_KEY_PREFIX
+from shared.redis_state.keys import TASK_KEY_PREFIX
 from tests.support.faults import model_calls, submit, wait_terminal
 from tests.support.stack import StackFactory
 

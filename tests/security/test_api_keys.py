@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from devstack import RedisServer
-from shared.records import TASK_KEY_PREFIX
+from shared.redis_state.keys import TASK_KEY_PREFIX
 from tests.support.stack import StackFactory
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,7 @@ import pytest
 from devstack import RedisServer, TorchServe
 from shared.celery_app import QUEUE, encode_task_message
 from shared.models import PredictionCall
-from shared.records import task_key
+from shared.redis_state.keys import task_key
 from tests.support.faults import wait_terminal
 from tests.support.stack import StackFactory
 
@@ -229,6 +229,7 @@ def test_worker_refuses_a_forged_message_for_another_target(
             "deadline": now + 30,
             "owner": "",
             "origin": call.origin,
+            "priority": "default",
         },
     )
     client.lpush(QUEUE, encode_task_message(task_id, {"call": call.model_dump()}))

@@ -16,8 +16,7 @@ import redis.asyncio as aioredis
 
 from api.readiness import STALL_SECONDS, _check_redis_and_workers
 from devstack import RedisServer
-from shared import records
-from shared.queue_depth import queued_key
+from shared.redis_state.keys import LAST_FINISHED_KEY, WORKERS_KEY, queued_key
 from shared.settings import Settings
 
 
@@ -42,8 +41,8 @@ def test_stalled_workers_are_reported_with_the_queued_task_count(
     redis_url: str, clean_env: None
 ) -> None:
     client = redis.Redis.from_url(redis_url)
-    client.zadd(records.WORKERS_KEY, {"w1@host": time.time()})
-    client.set(records.LAST_FINISHED_KEY, time.time() - STALL_SECONDS - 5)
+    client.zadd(WORKERS_KEY, {"w1@host": time.time()})
+    client.set(LAST_FINISHED_KEY, time.time() - STALL_SECONDS - 5)
     # One message in the list, carrying 3 tasks: the counter says 3.
     client.lpush("dispatch", "a-message-of-three-tasks")
     client.set(queued_key("dispatch"), 3)
@@ -56,8 +55,8 @@ def test_an_empty_counter_is_not_a_stall_whatever_the_lists_hold(
     redis_url: str, clean_env: None
 ) -> None:
     client = redis.Redis.from_url(redis_url)
-    client.zadd(records.WORKERS_KEY, {"w1@host": time.time()})
-    client.set(records.LAST_FINISHED_KEY, time.time() - STALL_SECONDS - 5)
+    client.zadd(WORKERS_KEY, {"w1@host": time.time()})
+    client.set(LAST_FINISHED_KEY, time.time() - STALL_SECONDS - 5)
     # A message whose tasks all left `queued` (canceled meanwhile) still sits in the list.
     client.lpush("dispatch", "a-message-of-canceled-tasks")
     client.set(queued_key("dispatch"), 0)

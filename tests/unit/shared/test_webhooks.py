@@ -33,6 +33,7 @@ def _event() -> dict[str, str]:
     record = ["status", "succeeded", "model_name", "echo", "created_at", "1700000000.5"]
     record += ["deadline", "1700000600", "finished_at", "1700000001", "result", '{"a": 1}']
     record += ["webhook", "https://secret.example/path?token=x", "owner", "abc"]
+    record += ["priority", "default"]  # every record has one (task_submit, batch_add_items)
     return {
         "task_id": "6a1c3c9e-1111-4222-8333-944455556666",
         "type": "task.succeeded",
