@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import redis
 
-from shared.records import TASK_KEY_PREFIX, TERMINAL
+from shared.redis_state.keys import TASK_KEY_PREFIX
+from shared.redis_state.record import TERMINAL
 
 
 def submit(http: httpx.Client, body: dict[str, Any], **headers: str) -> str:

@@ -51,6 +51,15 @@ def test_no_key_name_is_spelled_in_lua() -> None:
         assert keys.NAMESPACE not in path.read_text(), path.name
 
 
+def test_no_redis_command_in_a_python_string() -> None:
+    offenders = []
+    for folder in ("api", "worker", "shared", "devstack", "bench"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if "redis.call" in path.read_text():
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
 def test_the_prelude_defines_every_lua_key() -> None:
     prelude = loader.source("task_start")
     for name, value in keys.LUA_KEYS.items():
@@ -91,3 +100,10 @@ def test_key_functions() -> None:
     assert keys.batch_key("b") == "dispatch:batch:b"
     assert keys.event_key("e") == "dispatch:webhook:event:e"
     assert keys.log_key("t") == "dispatch:webhook:log:t"
+
+
+def test_the_layout_renders_as_one_markdown_row_per_key() -> None:
+    rows = keys.layout_markdown().splitlines()
+    assert len(rows) == 2 + len(keys.KEY_LAYOUT)
+    assert rows[2].startswith("| `dispatch:task:<task id>` | hash |")
+    assert all(row.count(" | ") == 5 for row in rows[2:])
