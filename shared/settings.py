@@ -46,132 +46,218 @@ def _split_commas(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    """Every knob of the service; README's Configuration table documents each one."""
+    """Every knob of the service, each described once, here.
+
+    `scripts/gen_docs.py` renders these descriptions into docs/configuration.md and the comments
+    of .env.example, and CI fails when either is stale, so a description is the documentation.
+    """
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Broker and task store. rediss:// for TLS, redis://:password@host for auth.",
+        description="Broker and task store: `redis://:password@host:port/db`, `rediss://` for TLS.",
     )
-    redis_socket_timeout: float = Field(1.5, gt=0, description="API-side Redis timeout (s).")
+    redis_socket_timeout: float = Field(
+        1.5,
+        gt=0,
+        description="API-side Redis socket timeout (s): a Redis outage is a 503 within ~2 s "
+        "instead of a hang.",
+    )
 
-    torchserve_url: str = Field("http://127.0.0.1:8080", description="Default inference endpoint.")
+    torchserve_url: str = Field(
+        "http://127.0.0.1:8080",
+        description="Default TorchServe inference endpoint (`http(s)://host:port`, no credentials "
+        "in it); always allowed.",
+    )
     torchserve_allowed_targets: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Other TorchServe origins a request may pick with host/port/http_protocol.",
+        description="Other TorchServe origins (`http://host:port`) a request may pick with "
+        "`host`/`port`/`http_protocol`; any other is a 403.",
     )
     torchserve_token: SecretStr | None = Field(
-        None, description="Inference token sent when the request carries none."
+        None, description="Inference token sent when the request carries no `token` (empty: none)."
     )
-    torchserve_connect_timeout: float = Field(2.0, gt=0, description="Per attempt (s).")
-    torchserve_read_timeout: float = Field(60.0, gt=0, description="Per attempt (s).")
+    torchserve_connect_timeout: float = Field(
+        2.0, gt=0, description="TorchServe connect timeout per attempt (s)."
+    )
+    torchserve_read_timeout: float = Field(
+        60.0, gt=0, description="TorchServe read timeout per attempt (s)."
+    )
 
-    dispatch_default_wait: float = Field(60.0, ge=0, description="Sync wait with no preference.")
-    dispatch_max_wait: float = Field(300.0, ge=0, description="Cap on Prefer: wait / ?wait.")
+    dispatch_default_wait: float = Field(
+        60.0,
+        ge=0,
+        description="How long a request with no wait preference blocks (s); at most "
+        "`DISPATCH_MAX_WAIT`.",
+    )
+    dispatch_max_wait: float = Field(
+        300.0, ge=0, description="Cap on `Prefer: wait=N` / `?wait=N` (s)."
+    )
     dispatch_default_timeout: float = Field(
-        600.0, gt=0, description="Deadline of a task from submission unless the request sets one."
+        600.0,
+        gt=0,
+        description="A task's deadline from submission when the request sets no `timeout` (s); "
+        "at most `DISPATCH_MAX_TIMEOUT`.",
     )
-    dispatch_max_timeout: float = Field(3600.0, gt=0, description="Cap on a request's `timeout`.")
+    dispatch_max_timeout: float = Field(
+        3600.0, gt=0, description="The largest `timeout` a request may set (s)."
+    )
 
-    result_ttl: int = Field(86_400, gt=0, description="How long finished task records are kept.")
-    retry_max_attempts: int = Field(
-        10, ge=1, le=20, description="TorchServe attempts per task for 503, refused, timeout."
+    result_ttl: int = Field(
+        86_400, gt=0, description="How long task records are kept after they end (s)."
     )
-    retry_backoff_initial: float = Field(0.2, gt=0, description="First retry delay (s).")
+    retry_max_attempts: int = Field(
+        10,
+        ge=1,
+        le=20,
+        description="TorchServe attempts per task for a 503, a refused connection or a timeout "
+        "(the defaults give a 9-18 s window, enough for a TorchServe restart).",
+    )
+    retry_backoff_initial: float = Field(
+        0.2,
+        gt=0,
+        description="First retry delay (s), doubling, with jitter; at most `RETRY_BACKOFF_MAX`.",
+    )
     retry_backoff_max: float = Field(3.0, gt=0, description="Longest retry delay (s).")
 
     max_queue_depth: int = Field(
-        50_000, gt=0, description="Queued tasks per priority class beyond which submits get 429."
+        50_000,
+        gt=0,
+        description="Queued tasks per priority class (interactive, default, batch) beyond which "
+        "submissions of that class get a 429.",
     )
     message_max_tasks: int = Field(
         16,
         ge=1,
         le=1_000,
-        description="Most tasks one Celery message carries (one group commit of concurrent "
-        "submits, or a slice of a batch); 1 turns grouping off.",
+        description="Most tasks one Celery message carries: concurrent submits to one API "
+        "process are written together (group commit) and share a message, and a batch's items "
+        "go this many to a message; each task keeps its own record, deadline, cancel and "
+        "outcome. `1` turns grouping off.",
     )
     submit_linger_ms: float = Field(
         2.0,
         ge=0,
         le=50,
-        description="While many sync callers wait in an API process, how long a submit waits "
-        "for others to share its Redis call and message (ms); an idle API never waits. 0: off.",
+        description="While `SUBMIT_LINGER_WAITERS` or more sync callers wait in an API process, "
+        "how long a submit that finds no write in flight waits for others to share its Redis "
+        "call and message (ms); an idle API never waits. `0`: off.",
     )
     submit_linger_waiters: int = Field(
-        8, ge=1, description="Sync callers waiting in one API process from which it lingers."
+        8, ge=1, description="Sync callers waiting in one API process from which submits linger."
     )
     batch_max_requests: int = Field(
-        10_000, gt=0, le=100_000, description="Most requests one POST /batches may carry."
+        10_000, gt=0, le=100_000, description="Most requests in one `POST /batches`."
     )
     max_batch_bytes: int = Field(
-        64 * MIB, gt=0, description="Largest POST /batches body (JSON or JSONL), in bytes."
+        64 * MIB,
+        gt=0,
+        description="Largest `POST /batches` body (JSON or JSONL), in bytes (64 MiB; each "
+        "item's payload is still bounded by `MAX_BODY_BYTES`).",
     )
     max_body_bytes: int = Field(
         6_553_500,
         gt=0,
-        description="Largest payload as TorchServe receives it (TorchServe's max_request_size).",
+        description="Largest payload (bytes) as TorchServe will receive it (decoded for data "
+        "URIs; the multipart encoding for file parts): TorchServe's own `max_request_size`.",
     )
     dispatcher_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="Comma-separated; when set, every call needs a key."
+        default_factory=list,
+        description="API keys; when set, every request but `/health` needs one (empty: no "
+        "auth, for local use only).",
     )
 
     broker_visibility_timeout: int = Field(
         0,
         ge=0,
-        description="Seconds before a dead worker's tasks are redelivered; 0 = 60 s "
-        "(or 12 heartbeats if longer).",
+        description="Seconds before a dead worker's tasks are redelivered; `0`: 60 s (or 12 "
+        "heartbeats if longer). Live workers renew their leases every heartbeat, so at least 3 "
+        "`WORKER_HEARTBEAT_INTERVAL`s.",
     )
     worker_log_tasks: bool = Field(
-        False, description="Log a line per task received and finished (costs ~15% worker CPU)."
+        False,
+        description="Log a line per task received and finished (off: it costs ~15% of worker CPU).",
     )
     log_format: Literal["console", "json"] = Field(
-        "console", description="`json`: one JSON object a line (the images' default); `console`."
+        "console",
+        description="`json`: one JSON object a line, for log collectors (the Docker images set "
+        "it); `console`: readable lines (`make run`).",
     )
-    max_deliveries: int = Field(3, ge=1, description="A task delivered more often is failed.")
+    max_deliveries: int = Field(
+        3,
+        ge=1,
+        description="A task delivered more often (its workers keep dying) is failed "
+        "(`worker_lost`) instead of run again.",
+    )
     worker_heartbeat_interval: float = Field(
-        5.0, gt=0, description="Seconds between worker heartbeats (for /ready)."
+        5.0,
+        gt=0,
+        description="Seconds between worker heartbeats (what `/ready` counts as a live worker) "
+        "and task lease renewals.",
     )
     worker_metrics_port: int = Field(
-        9808, ge=0, le=65535, description="Each worker's Prometheus /metrics port; 0 = off."
+        9808,
+        ge=0,
+        le=65535,
+        description="Each worker's Prometheus `/metrics` port (one per worker process or "
+        "container); `0`: off.",
     )
     worker_metrics_host: str = Field(
-        "0.0.0.0", description="Address the worker's metrics server binds (127.0.0.1: local only)."
+        "0.0.0.0",
+        description="Address the worker's metrics server binds; `127.0.0.1` keeps it local.",
     )
     metrics_require_key: bool = Field(
-        False, description="Whether the API's /metrics needs an API key like the endpoints."
+        False,
+        description="Whether the API's `/metrics` needs an API key too (false: public, like "
+        "`/health`).",
     )
     api_workers: ApiWorkers = Field(
-        1, description="API processes (uvicorn --workers) of `make run` and `python -m api`."
+        1,
+        description="API processes (`uvicorn --workers`) started by `make run` and the API "
+        "image (`python -m api`); above 1 they share a fresh `PROMETHEUS_MULTIPROC_DIR`.",
     )
     docs_public: bool = Field(
-        True, description="Serve /docs, /redoc and /openapi.json (without a key); false hides them."
+        True,
+        description="Serve `/docs`, `/redoc` and `/openapi.json` without a key (the schema is "
+        "no secret); false removes them.",
     )
 
     idempotency_ttl: int = Field(
-        86_400, gt=0, description="How long an Idempotency-Key is remembered (s)."
+        86_400, gt=0, description="How long an `Idempotency-Key` is remembered (s), per API key."
     )
     webhook_allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Origins webhooks may go to (`https://h:port`, `https://*.example.com`, "
-        "`https://*`); empty: webhooks are refused.",
+        description="Origins webhooks may go to (`https://host:port` exactly, "
+        "`https://*.example.com`, `https://*`); empty: webhooks are refused. Wildcard matches "
+        "must resolve to public addresses; exact ones are trusted. Needs `WEBHOOK_SECRET`.",
     )
     webhook_secret: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="`whsec_<base64>` signing secret(s); a second one while rotating (both sign).",
+        description="`whsec_<base64>` signing secret; while rotating list the new one and the "
+        "old one (each request carries both signatures).",
     )
     webhook_timeout: float = Field(
-        15.0, gt=0, le=60, description="A delivery succeeds only with a 2xx within this (s)."
+        15.0, gt=0, le=60, description="A delivery counts only as a 2xx within this (s)."
     )
     webhook_max_attempts: int = Field(
-        10, ge=1, le=50, description="Attempts per webhook event before it is given up."
+        10,
+        ge=1,
+        le=50,
+        description="Attempts per webhook event before it is given up (`failed` in the "
+        "delivery log).",
     )
     webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 10800.0, 21600.0],
-        description="Delays (s) before the 2nd, 3rd, ... attempt (jittered); the last repeats.",
+        description="Delays (s) before the 2nd, 3rd, ... attempt, each in (0, 86400], jittered "
+        "±20%; the last one repeats. With `WEBHOOK_MAX_ATTEMPTS` it spans at most 2 days.",
     )
     webhook_metrics_port: int = Field(
-        0, ge=0, le=65535, description="The webhook consumer's Prometheus /metrics port; 0 = off."
+        0,
+        ge=0,
+        le=65535,
+        description="The webhook consumer's Prometheus `/metrics` port "
+        "(`dispatcher_webhook_deliveries_total`); `0`: off.",
     )
 
     @field_validator(

@@ -110,11 +110,18 @@ def test_a_wait_the_server_cuts_short_reattaches_without_resubmitting(
     assert polls[-1][3] == 200
 
 
+def example(page: str, heading: str) -> str:
+    """The first Python block under `heading` in `page` (a path from the repository's root)."""
+    section = (ROOT / page).read_text(encoding="utf-8").split(heading + "\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
 def test_the_readme_example_runs(
     stack: Stack, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    section = (ROOT / "README.md").read_text(encoding="utf-8").split("### Python client", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = example("README.md", "## Python client")
+    # The client's page shows the same example, so running one runs both.
+    assert example("docs/client.md", "## Example") == code
     monkeypatch.chdir(ROOT)  # the example reads models/example.png
     program = compile(code.replace("http://127.0.0.1:8000", stack.api_url), "README.md", "exec")
     exec(program, {})  # noqa: S102  (the README's own code, run as a reader would)
