@@ -13,11 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from shared.redis_state.keys import batch_key, queued_key
-from shared.redis_state.loader import register_async, text
+from shared.redis_state.loader import AsyncWrapper, text
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +29,10 @@ class BatchItemRecord:
     payload: bytes | bytearray | None = None  # claim-checked payload
 
 
-class CreateBatch:
+class CreateBatch(AsyncWrapper):
     """batch_create: the depth checks per class, the batch hash and its Idempotency-Key."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._script = register_async(client, "batch_create")
+    name = "batch_create"
 
     async def __call__(
         self,
@@ -68,11 +66,10 @@ class CreateBatch:
         )
 
 
-class AddBatchItems:
+class AddBatchItems(AsyncWrapper):
     """batch_add_items: records a slice of a created batch's items, pushes their messages."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._script = register_async(client, "batch_add_items")
+    name = "batch_add_items"
 
     async def __call__(
         self,
@@ -110,22 +107,20 @@ class AddBatchItems:
         )
 
 
-class MarkBatchCanceling:
+class MarkBatchCanceling(AsyncWrapper):
     """batch_mark_canceling: a live batch becomes `canceling`."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._script = register_async(client, "batch_mark_canceling")
+    name = "batch_mark_canceling"
 
     async def __call__(self, batch_id: str, *, now: float) -> str:
         """The batch's status before the call ('' when it does not exist)."""
         return text(await self._script(keys=[batch_key(batch_id)], args=[now]))
 
 
-class CancelBatchItems:
+class CancelBatchItems(AsyncWrapper):
     """batch_cancel_items: cancels the queued items of a batch in a range of indices."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._script = register_async(client, "batch_cancel_items")
+    name = "batch_cancel_items"
 
     async def __call__(
         self, pipe: Pipeline, batch_id: str, first: int, last: int, *, now: float, ttl: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 import redis.asyncio as aioredis
@@ -54,3 +54,21 @@ def register(client: redis.Redis, name: str) -> Script:
 def register_async(client: aioredis.Redis, name: str) -> AsyncScript:
     """Script `name` for an asyncio client (the API)."""
     return client.register_script(source(name))
+
+
+class SyncWrapper:
+    """Base of the typed calls of one script on a sync client: `name` says which."""
+
+    name: ClassVar[str]
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._script = register(client, self.name)
+
+
+class AsyncWrapper:
+    """Base of the typed calls of one script on an asyncio client: `name` says which."""
+
+    name: ClassVar[str]
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._script = register_async(client, self.name)

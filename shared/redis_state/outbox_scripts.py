@@ -26,18 +26,14 @@ from __future__ import annotations
 
 from typing import cast
 
-import redis
-import redis.asyncio as aioredis
-
 from shared.redis_state.keys import DUE_KEY, LOG_LIMIT, event_key, log_key
-from shared.redis_state.loader import register, register_async, text
+from shared.redis_state.loader import AsyncWrapper, SyncWrapper, text
 
 
-class PromoteEvents:
+class PromoteEvents(SyncWrapper):
     """outbox_promote: leases the events due now, to put one message each on the queue."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._script = register(client, "outbox_promote")
+    name = "outbox_promote"
 
     def __call__(self, *, now: float, lease: float, limit: int) -> list[tuple[str, str]]:
         """(event id, ticket) of at most `limit` due events; each is due again after `lease`."""
@@ -45,11 +41,10 @@ class PromoteEvents:
         return list(zip(flat[::2], flat[1::2], strict=True))
 
 
-class ClaimEvent:
+class ClaimEvent(SyncWrapper):
     """outbox_claim: takes one event to send, if the message's ticket is the current one."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._script = register(client, "outbox_claim")
+    name = "outbox_claim"
 
     def __call__(self, event_id: str, ticket: str, *, now: float, lease: float) -> dict[str, str]:
         """The event's fields (state sending, its attempt counted), or {} for a stale message.
@@ -63,11 +58,10 @@ class ClaimEvent:
         return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-class RecordOutcome:
+class RecordOutcome(SyncWrapper):
     """outbox_outcome: logs one attempt and, if the claim is still current, what comes next."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._script = register(client, "outbox_outcome")
+    name = "outbox_outcome"
 
     def __call__(
         self, event_id: str, ticket: str, task_id: str, *, attempt: str, state: str, due: float,
@@ -80,11 +74,10 @@ class RecordOutcome:
         return bool(self._script(keys=keys, args=args))
 
 
-class DeferEvent:
+class DeferEvent(SyncWrapper):
     """outbox_defer: gives a queued event back unsent, its attempt uncounted."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._script = register(client, "outbox_defer")
+    name = "outbox_defer"
 
     def __call__(self, event_id: str, ticket: str, *, due: float) -> bool:
         """False for a stale message."""
@@ -92,11 +85,10 @@ class DeferEvent:
         return bool(self._script(keys=keys, args=[event_id, ticket, due]))
 
 
-class RetryEvent:
+class RetryEvent(AsyncWrapper):
     """outbox_retry: sends an event again now, with a fresh budget of attempts."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._script = register_async(client, "outbox_retry")
+    name = "outbox_retry"
 
     async def __call__(self, event_id: str, *, now: float) -> bool:
         """False when the event does not exist (expired)."""

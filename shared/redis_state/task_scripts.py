@@ -13,12 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-import redis.asyncio as aioredis
-
 from shared.models import TaskStatus
 from shared.redis_state.keys import LAST_FINISHED_KEY, task_key
-from shared.redis_state.loader import register, register_async, text
+from shared.redis_state.loader import AsyncWrapper, SyncWrapper, text
 from shared.redis_state.record import Outcome
 
 # task_submit's ARGV before the messages: max depth, two TTLs, the tasks, the messages' indices.
@@ -37,11 +34,10 @@ class SubmitTask:
     idempotency_record: str = ""  # record.idempotency_record
 
 
-class SubmitTasks:
+class SubmitTasks(AsyncWrapper):
     """task_submit: records tasks and pushes their messages, each task on its own terms."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._script = register_async(client, "task_submit")
+    name = "task_submit"
 
     async def __call__(
         self,
@@ -78,11 +74,10 @@ class SubmitTasks:
         return [r if isinstance(r, int) else text(r) for r in await self._script(args=args)]
 
 
-class CancelTask:
+class CancelTask(AsyncWrapper):
     """task_cancel: cancels a queued task, flags a running one."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._script = register_async(client, "task_cancel")
+    name = "task_cancel"
 
     async def __call__(self, task_id: str, *, now: float, ttl: int, error: str) -> str:
         """`error`: the cancel's error body (JSON, with the task id). The status after the call:
@@ -90,11 +85,10 @@ class CancelTask:
         return text(await self._script(keys=[task_key(task_id)], args=[now, ttl, task_id, error]))
 
 
-class SettleTask:
+class SettleTask(AsyncWrapper):
     """task_settle: ends a task that outlived its bounds, unless it moved on meanwhile."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._script = register_async(client, "task_settle")
+    name = "task_settle"
 
     async def __call__(
         self,
@@ -111,11 +105,10 @@ class SettleTask:
         return bool(await self._script(keys=[task_key(task_id)], args=args))
 
 
-class StartTasks:
+class StartTasks(SyncWrapper):
     """task_start: one delivery of the tasks of one message."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._script = register(client, "task_start")
+    name = "task_start"
 
     def __call__(
         self,
@@ -143,11 +136,10 @@ class StartTasks:
         return [(text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
-class FinishTasks:
+class FinishTasks(SyncWrapper):
     """task_finish: stores outcomes; a task that had ended keeps its first one."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._script = register(client, "task_finish")
+    name = "task_finish"
 
     def __call__(self, outcomes: Sequence[Outcome], *, now: float, ttl: int) -> list[bool]:
         """False for each task that had ended already (nothing written for it)."""

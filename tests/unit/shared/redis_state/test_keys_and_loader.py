@@ -42,7 +42,7 @@ def test_every_script_opens_with_its_keys_args_reply_and_writes() -> None:
 def test_every_script_has_exactly_one_wrapper() -> None:
     registered: list[str] = []
     for module in PACKAGE.glob("*_scripts.py"):
-        registered += re.findall(r'register(?:_async)?\(client, "(\w+)"\)', module.read_text())
+        registered += re.findall(r'^    name = "(\w+)"$', module.read_text(), re.MULTILINE)
     assert sorted(registered) == sorted(loader.script_names())
 
 
