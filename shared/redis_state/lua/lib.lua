@@ -1,7 +1,9 @@
 -- lib.lua: the helpers the scripts share. The loader (shared/redis_state/loader.py) runs each
--- script as one source: the generated prelude (K, QUEUE_OF, PUBLISH_INLINE_BYTES and
--- MIN_EVENT_TTL from keys.py), this file, then the script. Line numbers in a script's error
--- messages count from the start of the prelude.
+-- script as one source: the definitions of keys.py it uses (K, QUEUE_OF, PUBLISH_INLINE_BYTES,
+-- MIN_EVENT_TTL), the helpers below it calls (with the ones they call), then the script. So a
+-- helper is one block, its comment right above it, with no blank line inside, and it comes after
+-- the helpers it calls. Line numbers in a script's error messages count from the start of the
+-- source the loader built (loader.source).
 --
 -- Every task transition goes through end_task (a task ends) or moved (it changes status), so
 -- the queue depth counters, the batch counters, the webhook outbox, the claim-checked payload

@@ -107,3 +107,20 @@ def test_the_layout_renders_as_one_markdown_row_per_key() -> None:
     assert len(rows) == 2 + len(keys.KEY_LAYOUT)
     assert rows[2].startswith("| `dispatch:task:<task id>` | hash |")
     assert all(row.count(" | ") == 5 for row in rows[2:])
+
+
+def test_a_script_carries_the_helpers_it_calls_and_no_others() -> None:
+    helpers = loader.helpers()
+    assert list(helpers)[:2] == ["held_id", "with_task_id"]
+    assert all(block.endswith("\nend") for block in helpers.values())
+    submit = loader.source("task_submit")
+    assert "local function held_id(" in submit
+    assert "local function end_task(" not in submit
+    assert "local QUEUE_OF" not in submit
+    cancel = loader.source("task_cancel")
+    for called in ("cancel_queued", "end_task", "moved", "batch_move", "end_batch", "emit_event"):
+        assert f"local function {called}(" in cancel
+    assert "local function held_id(" not in cancel
+    claim = loader.source("outbox_claim")
+    assert "local function" not in claim
+    assert "local K" not in claim

@@ -285,3 +285,15 @@ def test_ending_sets_the_record_ttl_again(r: redis.Redis, run_async: RunAsync) -
     start(r, "t")
     finish(r, Outcome.succeeded("t", 1))
     assert r.ttl(task_key("t")) > 5
+
+
+def test_a_queued_task_ended_by_finish_leaves_the_queue_once(
+    r: redis.Redis, run_async: RunAsync
+) -> None:
+    submit(run_async, submit_task("t", payload=b"p"))
+    # A worker gives up a task START never moved (e.g. too many deliveries): it ends from queued.
+    assert finish(r, Outcome.failed("t", WorkerLost("lost"))) == [True]
+    assert (status(r, "t"), depth(r)) == ("failed", 0)
+    assert not r.exists(payload_key("t"))
+    assert start(r, "t") == [("failed", 0)]
+    assert depth(r) == 0
