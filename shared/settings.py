@@ -14,7 +14,8 @@ MIB = 1024 * 1024
 # (worker/heartbeat.py), so it only has to outlast a few missed heartbeats, not the longest task.
 LEASE_HEARTBEATS = 3
 DEFAULT_VISIBILITY_TIMEOUT = 60
-# Longest a webhook event's retries may last: its record is kept 3 days (shared/outbox.py).
+# Longest a webhook event's retries may last: its record is kept 3 days (MIN_EVENT_TTL in
+# shared/redis_state/keys.py).
 WEBHOOK_MAX_SPAN = 2 * 86_400
 
 
