@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import time
 from typing import Any
 
 import httpx
@@ -20,7 +19,7 @@ import redis
 from devstack import wait_until
 from shared.celery_app import QUEUE
 from shared.payloads import CLAIM_CHECK_BYTES, payload_key
-from tests.support.faults import child_pids, records, wait_terminal
+from tests.support.faults import child_pids, connected_ports, records, wait_terminal
 from tests.support.stack import StackFactory
 
 pytestmark = pytest.mark.e2e
@@ -134,8 +133,12 @@ def test_sigkilled_worker_mid_task_with_a_6mb_payload_is_redelivered(
             20,
             "the task to start",
         )
-        time.sleep(0.5)  # the child has read the payload and is in the 2 s TorchServe call
+        # Killed inside its 2 s TorchServe call, so after it has read the payload.
         (child,) = child_pids(stack.workers[0].pid)
+        torchserve_port = int(stack_factory.torchserve.inference_url.rsplit(":", 1)[1])
+        wait_until(
+            lambda: torchserve_port in connected_ports(child), 20, "the call to TorchServe", 0.02
+        )
         os.kill(child, signal.SIGKILL)
         final = wait_terminal(client, [task_id], timeout=60)[task_id]
         view = http.get(f"/tasks/{task_id}").json()

@@ -128,7 +128,11 @@ def test_task_whose_worker_keeps_dying_is_given_up(
                 requeued.append(time.monotonic() - kills[-1])
             if delivery == 3:
                 break
-            time.sleep(0.2)  # the child is in the TorchServe call now
+            wait_until(  # the child is in the model's call now
+                lambda n=delivery: model_calls(counting_log, run)[f"{run}-0"] >= n,
+                20,
+                f"the model call of delivery {delivery}",
+            )
             (child,) = child_pids(worker_pid)
             os.kill(child, signal.SIGKILL)
             kills.append(time.monotonic())

@@ -1,4 +1,5 @@
-"""Helpers of the fault and security tests: read task records, count model calls, scan Redis."""
+"""Helpers of the fault and security tests: read task records, count model calls, scan Redis,
+see a process's open connections, receive webhooks."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import base64
 import binascii
 import contextlib
 import json
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
 
+from devstack import free_port, wait_until
 from shared.redis_state.keys import TASK_KEY_PREFIX
 from shared.redis_state.record import TERMINAL
 
@@ -128,3 +133,79 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             children.append(int(stat.parent.name))
     return children
+
+
+# /proc/net/tcp's state column: 01 is ESTABLISHED.
+_ESTABLISHED = "01"
+
+
+def connected_ports(pid: int) -> set[int]:
+    """The remote ports of `pid`'s established TCP connections (IPv4 and IPv6).
+
+    A state a test can wait on where it would otherwise sleep: a worker child with a connection
+    to TorchServe's port is inside its TorchServe call, so it has read its payload already.
+    """
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = fd.readlink().as_posix()
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                columns = row.split()
+                if columns[3] == _ESTABLISHED and columns[9] in inodes:
+                    ports.add(int(columns[2].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@dataclass
+class HookReceiver:
+    """A webhook receiver on 127.0.0.1 (a real HTTP server, not a fake of the sender): records
+    every POST as (path with query, headers, body) and answers the statuses scripted for its
+    path in `scripts`, then 204."""
+
+    port: int = field(default_factory=free_port)
+    scripts: dict[str, list[int]] = field(default_factory=dict)
+    received: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+    _server: ThreadingHTTPServer | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> HookReceiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # http.server's name
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                receiver.received.append((self.path, dict(self.headers.items()), body))
+                script = receiver.scripts.get(self.path) or []
+                self.send_response(script.pop(0) if script else 204)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def wait(self, path: str, count: int, timeout: float) -> list[tuple[dict[str, str], bytes]]:
+        """(headers, body) of the first `count` requests to `path`, once they have arrived."""
+
+        def arrived() -> list[tuple[dict[str, str], bytes]]:
+            got = [(headers, body) for where, headers, body in self.received if where == path]
+            return got if len(got) >= count else []
+
+        return wait_until(arrived, timeout, f"{count} webhook request(s) at the receiver", 0.05)
