@@ -38,7 +38,15 @@ KEYS_BEGIN, KEYS_END = "<!-- keys:begin -->", "<!-- keys:end -->"
 MODULES_BEGIN, MODULES_END = "<!-- modules:begin -->", "<!-- modules:end -->"
 # The packages whose modules docs/architecture.md lists, each with the first paragraph of its
 # docstring: a module's docstring says what it is for, so the list follows every rename.
-PACKAGES = ("api", "api/routes", "worker", "shared", "shared/redis_state", "devstack")
+PACKAGES = (
+    "api",
+    "api/routes",
+    "worker",
+    "worker/kombu_patches",
+    "shared",
+    "shared/redis_state",
+    "devstack",
+)
 REGENERATE = "`.venv/bin/python scripts/gen_docs.py`"
 
 # Sections of the page and blank-line groups of .env.example: a title and the first setting of

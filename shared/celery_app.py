@@ -1,16 +1,17 @@
 """The one Celery app, its task names, and the message format the API enqueues.
 
 The API never imports worker code: it enqueues by task name. It also does not go through Celery's
-(blocking) producer: `encode_task_message` builds the same Celery protocol-2 message kombu's Redis
+(blocking) producer: `encode_message(s)` builds the same Celery protocol-2 message kombu's Redis
 transport would push, so the API can push it with redis.asyncio in the same atomic script that
-writes the task record (shared/redis_state/lua/task_submit.lua). `tests/test_celery_message.py`
-keeps the format in step with what Celery itself produces.
+writes the task records (shared/redis_state/lua/task_submit.lua).
+tests/unit/shared/test_celery_message.py keeps the format in step with what Celery produces.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import socket
 import uuid
@@ -22,9 +23,7 @@ from shared import tracing
 from shared.logs import configure_logging, current_request_id
 from shared.settings import Settings, get_settings
 
-# Messages enqueued before several tasks could share one: one task each, still consumed.
-TASK_PREDICT = "dispatch.predict"
-# A message carrying 1..K tasks (`tasks`: [{"id", "call", "headers"}, ...]), from one group
+# The one kind of message: 1..K tasks (`tasks`: [{"id", "call", "headers"}, ...]) from one group
 # commit of the API or a slice of a batch; see worker/messages.py for how a worker runs it.
 TASK_PREDICT_MANY = "dispatch.predict_many"
 QUEUE = "dispatch"
@@ -50,8 +49,9 @@ def create_celery_app(settings: Settings) -> Celery:
         "retry_on_timeout": True,
         # Detect half-dead connections after a Redis restart (celery#8030).
         "health_check_interval": 10,
-        # The order a worker reads the priority classes' queues in (shared/priorities.py).
-        "queue_order_strategy": "shared.priorities:InteractiveFirst",
+        # The order a worker reads the priority classes' queues in (shared/priorities.py), by
+        # name: only a worker's kombu resolves it (worker/kombu_patches/queue_cycle.py).
+        "queue_order_strategy": "worker.kombu_patches.queue_cycle:InteractiveFirst",
     }
     app = Celery("dispatcher", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
@@ -98,6 +98,16 @@ def _worker_init_logging(options: dict[str, Any] | None = None, **_: Any) -> Non
     _worker_logging((options or {}).get("loglevel"))
 
 
+def quiet_per_task_logs(settings: Settings) -> None:
+    """Both worker apps: per-task INFO lines ("received", "succeeded", httpx's "HTTP Request")
+    cost a noticeable share of a worker's CPU per task (docs/BENCHMARKS.md), so they are off unless
+    WORKER_LOG_TASKS is set; failures still log at WARNING and above, start-up at INFO."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not settings.worker_log_tasks:
+        for per_task_logger in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(per_task_logger).setLevel(logging.WARNING)
+
+
 def task_headers() -> dict[str, Any]:
     """What travels with one task from the request that made it: its request id and trace."""
     headers: dict[str, Any] = {}
@@ -113,12 +123,11 @@ def encode_task_message(
     kwargs: dict[str, Any],
     *,
     queue: str = QUEUE,
-    task: str = TASK_PREDICT,
     context: bool = True,
 ) -> str:
-    """The kombu Redis-transport envelope of a `task` call, ready for LPUSH. `context`: put the
-    current request's id and trace into the message's headers (a message of several requests'
-    tasks carries them per task instead)."""
+    """The kombu Redis-transport envelope of a `TASK_PREDICT_MANY` call, ready for LPUSH.
+    `context`: put the current request's id and trace into the message's headers (a message of
+    several requests' tasks carries them per task instead)."""
     body = json.dumps(
         [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
     )
@@ -126,7 +135,7 @@ def encode_task_message(
     redacted = "[redacted]"
     headers: dict[str, Any] = {
         "lang": "py",
-        "task": task,
+        "task": TASK_PREDICT_MANY,
         "id": task_id,
         "shadow": None,
         "eta": None,
@@ -173,9 +182,7 @@ def encode_message(tasks: list[dict[str, Any]], *, queue: str = QUEUE) -> str:
     name that task."""
     message_id = tasks[0]["id"] if tasks else str(uuid.uuid4())
     kwargs = {"tasks": tasks}
-    return encode_task_message(
-        message_id, kwargs, queue=queue, task=TASK_PREDICT_MANY, context=False
-    )
+    return encode_task_message(message_id, kwargs, queue=queue, context=False)
 
 
 _ID, _BODY = "@@message-id@@", "@@body@@"  # neither can occur in base64 or in a task id

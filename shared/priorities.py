@@ -6,9 +6,10 @@ each class is a separate list instead, and workers decide the order they read th
 - A general worker (`-Q` ALL_QUEUES) BRPOPs the three lists in one call. Kombu's Redis transport
   asks its queue cycle which order to name them in, and BRPOP pops from the first non-empty one.
   Kombu's default cycle (`round_robin`) moves the list it just popped to the back, which gives a
-  batch backlog the same share as sync callers; `InteractiveFirst` below names interactive first,
+  batch backlog the same share as sync callers; `fetch_order` below names interactive first,
   then default, then batch, except that every LOWER_FIRST_EVERY-th fetch names them the other way
   round, so a flood of interactive work still leaves batch items a share (no starvation either way).
+  The queue cycle that hands this order to kombu is worker/kombu_patches/queue_cycle.py.
 - Prefetch does not hoard: workers only fetch a message when a pool slot is free
   (`worker_disable_prefetch`), so a message never waits in a worker behind batch messages that
   worker took earlier: it stays in its list, where the next free slot finds it first.
@@ -19,6 +20,7 @@ each class is a separate list instead, and workers decide the order they read th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import Enum
 
 
@@ -48,27 +50,11 @@ def queue_of(priority: Priority) -> str:
     return QUEUES[priority]
 
 
-class InteractiveFirst:
-    """A kombu queue cycle (`queue_order_strategy`): the order of the keys of each BRPOP.
-
-    Kombu calls `update` with the queues the worker consumes, `consume(n)` before each BRPOP and
-    `rotate(queue)` after each message popped from `queue`.
-    """
-
-    def __init__(self, it: list[str] | None = None) -> None:
-        self.items: list[str] = it if it is not None else []
-        self._popped = 0
-
-    def update(self, it: list[str]) -> None:
-        self.items[:] = it
-
-    def consume(self, n: int) -> list[str]:
-        # Unknown queues (another app's) after the classes, in the order they were given.
-        ordered = sorted(self.items[:n], key=lambda queue: _RANK.get(queue, len(_RANK)))
-        if self._popped % LOWER_FIRST_EVERY == LOWER_FIRST_EVERY - 1:
-            ordered.reverse()
-        return ordered
-
-    def rotate(self, last_used: str) -> str:
-        self._popped += 1
-        return last_used
+def fetch_order(queues: Sequence[str], fetches: int) -> list[str]:
+    """The order a general worker names `queues` in for its next BRPOP, after `fetches` messages
+    popped: the classes' order, reversed every LOWER_FIRST_EVERY-th fetch. Unknown queues (another
+    app's) come after the classes, in the order they were given."""
+    ordered = sorted(queues, key=lambda queue: _RANK.get(queue, len(_RANK)))
+    if fetches % LOWER_FIRST_EVERY == LOWER_FIRST_EVERY - 1:
+        ordered.reverse()
+    return ordered

@@ -1,5 +1,4 @@
-"""The prediction tasks: a message of 1..K tasks (worker/messages.py), and the one-task messages
-enqueued before messages could carry several."""
+"""The Celery task that consumes every prediction message: 1..K tasks each (worker/messages.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +9,7 @@ from typing import Any
 from celery import signals
 
 from shared import heap, tracing
-from shared.celery_app import REQUEST_ID_HEADER, TASK_PREDICT, TASK_PREDICT_MANY
-from shared.models import PredictionCall
+from shared.celery_app import TASK_PREDICT_MANY
 from shared.settings import get_settings
 from worker.app import app
 from worker.messages import Runner, TaskEntry
@@ -53,16 +51,3 @@ def _runner(worker_name: str) -> Runner:
 def predict_many(self: Any, tasks: list[dict[str, Any]]) -> None:
     """Run the message's tasks; those that already ended (a redelivered copy) are skipped."""
     _runner(self.request.hostname).run([TaskEntry.parse(task) for task in tasks])
-
-
-@app.task(name=TASK_PREDICT, bind=True)  # type: ignore[untyped-decorator]
-def predict(self: Any, call: dict[str, Any]) -> None:
-    """A one-task message: its id is the task's, its headers the request's."""
-    request = self.request
-    headers = {
-        key: value
-        for key in (REQUEST_ID_HEADER, *tracing.CARRIER_KEYS)
-        if (value := request.get(key)) is not None
-    }
-    entry = TaskEntry(request.id, PredictionCall.model_validate(call), headers)
-    _runner(request.hostname).run([entry])

@@ -5,7 +5,8 @@ last beat, so the API counts live workers with one ZCOUNT; a worker leaves it on
 beats of the others drop the entry of one that died.
 
 Whether workers also *complete* work is judged from `LAST_FINISHED_KEY` (api/readiness.py).
-The same beat renews the broker lease of every message the worker holds (see `_renew_leases`).
+The same beat renews the broker lease of every message the worker holds (`renew_leases`,
+worker/kombu_patches/leases.py: it writes into kombu's unacked index).
 """
 
 from __future__ import annotations
@@ -19,36 +20,14 @@ from typing import Any
 
 import redis
 from celery.signals import worker_ready, worker_shutdown
-from celery.worker import state as worker_state
-from kombu.transport.redis import Channel
 
 from shared.redis_state.keys import STALE_BEATS, WORKERS_KEY
 from shared.settings import get_settings
+from worker.kombu_patches import renew_leases
 
 log = logging.getLogger(__name__)
 
 _stop = threading.Event()
-
-
-def _held_delivery_tags() -> list[str]:
-    """The delivery tags of every message this worker holds, running or prefetched."""
-    try:
-        held = tuple(worker_state.requests.values())
-    except RuntimeError:  # changed while copied; the next beat renews
-        return []
-    return [str(request.message.delivery_tag) for request in held]
-
-
-def _renew_leases(client: redis.Redis) -> None:
-    """Push back the redelivery of the messages this worker holds: it is alive and on them.
-
-    Kombu's Redis transport redelivers an unacked message once its score (delivery time) in this
-    sorted set is older than the visibility timeout; a dead worker stops renewing, so its
-    messages come back within that timeout. XX: an acked (removed) message is never re-added.
-    """
-    tags = _held_delivery_tags()
-    if tags:
-        client.zadd(Channel.unacked_index_key, dict.fromkeys(tags, time.time()), xx=True)
 
 
 def _beat_once(client: redis.Redis, name: str, interval: float) -> None:
@@ -63,7 +42,7 @@ def _beat(client: redis.Redis, name: str, interval: float) -> None:
     while not _stop.wait(interval):
         try:
             _beat_once(client, name, interval)
-            _renew_leases(client)
+            renew_leases(client)
         except redis.RedisError as error:
             log.warning("heartbeat failed: %s", type(error).__name__)
 

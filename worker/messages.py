@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import tracing
-from shared.celery_app import REQUEST_ID_HEADER, TASK_PREDICT
+from shared.celery_app import REQUEST_ID_HEADER
 from shared.errors import DispatchError, WorkerLost
 from shared.logs import task_context
 from shared.models import PredictionCall
@@ -39,6 +39,8 @@ from worker.torchserve import TorchServeClient
 log = logging.getLogger(__name__)
 
 _RANK = {priority: rank for rank, priority in enumerate(Priority)}
+# The name of each task's span (one per task, not per message: a trace follows one request).
+TASK_SPAN = "dispatch.predict"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +96,7 @@ class Runner:
         with (
             task_context(task_id, call.model_name, entry.headers.get(REQUEST_ID_HEADER)),
             tracing.task_span(
-                TASK_PREDICT,
+                TASK_SPAN,
                 entry.headers,
                 {"dispatcher.task_id": task_id, "model": call.model_name},
             ),

@@ -16,7 +16,7 @@ from shared.errors import DeadlineExceeded, TaskExpired
 from shared.redis_state.record import Outcome
 from shared.redis_state.task_scripts import FinishTasks, StartTasks
 from shared.settings import Settings
-from worker.refusals import retry_while_refused
+from worker.kombu_patches import retry_while_refused
 
 # A short Redis restart should not turn into a rerun of the task: keep retrying record writes.
 REDIS_RETRIES = 12

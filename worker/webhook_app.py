@@ -5,11 +5,9 @@ never a prediction worker (nor a cancel, which the API does alone). It includes 
 task and no heartbeat: /ready and the worker registry count prediction workers only.
 """
 
-import logging
-
-from shared.celery_app import create_celery_app
+from shared.celery_app import create_celery_app, quiet_per_task_logs
 from shared.settings import get_settings
-from worker import broker_fixes, refusals
+from worker import kombu_patches
 
 WEBHOOK_QUEUE = "webhooks"
 TASK_DELIVER = "webhooks.deliver"
@@ -18,11 +16,7 @@ app = create_celery_app(get_settings())
 app.conf.include = ["worker.webhooks"]
 app.conf.task_default_queue = WEBHOOK_QUEUE
 app.conf.task_routes = {TASK_DELIVER: {"queue": WEBHOOK_QUEUE}}
-# The same two transport guards as the prediction workers (worker/app.py): a Redis that refuses
-# writes, or a broker connection loss, never ends this consumer or loses its messages.
-refusals.install()
-broker_fixes.install()
-logging.getLogger("httpx").setLevel(logging.WARNING)
-if not get_settings().worker_log_tasks:
-    for per_task_logger in ("celery.worker.strategy", "celery.app.trace"):
-        logging.getLogger(per_task_logger).setLevel(logging.WARNING)
+# The same kombu patches as the prediction workers (worker/app.py): a Redis that refuses writes,
+# or a broker connection loss, never ends this consumer or loses its messages.
+kombu_patches.install()
+quiet_per_task_logs(get_settings())

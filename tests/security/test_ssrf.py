@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from devstack import RedisServer, TorchServe
-from shared.celery_app import QUEUE, encode_task_message
+from shared.celery_app import QUEUE, encode_message
 from shared.models import PredictionCall
 from shared.redis_state.keys import task_key
 from tests.support.faults import wait_terminal
@@ -232,7 +232,7 @@ def test_worker_refuses_a_forged_message_for_another_target(
             "priority": "default",
         },
     )
-    client.lpush(QUEUE, encode_task_message(task_id, {"call": call.model_dump()}))
+    client.lpush(QUEUE, encode_message([{"id": task_id, "call": call.model_dump(), "headers": {}}]))
     final = wait_terminal(client, [task_id], timeout=15)[task_id]
     view = http.get(f"/tasks/{task_id}").json()
     assert final["status"] == "failed"

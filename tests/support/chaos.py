@@ -1,10 +1,11 @@
 """`make chaos`: the fault scenarios, many times each, on a loaded machine; not part of `make test`.
 
 A race shows up one run in ten or twenty, not in the single run of `make test`: the Redis outage
-test once killed a worker in CI after passing 8 of 8 alone (worker/broker_fixes.py). This harness
-runs each scenario's test file `--count` times in a row (pytest-repeat, one pytest session per
-scenario, so TorchServe starts once) while CPU hogs keep both cores busy, then prints "passed N of
-N" per scenario and writes that table into docs/RELIABILITY.md between the chaos markers.
+test once killed a worker in CI after passing 8 of 8 alone (worker/kombu_patches/closed_channel.py).
+This harness runs each scenario's test file `--count` times in a row (pytest-repeat, one pytest
+session per scenario, so TorchServe starts once) while CPU hogs keep both cores busy, then prints
+"passed N of N" per scenario and writes that table into docs/RELIABILITY.md between the chaos
+markers.
 
     .venv/bin/python tests/support/chaos.py               # every scenario, default counts, 2 hogs
     .venv/bin/python tests/support/chaos.py --only redis_outage --count 5 --hogs 0 --no-write

@@ -1,42 +1,30 @@
-"""The order a general worker reads the priority classes' queues in (kombu's queue cycle)."""
+"""The order a general worker reads the priority classes' queues in (`fetch_order`); the queue
+cycle that hands it to kombu is tested in tests/unit/worker/test_kombu_patches.py."""
 
 from __future__ import annotations
 
-from kombu.utils.scheduling import cycle_by_name
+import pytest
 
-from shared.celery_app import create_celery_app
-from shared.priorities import ALL_QUEUES, LOWER_FIRST_EVERY, InteractiveFirst
-from shared.settings import Settings
+from shared.priorities import ALL_QUEUES, LOWER_FIRST_EVERY, Priority, fetch_order, queue_of
 
 INTERACTIVE, DEFAULT, BATCH = ALL_QUEUES
 
 
-def test_interactive_first_whatever_order_the_queues_were_given_in() -> None:
-    cycle = InteractiveFirst()
-    cycle.update([BATCH, "other", DEFAULT, INTERACTIVE])
-    assert cycle.consume(4) == [INTERACTIVE, DEFAULT, BATCH, "other"]
+def test_the_classes_in_order_and_other_queues_after_them_as_given() -> None:
+    assert fetch_order([BATCH, "other", DEFAULT, "another", INTERACTIVE], 0) == [
+        INTERACTIVE,
+        DEFAULT,
+        BATCH,
+        "other",
+        "another",
+    ]
+    assert [queue_of(priority) for priority in Priority] == list(ALL_QUEUES)
 
 
-def test_every_nth_fetch_names_the_lower_classes_first() -> None:
-    """Under a flood of interactive work, batch still gets one fetch in LOWER_FIRST_EVERY."""
-    cycle = InteractiveFirst()
-    cycle.update(list(ALL_QUEUES))
-    firsts = []
-    for _ in range(4 * LOWER_FIRST_EVERY):
-        order = cycle.consume(3)
-        firsts.append(order[0])
-        cycle.rotate(order[0])  # BRPOP popped from the first list named (all non-empty)
-    assert firsts.count(BATCH) == 4
-    assert firsts.count(INTERACTIVE) == 4 * (LOWER_FIRST_EVERY - 1)
-    # Polls that pop nothing (empty queues, a BRPOP timeout) do not advance the rotation.
-    cycle = InteractiveFirst()
-    cycle.update(list(ALL_QUEUES))
-    assert {cycle.consume(3)[0] for _ in range(10)} == {INTERACTIVE}
-
-
-def test_the_celery_app_uses_it_and_fetches_only_into_free_slots() -> None:
-    app = create_celery_app(Settings(_env_file=None))
-    strategy = app.conf.broker_transport_options["queue_order_strategy"]
-    assert cycle_by_name(strategy) is InteractiveFirst
-    assert app.conf.worker_disable_prefetch is True
-    assert app.conf.worker_prefetch_multiplier == 1
+@pytest.mark.parametrize("fetches", range(3 * LOWER_FIRST_EVERY))
+def test_one_fetch_in_lower_first_every_names_the_lower_classes_first(fetches: int) -> None:
+    order = fetch_order([DEFAULT, BATCH, INTERACTIVE], fetches)
+    if fetches % LOWER_FIRST_EVERY == LOWER_FIRST_EVERY - 1:
+        assert order == [BATCH, DEFAULT, INTERACTIVE]
+    else:
+        assert order == [INTERACTIVE, DEFAULT, BATCH]

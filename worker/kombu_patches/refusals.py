@@ -1,21 +1,33 @@
 """A Redis that answers but refuses writes: the worker waits it out instead of crashing or losing.
 
-Out of memory under `noeviction`, or a read-only replica after a failover: reads work, every write
-gets an error reply (`OOM ...`, `READONLY ...`; inside a MULTI even ZREM and HDEL are refused
-under OOM). Unlike a lost connection, kombu 5.7's Redis transport treats these replies as
-channel errors that nothing catches on the worker's event loop, so without this module:
+Symptom. Out of memory under `noeviction`, or a read-only replica after a failover: reads work,
+every write gets an error reply (`OOM ...`, `READONLY ...`; inside a MULTI even ZREM and HDEL are
+refused under OOM). Without these patches:
 
 - an ack (`ZREM`+`HDEL` in MULTI) raises out of the hub and the worker exits with
-  "Unrecoverable error: OutOfMemoryError" (seen in tests/test_reliability_redis_refuses_writes.py);
+  "Unrecoverable error: OutOfMemoryError" (tests/reliability/test_redis_refuses_writes.py);
 - a message that BRPOP already popped is lost when writing it to the unacked set is refused
   (`QoS.append` raises before the message is held anywhere);
 - BRPOP on a read-only replica raises READONLY out of the hub, as does the unacked sweep.
 
-`install()` makes each of these wait or defer, as close to kombu's own code as possible:
-BRPOP pauses, `append` retries until the message is safely in the unacked set (the consumer
-stops fetching meanwhile), and a refused ack, reject or restore leaves the message in the unacked
-set, from where the visibility-timeout sweep brings it back once writes are accepted (START then
-skips a task that already ended). The task's own record writes wait in `retry_while_refused`.
+Cause. Unlike a lost connection, kombu 5.7's Redis transport treats these replies as channel
+errors (`ResponseError` is not among its connection errors), and nothing on the worker's event
+loop catches them, so Celery calls them unrecoverable.
+
+Upstream. The OOM crash and hang are celery#5716 (https://github.com/celery/celery/issues/5716);
+READONLY after a failover ending the worker is celery#7946 and, behind Sentinel, celery#6348
+(https://github.com/celery/celery/issues/7946, https://github.com/celery/celery/issues/6348).
+
+The fix, as close to kombu's own code as possible: BRPOP pauses, `append` retries until the
+message is safely in the unacked set (the consumer stops fetching meanwhile), and a refused ack,
+reject or restore leaves the message in the unacked set, from where the visibility-timeout sweep
+brings it back once writes are accepted (START then skips a task that already ended). The task's
+own record writes wait in `retry_while_refused` (worker/store.py).
+
+Remove when kombu waits out (or reconnects on) OOM and READONLY replies on the event loop and
+holds a popped message until `append` succeeds: run tests/reliability/test_redis_refuses_writes.py
+against the new kombu with these wrappers left out of `install()`; both of its conditions must
+still end with every task finished and no worker exited.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from kombu.transport import virtual
 from redis.exceptions import ResponseError
 
 from shared.errors import redis_write_refusal
+from worker.kombu_patches.originals import original
 
 log = logging.getLogger(__name__)
 
@@ -82,31 +95,20 @@ def retry_while_refused(write: Callable[[], T], what: str) -> T:
         return result
 
 
-def _append(self: kombu_redis.QoS, message: Any, delivery_tag: str) -> None:
-    # BRPOP has already removed the message from the queue: until it is in the unacked set this
-    # process holds the only copy, so wait here (the consumer fetches nothing meanwhile).
+def append(self: kombu_redis.QoS, message: Any, delivery_tag: str) -> None:
+    """`QoS.append`: BRPOP has already removed the message from the queue; until it is in the
+    unacked set this process holds the only copy, so wait here (the consumer fetches nothing
+    meanwhile)."""
     task_id = message.headers.get("id", "?") if isinstance(message.headers, dict) else "?"
     retry_while_refused(
-        lambda: _original["append"](self, message, delivery_tag),
+        lambda: original("QoS.append")(self, message, delivery_tag),
         f"holding the message of task {task_id}",
     )
 
 
-def _ack(self: kombu_redis.QoS, delivery_tag: str) -> None:
-    try:
-        _original["ack"](self, delivery_tag)
-    except ResponseError as error:
-        _leave_unacked(self, delivery_tag, "acknowledged", error)
-
-
-def _reject(self: kombu_redis.QoS, delivery_tag: str, requeue: bool = False) -> None:
-    try:
-        _original["reject"](self, delivery_tag, requeue)
-    except ResponseError as error:
-        _leave_unacked(self, delivery_tag, "rejected", error)
-
-
-def _leave_unacked(self: kombu_redis.QoS, tag: str, what: str, error: ResponseError) -> None:
+def leave_unacked(self: kombu_redis.QoS, tag: str, what: str, error: ResponseError) -> None:
+    """A refused ack or reject (worker/kombu_patches/acks.py): the message stays in the unacked
+    set; any other error reply is raised as it was."""
     reason = refusal_of(error)
     if reason is None:
         raise error
@@ -121,9 +123,11 @@ def _leave_unacked(self: kombu_redis.QoS, tag: str, what: str, error: ResponseEr
     virtual.QoS.ack(self, tag)  # type: ignore[no-untyped-call]
 
 
-def _restore_visible(self: kombu_redis.QoS, *args: Any, **kwargs: Any) -> None:
+def restore_visible(self: kombu_redis.QoS, *args: Any, **kwargs: Any) -> None:
+    """`QoS.restore_visible` (the visibility-timeout sweep): a refused sweep is tried again at
+    its next interval."""
     try:
-        _original["restore_visible"](self, *args, **kwargs)
+        original("QoS.restore_visible")(self, *args, **kwargs)
     except ResponseError as error:
         reason = refusal_of(error)
         if reason is None:
@@ -133,9 +137,11 @@ def _restore_visible(self: kombu_redis.QoS, *args: Any, **kwargs: Any) -> None:
         )
 
 
-def _restore_unacked(self: kombu_redis.QoS, client: Any = None) -> None:
+def restore_unacked(self: kombu_redis.QoS, client: Any = None) -> None:
+    """`QoS.restore_unacked` (a channel closing): held messages that cannot be put back now stay
+    in the unacked set."""
     try:
-        _original["restore_unacked"](self, client)
+        original("QoS.restore_unacked")(self, client)
     except ResponseError as error:
         reason = refusal_of(error)
         if reason is None:
@@ -157,34 +163,15 @@ def _warn_now_and_then(key: str, message: str, *args: Any) -> None:
         log.warning(message, *args)
 
 
-def _brpop_read(self: kombu_redis.Channel, **options: Any) -> Any:
+def brpop_read(self: kombu_redis.Channel, **options: Any) -> Any:
+    """`Channel._brpop_read`: BRPOP is a write (READONLY on a replica); pause before the hub sends
+    the next one and report an empty poll."""
     try:
-        return _original["_brpop_read"](self, **options)
+        return original("Channel._brpop_read")(self, **options)
     except ResponseError as error:
         reason = refusal_of(error)
         if reason is None:
             raise
-        # BRPOP is a write (READONLY on a replica): pause before the hub sends the next one.
         _warn_now_and_then("brpop", "not fetching tasks: Redis refuses writes: %s", reason)
         time.sleep(MAX_PAUSE)
         raise Empty() from error
-
-
-_original: dict[str, Callable[..., Any]] = {}
-
-
-def install() -> None:
-    """Patch kombu's Redis QoS and Channel (once) as described in the module docstring."""
-    if _original:
-        return
-    patches: list[tuple[type, str, Callable[..., Any]]] = [
-        (kombu_redis.QoS, "append", _append),
-        (kombu_redis.QoS, "ack", _ack),
-        (kombu_redis.QoS, "reject", _reject),
-        (kombu_redis.QoS, "restore_visible", _restore_visible),
-        (kombu_redis.QoS, "restore_unacked", _restore_unacked),
-        (kombu_redis.Channel, "_brpop_read", _brpop_read),
-    ]
-    for owner, name, replacement in patches:
-        _original[name] = getattr(owner, name)
-        setattr(owner, name, replacement)
