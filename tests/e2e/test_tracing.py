@@ -85,16 +85,16 @@ def pop_message(redis_server: RedisServer) -> dict[str, Any]:
 
 def run_task(envelope: dict[str, Any]) -> None:
     """What a worker does with the message: the task body under a request built from it."""
-    from worker.consumer import predict, predict_many
+    from worker.consumer import predict_many
 
     headers = envelope["headers"]
-    task = predict_many if headers["task"] == predict_many.name else predict
+    assert headers["task"] == predict_many.name  # the one kind of message
     _, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
-    task.push_request(**headers, hostname=WORKER_NAME, delivery_info={})
+    predict_many.push_request(**headers, hostname=WORKER_NAME, delivery_info={})
     try:
-        task.run(**kwargs)
+        predict_many.run(**kwargs)
     finally:
-        task.pop_request()
+        predict_many.pop_request()
 
 
 def one(found: list[ReadableSpan], what: str) -> ReadableSpan:
