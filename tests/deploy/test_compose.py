@@ -1,8 +1,9 @@
 """docker-compose.yml and .env.example, checked without a Docker engine.
 
-Compose's healthchecks and start order, the settings the containers get, the monitoring profile,
-and the example environment against `Settings`. When a Docker Compose v2 CLI is installed,
-`docker compose config` (client-side, no engine) validates the compose file too.
+Compose's healthchecks and start order, the modules the containers start, the settings they get,
+the monitoring profile, and the example environment against `Settings`. `docker compose config`
+(Docker Compose v2, client side: no engine) validates the file as Compose itself reads it;
+scripts/bootstrap.sh installs the CLI where it runs as root.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dotenv import dotenv_values
 from shared.settings import Settings
 from tests.support.deploy_files import (
     COMPOSE_FILE,
+    DISPATCHER_DOCKERFILES,
     ENV_EXAMPLE,
     HEALTHCHECK_KEYS,
     REPO,
@@ -29,6 +31,8 @@ from tests.support.deploy_files import (
     SETTINGS_ENV_NAMES,
     TOP_LEVEL_KEYS,
     TORCHSERVE_CONFIG,
+    build_of,
+    check_entry_points,
     comparable,
     compose,
     compose_cli,
@@ -43,24 +47,39 @@ from tests.support.deploy_files import (
     service,
     services,
 )
+from tests.support.stack import require_tool
 
 # === docker-compose.yml ========================================================================
 
 
-def test_compose_validates() -> None:
-    """`docker compose config` when the CLI is there; the YAML's structure in any case."""
+def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
+    """Compose's own validation (its schema, interpolation, references), client side only."""
     cli = compose_cli()
-    if cli is not None:
-        result = subprocess.run(
-            [*cli, "-f", str(COMPOSE_FILE), "config", "-q"],
+    require_tool(cli is not None, "no Docker Compose v2 CLI (scripts/bootstrap.sh installs one)")
+    assert cli is not None
+
+    def config(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*cli, "-f", str(path), "--project-directory", str(REPO), "config", "-q"],
             cwd=REPO,
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
         )
-        assert result.returncode == 0, f"docker compose config failed:\n{result.stderr}"
-    # Without the CLI these are the whole validation; with it they still pin the structure.
+
+    result = config(COMPOSE_FILE)
+    assert result.returncode == 0, f"docker compose config failed:\n{result.stderr}"
+    # And it has teeth: a misspelt key is refused.
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("stop_grace_period:", "stop_grace_perod:"))
+    refused = config(broken)
+    assert refused.returncode != 0
+    assert "stop_grace_perod" in refused.stderr
+
+
+def test_compose_structure() -> None:
+    """The YAML's structure, pinned whatever the CLI accepts (it ignores `x-` keys, for one)."""
     data = compose()
     unknown = {key for key in data if not key.startswith("x-")} - TOP_LEVEL_KEYS
     assert not unknown, f"unknown top-level keys {unknown}"
@@ -176,6 +195,24 @@ def test_only_the_api_is_published() -> None:
     assert any(port.endswith(":8000") for port in api_ports), "the API is not published"
     for name in ("redis", "torchserve"):  # no auth on either: compose network only
         assert not service(name).get("ports"), f"{name} must not be published"
+
+
+def test_every_dispatcher_container_starts_a_module_of_its_image() -> None:
+    """Each container built from Dockerfile.api or Dockerfile.worker starts a module that the
+    image holds (compose's `command`, else the image's CMD): a renamed module breaks this."""
+    started = {}
+    for name, svc in services().items():
+        if "build" not in svc or build_of(name)[1].name not in DISPATCHER_DOCKERFILES:
+            continue
+        command = svc.get("command") or exec_form(final_stage(name).args("CMD")[-1], "CMD")
+        assert isinstance(command, list), f"{name}: command in exec (list) form"
+        started[name] = check_entry_points(command, f"docker-compose.yml `{name}`")
+    assert started == {
+        "api": ["api"],
+        "worker": ["worker.app:app"],
+        "worker-interactive": ["worker.app:app"],
+        "webhooks": ["worker.webhook_app:app"],
+    }
 
 
 # === .env.example =============================================================================

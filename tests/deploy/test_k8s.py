@@ -18,9 +18,11 @@ import yaml
 
 from shared.celery_app import QUEUE
 from shared.settings import Settings
+from tests.support.deploy_files import check_entry_points, exec_form, final_stage
 from tests.support.paths import REPO as REPO_ROOT
 from tests.support.paths import SUPPORT
 from tests.support.promql_check import check_promql, unknown_metrics
+from tests.support.stack import require_tool
 
 REPO = REPO_ROOT
 K8S = REPO / "deploy" / "k8s"
@@ -28,6 +30,8 @@ KEDA_SCHEMA = SUPPORT / "schemas" / "keda-scaledobject-v1alpha1.json"
 K8S_VERSION = "1.30.0"
 CORE_GROUPS = ("v1", "apps/v1", "policy/v1", "autoscaling/v2")
 OUR_IMAGES = {"model-dispatcher-api", "model-dispatcher-worker", "model-dispatcher-torchserve"}
+# Image -> the compose service built from the same Dockerfile (tests/support/deploy_files.py).
+DISPATCHER_IMAGES = {"model-dispatcher-api": "api", "model-dispatcher-worker": "worker"}
 
 
 @cache
@@ -131,8 +135,38 @@ def test_workers_scale_on_queued_plus_in_flight() -> None:
     assert trigger["metadata"]["threshold"] == concurrency, "one worker's worth of tasks each"
     assert scaled["spec"]["minReplicaCount"] >= 1, "the API's /ready needs a live worker"
     assert not unknown_metrics([query])
-    if promtool := shutil.which("promtool"):
-        check_promql([query], promtool)
+
+
+def test_the_autoscaling_query_is_valid_promql() -> None:
+    promtool = shutil.which("promtool")
+    require_tool(promtool is not None, "no `promtool`: apt-get install prometheus (bootstrap.sh)")
+    assert promtool is not None
+    (trigger,) = resource("ScaledObject", "worker")["spec"]["triggers"]
+    check_promql([trigger["metadata"]["query"]], promtool)
+    # And the check has teeth: a broken expression is refused.
+    with pytest.raises(AssertionError):
+        check_promql([trigger["metadata"]["query"] + ")"], promtool)
+
+
+def test_every_dispatcher_pod_starts_a_module_of_its_image() -> None:
+    """What each of our containers runs (args, else the image's CMD) names a module that the
+    image holds: a renamed module breaks this, not a rollout."""
+    started = {}
+    for workload in workloads():
+        for item in workload["spec"]["template"]["spec"]["containers"]:
+            if item["image"] not in DISPATCHER_IMAGES:
+                continue
+            argv = [*item.get("command", []), *item.get("args", [])]
+            if not argv:
+                service = DISPATCHER_IMAGES[item["image"]]
+                argv = exec_form(final_stage(service).args("CMD")[-1], "CMD")
+            where = f"{workload['kind']}/{workload['metadata']['name']}"
+            started[where] = check_entry_points(argv, where)
+    assert started == {
+        "Deployment/api": ["api.main:create_app"],
+        "Deployment/worker": ["worker.app:app"],
+        "Deployment/worker-interactive": ["worker.app:app"],
+    }
 
 
 def test_worker_grace_period_outlasts_the_longest_task() -> None:

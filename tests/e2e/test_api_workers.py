@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from api.__main__ import parse, prepare_metrics_dir, uvicorn_command
-from devstack import REPO_ROOT, ApiServer, CeleryWorker
+from devstack import ApiServer, CeleryWorker
 from devstack.local import LocalConfig
 from tests.support.stack import StackFactory
 
@@ -70,10 +70,17 @@ def test_the_entry_runs_uvicorn_with_the_process_count() -> None:
 # --- make run (devstack) ----------------------------------------------------------------------
 
 
-def test_make_run_reads_api_workers() -> None:
-    assert LocalConfig.from_env({"API_WORKERS": "3"}).api_workers == 3
-    if not (REPO_ROOT / ".env").exists():  # else API_WORKERS may come from there
-        assert LocalConfig.from_env({}).api_workers == 1
+def test_make_run_reads_api_workers(tmp_path: Path) -> None:
+    no_file = tmp_path / "absent.env"
+    assert LocalConfig.from_env({"API_WORKERS": "3"}, no_file).api_workers == 3
+    assert LocalConfig.from_env({}, no_file).api_workers == 1
+    # The API's processes read the repository's .env: make run reads it too, and the environment
+    # wins over it, as in shared/settings.py.
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("API_WORKERS=2\n")
+    assert LocalConfig.from_env({}, dotenv).api_workers == 2
+    assert LocalConfig.from_env({"API_WORKERS": "3"}, dotenv).api_workers == 3
+    assert LocalConfig.from_env({"API_WORKERS": "3"}).api_workers == 3  # the default file
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "65"])
