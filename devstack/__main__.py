@@ -12,10 +12,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "run",
-        help="Redis, TorchServe (demo models), a Celery worker and the API until Ctrl-C",
+        help="Redis, TorchServe (demo models), the Celery workers and the API until Ctrl-C",
         description="Starts a private redis-server unless REDIS_URL is set, TorchServe on "
-        "127.0.0.1:8080-8082 unless TORCHSERVE_URL is set, one Celery worker and the API on "
-        "127.0.0.1:8000 (PORT overrides). Everything lives under .local/.",
+        "127.0.0.1:8080-8082 unless TORCHSERVE_URL is set, a Celery worker, an interactive "
+        "worker and the webhook consumer (their metrics on 127.0.0.1:9808, 9809 and 9810; "
+        "DEVSTACK_METRICS_PORTS overrides) and the API on 127.0.0.1:8000 (PORT overrides). "
+        "Everything lives under .local/; the banner lists every log and metrics URL.",
     )
     args = parser.parse_args(argv)
     if args.command == "run":

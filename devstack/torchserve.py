@@ -134,6 +134,12 @@ class TorchServe(ProcessServer):
         return f"http://{HOST}:{self.ports[2]}"
 
     @property
+    def logs_dir(self) -> Path:
+        """TorchServe's own log files (ts_log, model_log, access_log: its log4j default, under
+        its working directory); `log_path` holds only what the CLI prints."""
+        return self.workdir / "logs"
+
+    @property
     def inference_token(self) -> str | None:
         """The key for `Authorization: Bearer` on /predictions and /ping (None without auth)."""
         return self._key("inference")

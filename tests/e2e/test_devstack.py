@@ -23,6 +23,7 @@ from devstack import (
     start_stack,
     wait_until,
 )
+from devstack.local import DEFAULT_METRICS_PORTS, LocalConfig, metrics_env
 from devstack.processes import free_port
 from tests.support.paths import SUPPORT
 from tests.support.stack import StackFactory
@@ -364,6 +365,67 @@ def test_start_stack_starts_and_stops_everything(redis_server: RedisServer, tmp_
         assert stack.logs().count("ready.") == 3  # each worker's and the webhook consumer's
     assert not stack.api.alive
     assert not any(worker.alive for worker in [*stack.workers, *stack.webhook_consumers])
+
+
+def test_make_run_gives_each_worker_process_its_own_metrics_port() -> None:
+    assert LocalConfig.from_env({}).metrics_ports == DEFAULT_METRICS_PORTS == (9808, 9809, 9810)
+    config = LocalConfig.from_env({"DEVSTACK_METRICS_PORTS": "9100,9101,9102"})
+    assert config.metrics_ports == (9100, 9101, 9102)
+    for bad in ("9100,9101", "9100,9100,9101", "9100,0,9101", "a,b,c"):
+        with pytest.raises(SystemExit, match="DEVSTACK_METRICS_PORTS"):
+            LocalConfig.from_env({"DEVSTACK_METRICS_PORTS": bad})
+    env = metrics_env({"REDIS_URL": "redis://x"}, "WORKER_METRICS_PORT", 9100)
+    assert env == {
+        "REDIS_URL": "redis://x",
+        "WORKER_METRICS_PORT": "9100",
+        "WORKER_METRICS_HOST": "127.0.0.1",
+    }
+
+
+def test_make_runs_workers_each_serve_their_own_metrics(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The worker, the interactive worker and the webhook consumer as make run starts them
+    (the real Celery apps): each answers /metrics on its own loopback port."""
+    env = {"REDIS_URL": redis_server.url}
+    ports = [free_port() for _ in range(3)]
+    workers = [
+        CeleryWorker(metrics_env(env, "WORKER_METRICS_PORT", ports[0]), "m1", tmp_path / "w.log"),
+        CeleryWorker.interactive(
+            metrics_env(env, "WORKER_METRICS_PORT", ports[1]), "m2", tmp_path / "i.log"
+        ),
+        CeleryWorker.webhook_consumer(
+            metrics_env(env, "WEBHOOK_METRICS_PORT", ports[2]), tmp_path / "h.log", "m3"
+        ),
+    ]
+    try:
+        for worker in workers:
+            worker.launch()
+        for worker in workers:
+            worker.wait_ready(60)
+        families = {
+            "m1": "dispatcher_tasks_finished_total",
+            "m2": "dispatcher_tasks_finished_total",
+            "m3": "dispatcher_webhook_deliveries_total",
+        }
+        for worker, port in zip(workers, ports, strict=True):
+            url = f"http://127.0.0.1:{port}/metrics"
+            page = wait_until(lambda url=url: _metrics_page(url), 30, f"{worker.name} metrics")
+            assert f"# TYPE {families[worker.name]} counter" in page, worker.name
+            assert "metrics not served" not in worker.log_text(), worker.log_text()
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def _metrics_page(url: str) -> str | None:
+    try:
+        response = httpx.get(url, timeout=2)
+    except httpx.HTTPError:
+        return None
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return response.text
 
 
 @pytest.mark.e2e

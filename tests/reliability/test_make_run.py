@@ -1,14 +1,17 @@
 """`make run` keeps serving: its processes are SIGKILLed under load and no task is lost.
 
 `python -m devstack run` runs as `make run` starts it (on free ports, in a temporary directory):
-its Celery worker and then redis-server are SIGKILLed with 150 tasks queued and running, then the
-API and TorchServe; every task still succeeds, the supervisor stays up and restarts each one, and
-on SIGTERM it stops everything it started and reports the restart counts.
+its banner lists every log and every metrics URL, each of which answers (each worker on its own
+port, on loopback, counting the tasks it ran); its Celery worker and then redis-server are
+SIGKILLed with 150 tasks queued and running, then the API and TorchServe; every task still
+succeeds, the supervisor stays up and restarts each one, and on SIGTERM it stops everything it
+started and reports the restart counts.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -20,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from devstack import PAYLOAD_MODULE, REPO_ROOT, ManagedProcess, archive_model
 from devstack.processes import free_port, wait_until
@@ -45,6 +49,8 @@ COMMANDS = {
     "webhook consumer": "-Q webhooks",
     "API server": "uvicorn",
 }
+# The banner's metrics lines: every dispatcher process that serves /metrics, and TorchServe.
+METRICS = ("API server", "Celery worker", "interactive worker", "webhook consumer", "TorchServe")
 
 
 def _cmdline(pid: int) -> str:
@@ -70,6 +76,8 @@ class MakeRun:
     api_url: str
     management_url: str
     redis_url: str
+    workdir: Path
+    metrics_ports: dict[str, int]  # what DEVSTACK_METRICS_PORTS and the TorchServe ports gave
     kills: Counter[str] = field(default_factory=Counter)
     seen: set[int] = field(default_factory=set)  # every child pid: none may outlive the run
 
@@ -108,6 +116,7 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeRun]:
     )
     api_port, redis_port = free_port(), free_port()
     ts_ports = [free_port() for _ in range(5)]  # gRPC too: no port chosen in another process
+    worker_ports = [free_port() for _ in range(3)]  # worker, interactive worker, webhooks
     ours = {"REDIS_URL", "TORCHSERVE_URL", "PORT"}  # make run must start its own
     env = {
         **{key: value for key, value in os.environ.items() if key not in ours},
@@ -117,6 +126,7 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeRun]:
         "DEVSTACK_WORKDIR": str(workdir),
         "DEVSTACK_REDIS_PORT": str(redis_port),
         "DEVSTACK_TORCHSERVE_PORTS": ",".join(map(str, ts_ports)),
+        "DEVSTACK_METRICS_PORTS": ",".join(map(str, worker_ports)),
     }
     # SIGTERM to the supervisor alone, as a terminal's Ctrl-C or a service manager would send.
     process = ManagedProcess(
@@ -131,6 +141,12 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeRun]:
         api_url=f"http://127.0.0.1:{api_port}",
         management_url=f"http://127.0.0.1:{ts_ports[1]}",
         redis_url=f"redis://127.0.0.1:{redis_port}/0",
+        workdir=workdir,
+        metrics_ports={
+            "API server": api_port,
+            **dict(zip(METRICS[1:4], worker_ports, strict=True)),
+            "TorchServe": ts_ports[2],
+        },
     )
     try:
 
@@ -156,6 +172,88 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeRun]:
         for pid in run.seen:  # only if the supervisor failed to: each child leads its group
             if _running(pid):
                 os.killpg(pid, signal.SIGKILL)
+
+
+def _banner_section(output: str, title: str) -> dict[str, str]:
+    """The `  name   value` lines under a banner heading, up to the next blank line."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    entries = {}
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        match = re.fullmatch(r"  (\S.*?) {2,}(\S+)", line)
+        assert match, f"not a banner entry: {line!r}"
+        entries[match[1]] = match[2]
+    return entries
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The IPv4/IPv6 addresses (kernel hex) of sockets listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """GET a /metrics page; it must be Prometheus text. {sample name: sum over its labels}."""
+    response = httpx.get(url, timeout=10)
+    assert response.status_code == 200, (url, response.text[:500])
+    assert response.headers["content-type"].startswith("text/plain"), url
+    assert "# TYPE " in response.text, url
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    assert totals, url
+    return totals
+
+
+def test_the_banner_lists_every_log_and_metrics_url_and_each_answers(make_run: MakeRun) -> None:
+    wait_until(lambda: "Metrics (" in make_run.output(), 30, "the banner")
+    output = make_run.output()
+    logs = _banner_section(output, "Logs:")
+    # Each supervised process's output, and the files TorchServe writes itself.
+    assert set(logs) == {*COMMANDS, "TorchServe's own"}, logs
+    for name, path in logs.items():
+        assert Path(path).is_relative_to(make_run.workdir), f"{name}: {path}"
+        if name in COMMANDS:
+            assert Path(path).is_file(), f"{name}: {path}"
+    own = {file.name for file in Path(logs["TorchServe's own"]).iterdir()}
+    assert {"ts_log.log", "model_log.log", "access_log.log"} <= own, own
+    metrics = _banner_section(output, "Metrics (")
+    assert set(metrics) == set(METRICS), metrics
+    for name, url in metrics.items():
+        assert url == f"http://127.0.0.1:{make_run.metrics_ports[name]}/metrics", (name, url)
+        _scrape(url)
+    # Each worker process on its own port, on loopback only; none lost the race for one.
+    for name in ("Celery worker", "interactive worker", "webhook consumer"):
+        assert _listening_addresses(make_run.metrics_ports[name]) == {"0100007F"}, name
+    for name in COMMANDS:
+        assert "metrics not served" not in Path(logs[name]).read_text(), name
+    assert "dispatcher_webhook_deliveries_total" in httpx.get(metrics["webhook consumer"]).text
+    # Both prediction workers take interactive work: together they count every task they ran.
+    finished = "dispatcher_tasks_finished_total"
+    workers = ("Celery worker", "interactive worker")
+    before = {name: _scrape(metrics[name]).get(finished, 0.0) for name in workers}
+    with httpx.Client(base_url=make_run.api_url, timeout=60) as http:
+        body = {"model_name": "slow", "input": {"sleep": 0.05}, "priority": "interactive"}
+        ids = [submit(http, body) for _ in range(40)]
+    client = redis.Redis.from_url(make_run.redis_url, socket_timeout=5, decode_responses=False)
+    try:
+        final = wait_terminal(client, ids, timeout=120)
+    finally:
+        client.close()
+    assert Counter(fields["status"] for fields in final.values()) == {"succeeded": 40}
+    after = {name: _scrape(metrics[name]).get(finished, 0.0) for name in workers}
+    ran = {name: after[name] - before[name] for name in workers}
+    print(f"\nMETRICS: tasks finished per worker {ran}")
+    assert sum(ran.values()) == 40, ran
 
 
 def _submit_and_kill(make_run: MakeRun, name: str) -> dict[str, str]:
