@@ -73,6 +73,8 @@ def test_wait_that_runs_out_gives_202_then_the_result(client: httpx.Client) -> N
     )
     elapsed = time.monotonic() - started
     assert response.status_code == 202, response.text
+    assert response.json()["status"] in ("queued", "running")
+    # The bound is the behaviour: the answer comes at the 0.3 s preference, not at the task's end.
     assert 0.25 <= elapsed < 1.4
     assert response.headers["preference-applied"] == "wait=0.3"
     location = response.headers["location"]
@@ -88,7 +90,8 @@ def test_long_poll_answers_when_the_task_ends(client: httpx.Client) -> None:
     polled = client.get(accepted["status_url"], params={"wait": 20})
     elapsed = time.monotonic() - started
     assert polled.json()["status"] == "succeeded"
-    assert 0.5 < elapsed < 5  # woken by the result, not by the 20 s limit
+    # The bound is the behaviour: woken by the result (after ~1 s), not by the 20 s limit.
+    assert 0.5 < elapsed < 10
 
 
 def test_long_poll_returns_the_live_state_when_time_runs_out(client: httpx.Client) -> None:
@@ -99,6 +102,7 @@ def test_long_poll_returns_the_live_state_when_time_runs_out(client: httpx.Clien
     polled = client.get(accepted["status_url"], params={"wait": 0.4})
     assert polled.status_code == 200
     assert polled.json()["status"] in ("queued", "running")
+    # The bound is the behaviour: the live state at the 0.4 s wait, before the 2 s task ends.
     assert 0.35 <= time.monotonic() - started < 1.9
 
 
@@ -199,8 +203,19 @@ def test_original_request_shape_reaches_torchserve_unchanged(
     assert '"POST /predictions/echo HTTP/1.1" 200' in new_lines[0]
 
 
+def metric(text: str, name: str) -> float:
+    """The sum of every sample of `name` (all label sets) in a Prometheus text exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == name or sample.startswith(name + "{"):
+            total += float(value)
+    return total
+
+
 def test_target_off_the_allow_list_is_403_and_nothing_is_sent(client: httpx.Client) -> None:
     connections: list[object] = []
+    before = client.get("/metrics").text
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(0.1)
         port = listener.getsockname()[1]
@@ -217,13 +232,18 @@ def test_target_off_the_allow_list_is_403_and_nothing_is_sent(client: httpx.Clie
         thread.start()
         try:
             response = dispatch(client, {"model_name": "echo", "host": "127.0.0.1", "port": port})
-            time.sleep(0.5)  # any worker that did try to connect would have by now
         finally:
             stop.set()
             thread.join()
+        after = client.get("/metrics").text
     assert response.status_code == 403
     assert response.json()["code"] == "target_not_allowed"
     assert "task_id" not in response.json()
+    # Refused before a task existed: nothing was enqueued, so no worker can ever connect.
+    submitted = "dispatcher_tasks_submitted_total"
+    assert metric(after, submitted) == metric(before, submitted)
+    refused = 'dispatcher_submit_rejections_total{code="target_not_allowed"}'
+    assert metric(after, refused) == metric(before, refused) + 1
     assert connections == []
 
 
@@ -289,14 +309,15 @@ def test_torchserve_down_fails_bounded_with_503(stack_factory: object) -> None:
     assert response.status_code == 503, response.text
     assert response.json()["code"] == "torchserve_unavailable"
     assert target in response.json()["msg"]
-    assert 0.2 <= elapsed < 5  # two backoffs of 0.1-0.4 s, then given up
+    # The bound is the behaviour: two backoffs of 0.1-0.4 s, then given up (not left hanging).
+    assert 0.2 <= elapsed < 5
     assert ready.status_code == 503
     assert "unreachable" in ready.json()["checks"]["torchserve"]
 
 
 async def _many_sync_requests_while_docs_served(
     api_url: str, count: int
-) -> tuple[list[int], float]:
+) -> tuple[list[int], int, float]:
 
     limits = httpx.Limits(max_connections=count + 10)
     async with httpx.AsyncClient(base_url=api_url, timeout=60, limits=limits) as http:
@@ -306,18 +327,29 @@ async def _many_sync_requests_while_docs_served(
             )
             for _ in range(count)
         ]
-        await asyncio.sleep(0.5)  # the requests are in and waiting
+        deadline = time.monotonic() + 30
+        while True:  # until most of the requests are in the API and waiting for their task
+            metrics = (await http.get("/metrics")).text
+            if metric(metrics, "dispatcher_waiting_requests") >= count // 2:
+                break
+            assert time.monotonic() < deadline, "the sync requests never all waited"
+            await asyncio.sleep(0.02)
         docs_started = time.monotonic()
         docs = await http.get("/docs")
         docs_seconds = time.monotonic() - docs_started
+        still_waiting = sum(not request.done() for request in waiting)
         assert docs.status_code == 200
         assert "swagger" in docs.text.lower()
         statuses = [response.status_code for response in await asyncio.gather(*waiting)]
-    return statuses, docs_seconds
+    return statuses, still_waiting, docs_seconds
 
 
 def test_many_concurrent_sync_requests_while_docs_stays_responsive(stack: Stack) -> None:
 
-    statuses, docs_seconds = asyncio.run(_many_sync_requests_while_docs_served(stack.api_url, 300))
+    statuses, still_waiting, docs_seconds = asyncio.run(
+        _many_sync_requests_while_docs_served(stack.api_url, 300)
+    )
+    print(f"\nDOCS: served in {docs_seconds * 1000:.0f} ms with {still_waiting} requests waiting")
     assert statuses == [200] * 300
-    assert docs_seconds < 1.0
+    # Served while the sync requests still waited, not queued behind them.
+    assert still_waiting > 0
