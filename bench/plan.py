@@ -39,7 +39,7 @@ class Plan:
     workers: int
     concurrency: int
     pool: str
-    # TorchServe workers of the slow model for bursts and waiting clients (issue: 2).
+    # TorchServe workers of the slow model for bursts and waiting clients.
     slow_workers: int
     # Processes that fire raw HTTP requests for the burst and waiting scenarios.
     client_processes: int

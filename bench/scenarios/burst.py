@@ -18,7 +18,7 @@ from bench.shots import Volley, VolleyResult, fire
 from bench.stack import JOB_QUEUE_SIZE, SLOW_MODEL
 from bench.table import Row, number
 
-CAPACITY_TARGET = 0.97  # of TorchServe's measured capacity (issue 12)
+CAPACITY_TARGET = 0.97  # of TorchServe's measured capacity
 SERVICE_UNAVAILABLE = 503
 # Connections per TorchServe worker for measuring what the model really serves: enough to keep
 # every worker busy, far below job_queue_size so nothing is rejected.

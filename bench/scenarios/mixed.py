@@ -1,7 +1,7 @@
 """(8) Mixed load: sync clients on the tiny model, alone and while a big batch runs.
 
-The priorities issue's promise under load: 64 sync clients (wrk, keep-alive) on `echo` for a fixed
-time, once alone and once right after a 10,000-item batch was accepted, with the same workers (the
+What the priority classes promise under load: 64 sync clients (wrk, keep-alive) on `echo` for a
+fixed time, once alone and once right after a 10,000-item batch was accepted, with the same workers (the
 run's general workers plus one reserved for interactive work, as make run and the deployments
 have). The batch's items go to the slow model (20 ms, 2 TorchServe workers, 100/s): they hold a
 worker slot for as long as TorchServe takes, which is what priority classes must keep from
@@ -133,7 +133,7 @@ def _rows(
             direct="-",
             dispatcher=f"{p99_mixed:.1f} ms with, {p99_alone:.1f} ms without",
             ratio=f"{p99_ratio:.2f}x",
-            target=f"<= {P99_RATIO_TARGET:g}x (and < {P99_LIMIT_MS / 1000:g} s, issue 11)",
+            target=f"<= {P99_RATIO_TARGET:g}x (and < {P99_LIMIT_MS / 1000:g} s)",
             met=p99_ratio <= P99_RATIO_TARGET and p99_mixed < P99_LIMIT_MS and failed == 0,
             figures={"p99_alone_ms": p99_alone, "p99_mixed_ms": p99_mixed},
         ),

@@ -327,7 +327,7 @@ def test_sigterm_stops_everything_and_reports_the_restarts(make_run: MakeRun) ->
     counts = dict(item.rsplit(" ", 1) for item in summary.removeprefix("restarts: ").split(", "))
     assert set(COMMANDS) <= set(counts), summary
     for name, kills in make_run.kills.items():
-        # A Redis restart may take the worker with it (issue 7, item 1); it is restarted too.
+        # A Redis restart may take the worker with it; it is restarted too.
         assert int(counts[name]) >= kills, summary
     print(f"\nMAKE RUN: kills={dict(make_run.kills)} {summary}")
     print(
