@@ -1,14 +1,14 @@
 """(8) Mixed load: sync clients on the tiny model, alone and while a big batch runs.
 
 What the priority classes promise under load: 64 sync clients (wrk, keep-alive) on `echo` for a
-fixed time, once alone and once right after a 10,000-item batch was accepted, with the same workers (the
-run's general workers plus one reserved for interactive work, as make run and the deployments
+fixed time, once alone and once right after a 10,000-item batch was accepted, with the same workers
+(the run's general workers plus one reserved for interactive work, as make run and the deployments
 have). The batch's items go to the slow model (20 ms, 2 TorchServe workers, 100/s): they hold a
-worker slot for as long as TorchServe takes, which is what priority classes must keep from
-delaying sync callers. Items on `echo` itself would queue together with the sync requests inside
-TorchServe's FIFO for that model, where no dispatcher priority reaches, and the comparison would
-measure TorchServe's queue instead. At 100 items/s the batch outlasts the window by far.
-Afterwards the batch is canceled and its queue emptied, so later scenarios start clean.
+worker slot for as long as TorchServe takes, which is what priority classes must keep from delaying
+sync callers. Items on `echo` itself would queue together with the sync requests inside TorchServe's
+FIFO for that model, where no dispatcher priority reaches, and the comparison would measure
+TorchServe's queue instead. At 100 items/s the batch outlasts the window by far. Afterwards the
+batch is canceled and its queue emptied, so later scenarios start clean.
 """
 
 from __future__ import annotations
