@@ -1,6 +1,6 @@
 """Batches against the real stack: JSON and JSONL, one 422 for every bad item, results in input
-order (partial ones too), cancel, the batch.completed webhook, Idempotency-Key, and the time the
-API takes to enqueue 10,000 items.
+order (partial ones too), cancel, the batch.completed webhook, Idempotency-Key, and 10,000 items
+enqueued by one request (how fast is the bench's business; the test prints the time it took).
 
 One stack for the module (a general worker, a webhook consumer) on a Redis of its own, so the
 queue lengths and keys it checks are only its own.
@@ -348,8 +348,11 @@ def queued_tasks(client: redis.Redis, queue: str, most: int) -> list[dict[str, A
     return tasks
 
 
-def test_enqueueing_10000_items_takes_well_under_a_second(stack_factory: StackFactory) -> None:
-    """Timed with no worker consuming, so the figure is the API's and Redis's alone."""
+def test_enqueueing_10000_items_queues_each_once_in_messages_of_at_most_16(
+    stack_factory: StackFactory,
+) -> None:
+    """No worker consuming, so every item is still queued (and the printed time is the API's and
+    Redis's alone)."""
     stack = stack_factory.start(workers=0, webhook_consumers=0)
     client = redis.Redis.from_url(stack.env["REDIS_URL"])
     requests = [
@@ -383,4 +386,3 @@ def test_enqueueing_10000_items_takes_well_under_a_second(stack_factory: StackFa
         f"{ms(timings)} ms; API CPU {ms(api_cpu)} ms; Redis CPU {ms(redis_cpu)} ms "
         f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
     )
-    assert min(timings) < 2.0

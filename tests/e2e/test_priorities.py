@@ -1,7 +1,7 @@
 """Priority classes on the real stack: which queue a request lands in, 429 per class, workers
-taking interactive work first, and the inversion test: sync callers are answered in well under
-a second while 1,500 batch items run on a slow model, and the batch keeps moving while
-interactive traffic flows.
+taking interactive work first, and the inversion test: sync callers are served ahead of 1,500
+batch items queued before them on a slow model, and the batch keeps moving while interactive
+traffic flows. How fast (interactive p99 under a batch) is `make bench`'s mixed-load scenario.
 """
 
 from __future__ import annotations
@@ -135,17 +135,22 @@ def mixed_stack(
         server.stop()
 
 
-def succeeded(http: httpx.Client, batch_id: str) -> int:
+def counts(http: httpx.Client, batch_id: str) -> dict[str, int]:
     view: dict[str, Any] = http.get(f"/batches/{batch_id}").json()
-    count: int = view["request_counts"]["succeeded"]
-    return count
+    request_counts: dict[str, int] = view["request_counts"]
+    return request_counts
+
+
+def succeeded(http: httpx.Client, batch_id: str) -> int:
+    return counts(http, batch_id)["succeeded"]
 
 
 def test_sync_callers_are_answered_while_1500_batch_items_run(mixed_stack: Stack) -> None:
     """The inversion test: `slow` sleeps 20 ms on 2 TorchServe workers, so 1,500 items take 15 s
-    or more; ten sync requests to `echo` meanwhile each answer in well under a second. Then 8
-    threads of sync traffic (more than the reserved worker's 4 slots, so the general worker
-    serves interactive work first too) and the batch still makes progress."""
+    or more; ten sync requests to `echo` meanwhile are each answered while batch items queued
+    before them still wait: they overtook the backlog. Then 8 threads of sync traffic (more than
+    the reserved worker's 4 slots, so the general worker serves interactive work first too) and
+    both kinds of work keep finishing side by side."""
     with httpx.Client(base_url=mixed_stack.api_url, timeout=60) as http:
         items = [
             {"custom_id": f"b{i}", "model_name": "slow", "input": {"sleep": 0.02}}
@@ -158,11 +163,16 @@ def test_sync_callers_are_answered_while_1500_batch_items_run(mixed_stack: Stack
 
         timings = []
         for i in range(10):
+            queued_before = counts(http, batch_id)["queued"]
             started = time.perf_counter()
             answer = http.post("/dispatch_model", json={"model_name": "echo", "input": i})
             timings.append(time.perf_counter() - started)
+            queued_after = counts(http, batch_id)["queued"]
             assert answer.status_code == 200, answer.text
             assert answer.json()["prediction_value"] == i
+            # Items queued before this request had not all started when it was answered.
+            assert queued_before > 0, "the batch ran out of queued items too soon"
+            assert queued_after > 0, (i, queued_before, queued_after)
         view = http.get(f"/batches/{batch_id}").json()
         print(
             "\nINVERSION: 10 sync requests while the batch ran: "
@@ -170,7 +180,6 @@ def test_sync_callers_are_answered_while_1500_batch_items_run(mixed_stack: Stack
             + f" ms (max {max(timings) * 1000:.0f} ms); batch then {view['request_counts']}"
         )
         assert view["status"] == "in_progress", "the batch ended too soon to show anything"
-        assert max(timings) < 1.0
 
         # No starvation the other way: batch items keep finishing under interactive load.
         stop = threading.Event()
@@ -186,20 +195,33 @@ def test_sync_callers_are_answered_while_1500_batch_items_run(mixed_stack: Stack
 
         threads = [threading.Thread(target=sync_traffic) for _ in range(8)]
         before = succeeded(http, batch_id)
+        window = time.perf_counter()
         for thread in threads:
             thread.start()
-        time.sleep(5)  # the observation window itself, not a synchronisation
-        during = succeeded(http, batch_id) - before
-        stop.set()
-        for thread in threads:
-            thread.join(60)
+        try:
+            # Either kind starved would never get its count while the other runs; the timeout
+            # only bounds a failing run (how fast is the bench's business).
+            wait_until(
+                lambda: succeeded(http, batch_id) - before >= 25 and len(latencies) >= 100,
+                60,
+                "25 batch items and 100 sync requests to finish side by side",
+                0.05,
+            )
+            during = succeeded(http, batch_id) - before
+            still = http.get(f"/batches/{batch_id}").json()["status"]
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(60)
+        window = time.perf_counter() - window
         latencies.sort()
         p99 = latencies[int(len(latencies) * 0.99) - 1]
         print(
-            f"PROGRESS: {during} batch items succeeded in 5 s under 8 sync clients "
+            f"PROGRESS: {during} batch items succeeded in {window:.1f} s under 8 sync clients "
             f"({len(latencies)} sync requests, p50 {statistics.median(latencies) * 1000:.0f} ms, "
             f"p99 {p99 * 1000:.0f} ms)"
         )
         assert during >= 25, "batch work starved by interactive traffic"
         assert len(latencies) >= 100
+        assert still == "in_progress", "the batch ended: the sync traffic ran against no backlog"
         http.delete(f"/batches/{batch_id}")  # the rest is not needed
