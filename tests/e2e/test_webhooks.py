@@ -35,6 +35,7 @@ pytestmark = pytest.mark.e2e
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OLD_SECRET = "whsec_c2VjcmV0LXRoYXQtaXMtYmVpbmctcm90YXRlZC1vdXQ="
 KEY = "hook-key"
+WEBHOOK_TIMEOUT = 2.0
 HANG = -1  # a scripted "answer" that never comes
 
 
@@ -128,7 +129,7 @@ def hook_stack(
     env = {
         "WEBHOOK_ALLOWED_ORIGINS": f"{receiver.origin},http://127.0.0.1:{late_port},https://*",
         "WEBHOOK_SECRET": f"{SECRET},{OLD_SECRET}",
-        "WEBHOOK_TIMEOUT": "2",
+        "WEBHOOK_TIMEOUT": str(WEBHOOK_TIMEOUT),
         "WEBHOOK_RETRY_SCHEDULE": "0.5,1,5",
         "DISPATCHER_API_KEYS": f"{KEY},other-key",
     }
@@ -267,8 +268,12 @@ def test_410_stops_and_retry_endpoint_resends_the_same_event(
     receiver.scripts[path] = [410]
     task = _dispatch(http, receiver.origin + path)
     log = _deliveries(http, task["task_id"], "stopped", 15)
-    # The schedule's first retry would be due after 0.5 s: 3 s with nothing more is a stop.
-    time.sleep(3)
+    # A probe answered 500 once, sent after the 410: once its first retry (0.5 s later) has
+    # arrived, a retry of the 410 (due as soon, and earlier) would have arrived too.
+    probe = _path()
+    receiver.scripts[probe] = [500]
+    _dispatch(http, receiver.origin + probe)
+    receiver.requests(probe, 2, 15)
     assert len(receiver.received[path]) == 1
     assert [(a["status"], a["outcome"]) for a in log["attempts"]] == [(410, "stopped")]
     retried = http.post(f"/tasks/{task['task_id']}/deliveries/retry")
@@ -356,6 +361,9 @@ async def _sync_dispatches(api_url: str, count: int, webhook: str | None) -> lis
 def test_a_receiver_that_never_answers_does_not_slow_sync_dispatches(
     hook_stack: Stack, receiver: Receiver, tmp_path: Path
 ) -> None:
+    """No sync answer waits for its webhook: every send hangs until WEBHOOK_TIMEOUT (2 s), so
+    dispatches that waited for theirs would take that much longer than without a webhook. How
+    much a webhook costs a dispatch is the bench's to measure, not this test's."""
     path = _path()
     receiver.release.clear()
     receiver.scripts[path] = [HANG] * 1000
@@ -375,4 +383,4 @@ def test_a_receiver_that_never_answers_does_not_slow_sync_dispatches(
     )
     (tmp_path / "numbers.json").write_text(json.dumps({"without": base, "with": hooked}))
     assert hanging >= 1
-    assert hooked <= base * 1.5 + 0.05
+    assert hooked < base + WEBHOOK_TIMEOUT  # the bound is the behaviour: no answer waited
