@@ -37,15 +37,20 @@ def _check(url: str) -> dict[str, str]:
     return asyncio.run(run())
 
 
+def _stalled_redis(url: str, message: str, queued_tasks: int) -> None:
+    """A live worker, nothing finished for longer than STALL_SECONDS, one message in the list."""
+    client = redis.Redis.from_url(url)
+    client.zadd(WORKERS_KEY, {"w1@host": time.time()})
+    client.set(LAST_FINISHED_KEY, time.time() - STALL_SECONDS - 5)
+    client.lpush("dispatch", message)
+    client.set(queued_key("dispatch"), queued_tasks)
+
+
 def test_stalled_workers_are_reported_with_the_queued_task_count(
     redis_url: str, clean_env: None
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
-    client.zadd(WORKERS_KEY, {"w1@host": time.time()})
-    client.set(LAST_FINISHED_KEY, time.time() - STALL_SECONDS - 5)
     # One message in the list, carrying 3 tasks: the counter says 3.
-    client.lpush("dispatch", "a-message-of-three-tasks")
-    client.set(queued_key("dispatch"), 3)
+    _stalled_redis(redis_url, "a-message-of-three-tasks", 3)
     checks = _check(redis_url)
     assert checks["redis"] == "ok"
     assert checks["workers"].startswith("tasks queued (3 task(s) in dispatch)"), checks
@@ -54,10 +59,6 @@ def test_stalled_workers_are_reported_with_the_queued_task_count(
 def test_an_empty_counter_is_not_a_stall_whatever_the_lists_hold(
     redis_url: str, clean_env: None
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
-    client.zadd(WORKERS_KEY, {"w1@host": time.time()})
-    client.set(LAST_FINISHED_KEY, time.time() - STALL_SECONDS - 5)
     # A message whose tasks all left `queued` (canceled meanwhile) still sits in the list.
-    client.lpush("dispatch", "a-message-of-canceled-tasks")
-    client.set(queued_key("dispatch"), 0)
+    _stalled_redis(redis_url, "a-message-of-canceled-tasks", 0)
     assert _check(redis_url) == {"redis": "ok", "workers": "ok"}
