@@ -22,8 +22,9 @@ import pytest
 from standardwebhooks import Webhook
 
 from devstack import ApiServer, free_port
-from tests.support.faults import HookReceiver, wait_terminal
+from tests.support.faults import wait_terminal
 from tests.support.stack import StackFactory
+from tests.support.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
 
@@ -64,7 +65,7 @@ def test_no_secret_payload_or_prediction_in_any_log_line(
     stack_factory: StackFactory, tmp_path: Path
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # an allowed TorchServe that refuses connections
-    receiver = HookReceiver(scripts={HOOK: [500, 500]}).start()  # two attempts refused
+    receiver = Receiver(scripts={HOOK: [500, 500]}).start()  # two attempts refused
     worker_metrics, webhook_metrics = free_port(), free_port()
     env = {
         "LOG_FORMAT": "json",

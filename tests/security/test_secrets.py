@@ -21,8 +21,9 @@ from standardwebhooks import Webhook
 
 from devstack import RedisServer
 from shared.redis_state.keys import EVENT_KEY_PREFIX, TASK_KEY_PREFIX
-from tests.support.faults import HookReceiver, redis_contents, submit, wait_terminal
+from tests.support.faults import redis_contents, submit, wait_terminal
 from tests.support.stack import StackFactory
+from tests.support.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
 
@@ -52,8 +53,8 @@ MARKERS = [
 
 
 @pytest.fixture
-def receiver() -> Iterator[HookReceiver]:
-    server = HookReceiver(scripts={HOOK: [500]}).start()  # one failed attempt, then delivered
+def receiver() -> Iterator[Receiver]:
+    server = Receiver(scripts={HOOK: [500]}).start()  # one failed attempt, then delivered
     try:
         yield server
     finally:
@@ -67,7 +68,7 @@ def password_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def test_marker_secrets_are_nowhere_after_the_tasks_end(
-    password_redis: RedisServer, stack_factory: StackFactory, receiver: HookReceiver
+    password_redis: RedisServer, stack_factory: StackFactory, receiver: Receiver
 ) -> None:
     env = {
         "REDIS_URL": password_redis.url,

@@ -7,19 +7,15 @@ import base64
 import binascii
 import contextlib
 import json
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
 
-from devstack import free_port, wait_until
 from shared.redis_state.keys import TASK_KEY_PREFIX
 from shared.redis_state.record import TERMINAL
 
@@ -159,53 +155,3 @@ def connected_ports(pid: int) -> set[int]:
                 if columns[3] == _ESTABLISHED and columns[9] in inodes:
                     ports.add(int(columns[2].rsplit(":", 1)[1], 16))
     return ports
-
-
-@dataclass
-class HookReceiver:
-    """A webhook receiver on 127.0.0.1 (a real HTTP server, not a fake of the sender): records
-    every POST as (path with query, headers, body) and answers the statuses scripted for its
-    path in `scripts`, then 204."""
-
-    port: int = field(default_factory=free_port)
-    scripts: dict[str, list[int]] = field(default_factory=dict)
-    received: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
-    _server: ThreadingHTTPServer | None = None
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> HookReceiver:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # http.server's name
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.received.append((self.path, dict(self.headers.items()), body))
-                script = receiver.scripts.get(self.path) or []
-                self.send_response(script.pop(0) if script else 204)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def wait(self, path: str, count: int, timeout: float) -> list[tuple[dict[str, str], bytes]]:
-        """(headers, body) of the first `count` requests to `path`, once they have arrived."""
-
-        def arrived() -> list[tuple[dict[str, str], bytes]]:
-            got = [(headers, body) for where, headers, body in self.received if where == path]
-            return got if len(got) >= count else []
-
-        return wait_until(arrived, timeout, f"{count} webhook request(s) at the receiver", 0.05)
