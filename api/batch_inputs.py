@@ -35,6 +35,7 @@ JSONL_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonl
 MAX_CUSTOM_ID = 256
 # Item errors listed in the 422 (all are counted; a file of 10,000 bad lines needs no 10,000).
 MAX_LISTED_ERRORS = 1000
+FORBIDDEN = 403
 TASK_EVENTS = frozenset(get_args(WebhookEventType))
 ALL_EVENTS = TASK_EVENTS | frozenset(BATCH_EVENTS)
 
@@ -49,11 +50,17 @@ class ItemError(BaseModel):
 
 
 class InvalidBatch(InvalidRequest):
-    """422 listing every bad item (api/routes/batches.py renders `errors` into the body)."""
+    """422 listing every bad item (api/routes/batches.py renders `errors` into the body).
 
-    def __init__(self, msg: str, errors: list[ItemError]) -> None:
-        super().__init__(msg)
+    403 instead when every bad item is well formed but refused by an allow-list (a TorchServe
+    target, a webhook URL): what each of them answers as a dispatch of its own.
+    """
+
+    def __init__(self, msg: str, errors: list[ItemError], refused: bool = False) -> None:
+        super().__init__(msg, status=FORBIDDEN if refused else None)
         self.errors = errors
+        if refused:
+            self.code = errors[0].code  # type: ignore[misc]  # the refusal's own code
 
 
 @dataclass
@@ -162,6 +169,7 @@ async def _validate_items(
 ) -> list[BatchItem]:
     items: list[BatchItem] = []
     errors: list[ItemError] = []
+    refused = True  # every error so far is an allow-list's 403
     seen: set[str] = set()
     webhooks_checked: dict[str, DispatchError | None] = {}
     default_origin = settings.default_origin
@@ -174,10 +182,11 @@ async def _validate_items(
                 await _check_item_webhook(item.request, settings, webhooks_checked)
         except DispatchError as error:
             errors.append(ItemError(index=index, custom_id=shown, code=error.code, msg=error.msg))
+            refused = refused and error.status == FORBIDDEN
             continue
         items.append(item)
     if errors:
-        raise InvalidBatch(_summary(errors, len(raw)), errors[:MAX_LISTED_ERRORS])
+        raise InvalidBatch(_summary(errors, len(raw)), errors[:MAX_LISTED_ERRORS], refused)
     return items
 
 

@@ -3,15 +3,15 @@
 FastAPI's own pages load Swagger UI and ReDoc from a CDN, so they are blank on a machine without
 internet. Here the JavaScript and CSS come from the `fastapi-offline` package's bundled copies,
 served under /docs/static. The pages stay public when API keys are set (the schema is no secret,
-and a browser cannot send a key to load it); DOCS_PUBLIC=false removes them. The schema declares
-the API-key schemes, so Swagger's Authorize button sends a key with "Try it out".
+and a browser cannot send a key to load it); DOCS_PUBLIC=false removes them. The schema
+(api/openapi.py) declares the API-key schemes, so Swagger's Authorize button sends a key with
+"Try it out".
 """
 
 from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -22,21 +22,6 @@ from shared.settings import Settings
 
 STATIC_URL = "/docs/static"
 OPENAPI_URL = "/openapi.json"
-# Endpoints that never need a key (api/deps.py: every other route depends on the owner).
-PUBLIC_PATHS = frozenset({"/health"})
-SECURITY_SCHEMES: dict[str, Any] = {
-    "bearerAuth": {
-        "type": "http",
-        "scheme": "bearer",
-        "description": "`Authorization: Bearer <key>`: one of the server's DISPATCHER_API_KEYS.",
-    },
-    "apiKeyHeader": {
-        "type": "apiKey",
-        "in": "header",
-        "name": "X-API-Key",
-        "description": "`X-API-Key: <key>`: the same keys, for clients that cannot set Bearer.",
-    },
-}
 
 
 def static_dir() -> Path:
@@ -44,33 +29,16 @@ def static_dir() -> Path:
     return Path(str(files("fastapi_offline") / "static"))
 
 
-def with_security(schema: dict[str, Any], keyed: bool) -> dict[str, Any]:
-    """The schema with both API-key schemes, each accepted by every endpoint but /health.
-
-    Without keys configured, `{}` (no credentials) is one of the alternatives too.
-    """
-    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
-    either: list[dict[str, list[str]]] = [{name: []} for name in SECURITY_SCHEMES]
-    if not keyed:
-        either.insert(0, {})
-    for path, operations in schema.get("paths", {}).items():
-        for operation in operations.values():
-            operation["security"] = [] if path in PUBLIC_PATHS else either
-    return schema
-
-
 def install_docs(app: FastAPI, settings: Settings) -> None:
     """Serve the docs; create the app with openapi_url/docs_url/redoc_url None."""
     if not settings.docs_public:
         return
-    keyed = bool(settings.dispatcher_api_keys)
     title = f"{app.title} - docs"
     app.mount(STATIC_URL, StaticFiles(directory=static_dir()), name="docs-static")
 
     @app.get(OPENAPI_URL, include_in_schema=False)
     async def openapi() -> JSONResponse:
-        # app.openapi() builds the schema once and caches it; adding the schemes is idempotent.
-        return JSONResponse(with_security(app.openapi(), keyed))
+        return JSONResponse(app.openapi())  # built once, by api/openapi.py
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from shared.errors import (
     DispatchError,
@@ -27,6 +28,8 @@ INTERNAL_ERROR = "internal error; the operator can find it in the API log"
 
 # Seconds a 429 asks the client to wait before retrying.
 QUEUE_FULL_RETRY_AFTER = 5
+# The methods a 405's `Allow` may list, in the order it lists them.
+ALLOW_ORDER = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
@@ -72,6 +75,23 @@ def describe_validation(errors: Sequence[Any]) -> str:
     return "; ".join(dict.fromkeys(problems))
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route takes at the request's path, for a 405's `Allow`.
+
+    Starlette's 405 names the methods of the first route that matched the path only, and a path
+    often has a route per method (GET and DELETE /tasks/{task_id}). Each method is asked of the
+    router as a request of it would be (routers included in the app answer for their routes).
+    """
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in ALLOW_ORDER
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def dispatch_error(_: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, DispatchError)
@@ -81,11 +101,14 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(error, RequestValidationError)
         return error_response(InvalidRequest(describe_validation(error.errors())))
 
-    async def http_error(_: Request, error: Exception) -> JSONResponse:
+    async def http_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, HTTPException)
         code = HTTP_CODES.get(error.status_code, "http_error")
         body = {"status": error.status_code, "msg": str(error.detail), "code": code}
-        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+        headers = error.headers
+        if error.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return JSONResponse(body, status_code=error.status_code, headers=headers)
 
     async def redis_error(_: Request, error: Exception) -> JSONResponse:
         refusal = redis_write_refusal(error)

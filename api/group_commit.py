@@ -46,10 +46,11 @@ class SubmitGroups:
     held under its idempotency key, or raises what the write raised."""
 
     def __init__(self, script: SubmitTasks, max_depth: int, ttl: int, idempotency_ttl: int,
-                 max_tasks: int, linger: float = 0.0) -> None:  # fmt: skip
+                 max_tasks: int, linger: float = 0.0,
+                 busy: Callable[[], bool] | None = None) -> None:  # fmt: skip
         self._script = script
         self._linger = linger
-        self.busy: Callable[[], bool] = lambda: False  # set by the app: see the module's doc
+        self._busy = busy or (lambda: False)  # see the module's doc
         self._timer: asyncio.TimerHandle | None = None
         self._max_depth, self._ttl, self._idempotency_ttl = max_depth, ttl, idempotency_ttl
         self._max_tasks = max_tasks
@@ -62,7 +63,7 @@ class SubmitGroups:
         self._pending.append(submit)
         if not self._writing:
             self._writing = True
-            if self._linger > 0 and self.busy():  # let others join: one write after `linger`
+            if self._linger > 0 and self._busy():  # let others join: one write after `linger`
                 loop = asyncio.get_running_loop()
                 self._timer = loop.call_later(self._linger, self._write_in_background)
             else:  # idle: this caller writes its own submit now

@@ -29,6 +29,12 @@ MAX_KEY_CHARS = 255
 _SF_STRING = re.compile(r'^"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"$')
 # A bare value (what most clients send, e.g. a UUID): printable ASCII without spaces or quotes.
 _BARE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
+# Both forms as one pattern, for the OpenAPI document (api/openapi.py): the same characters, and
+# 1-MAX_KEY_CHARS of them once unquoted. `$(?!\n)`: the end in both ECMA and Python regexes.
+KEY_PATTERN = (
+    rf'^(?:"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\]){{1,{MAX_KEY_CHARS}}}"'
+    rf"|[\x21\x23-\x5b\x5d-\x7e]{{1,{MAX_KEY_CHARS}}})$(?!\n)"
+)
 # Payloads above this are hashed off the event loop (a 6 MB sha256 is a few ms of CPU).
 _HASH_INLINE_BYTES = 256 * 1024
 

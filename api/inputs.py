@@ -37,8 +37,21 @@ SECRET_FIELDS = ("token", "password", "username")
 MAX_FIELD_BYTES = 64 * 1024
 CLOSING_BYTES = multipart_size([])  # the closing boundary line
 # type/subtype[; parameters], printable ASCII only: it becomes a header of the TorchServe call.
-MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+(\s*;[\x20-\x7e]*)?$")
+# `$(?!\n)`: the end of the string, in ECMA regexes (the OpenAPI document's) and Python's alike
+# (Python's `$` also matches before a final newline, which must not reach a header).
+END = r"$(?!\n)"
+_TCHARS = r"[A-Za-z0-9!#$&^_.+\-]+"
+MEDIA_TYPE_PATTERN = rf"^{_TCHARS}/{_TCHARS}(\s*;[\x20-\x7e]*)?{END}"
+MEDIA_TYPE = re.compile(MEDIA_TYPE_PATTERN)
 DATA_URI = re.compile(r"^data:([^,]*?)(;base64)?,", re.IGNORECASE)
+# What `decode_data_uri` accepts, as one pattern for the OpenAPI document (api/openapi.py): an
+# optional MEDIA_TYPE (no ',': it ends the header), ';base64,', then padded standard base64.
+_DATA_MEDIA = rf"\s*(?:{_TCHARS}/{_TCHARS}(?:\s*;[\x20-\x2b\x2d-\x7e]*)?\s*)?"
+_BASE64 = r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+_DATA = "[dD][aA][tT][aA]:"
+DATA_URI_PATTERN = rf"^{_DATA}{_DATA_MEDIA};[bB][aA][sS][eE]64,{_BASE64}{END}"
+# A data URI that names no media type: its bytes take `input_media_type`'s (`fallback_type`).
+UNTYPED_DATA_URI_PATTERN = rf"^{_DATA}\s*;"
 
 
 def too_large(size: int, limit: int, what: str = "the payload") -> PayloadTooLarge:
@@ -134,6 +147,9 @@ def decode_data_uri(uri: str, max_bytes: int) -> tuple[bytes, str | None]:
     if len(encoded) // 4 * 3 - encoded[-2:].count("=") > max_bytes:
         raise too_large(len(encoded) // 4 * 3, max_bytes, "data")
     try:
+        # Strict mode still takes padding after a whole quad ("QUJD=="): not base64 either.
+        if len(encoded) % 4 or encoded.endswith("==="):
+            raise ValueError("excess padding")
         data = binascii.a2b_base64(encoded, strict_mode=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(

@@ -16,9 +16,12 @@ from api.batch_store import BatchStore
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
-from api.metrics import MeteredStore, MeteredWaiter, install_metrics, release_process_metrics
+from api.metrics import ApiMetrics, install_metrics, release_process_metrics
+from api.openapi import install_openapi
 from api.request_id import RequestId
 from api.routes import batches, deliveries, dispatch, health, tasks
+from api.store import ApiStore
+from api.waiting import ResultWaiter
 from shared import heap, tracing
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
@@ -61,13 +64,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis_client(settings)
-        waiter = MeteredWaiter(client)
+        metrics = ApiMetrics()
+        waiter = ResultWaiter(client, observer=metrics)
         app.state.settings = settings
-        app.state.store = MeteredStore(client, settings)
+        app.state.store = ApiStore(
+            client,
+            settings,
+            observer=metrics,
+            # Busy enough for submits to linger and share a write (api/group_commit.py).
+            busy=lambda: waiter.waiting >= settings.submit_linger_waiters,
+        )
         app.state.batches = BatchStore(client, settings)
         app.state.waiter = waiter
-        # Busy enough for submits to linger and share a write (api/group_commit.py).
-        app.state.store.groups.busy = lambda: waiter.waiting >= settings.submit_linger_waiters
         app.state.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
         tracing.instrument_redis(client)
         tracing.instrument_httpx(app.state.http)
@@ -104,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(batches.router)
     app.include_router(deliveries.router)
     app.include_router(health.router)
+    install_openapi(app, settings)
     install_docs(app, settings)
     install_metrics(app, settings)  # last: its middleware wraps the others
     tracing.instrument_app(app)

@@ -1,22 +1,23 @@
 """The API's Prometheus metrics and `GET /metrics`.
 
 Per request: one ASGI middleware (`HttpMetrics`) counts and times it under its route template.
-Per submission: `MeteredStore` counts accepted tasks; the middleware counts refused ones from
-their error body (a refusal is an error of POST /dispatch_model that names no task). Waiting
-requests: `MeteredWaiter`. Queue depth, tasks held by workers and live workers are read from
-Redis when Prometheus scrapes (one pipelined round trip per scrape, none per request).
+Per submission: the store tells `ApiMetrics` of accepted tasks; the middleware counts refused ones
+from their error body (a refusal is an error of POST /dispatch_model that names no task). Waiting
+requests: the waiter tells `ApiMetrics`. Neither is in a request's path: `ApiMetrics` is a plain
+observer, passed to the store and the waiter when api/main.py builds them. Queue depth, tasks held
+by workers and live workers are read from Redis when Prometheus scrapes (one pipelined round trip
+per scrape, none per request).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -31,8 +32,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import OwnerDep
 from api.store import ApiStore
-from api.waiting import ResultWaiter, Watch
-from shared.models import PredictionRequest, TaskView
 from shared.priorities import ALL_QUEUES, Priority
 from shared.prometheus import LATENCY_BUCKETS, ModelLabels, multiprocess_dir, scrape_registry
 from shared.redis_state.keys import LIVE_BEATS, WORKERS_KEY, parse_depth, queued_key
@@ -154,38 +153,30 @@ def count_rejection(body: bytes) -> None:
     SUBMIT_REJECTIONS.labels(code if ERROR_CODE.fullmatch(code) else "other").inc()
 
 
-class MeteredStore(ApiStore):
-    """The API's store, counting accepted submissions by model."""
+class ApiMetrics:
+    """The observer the store and the waiter report to (api/main.py passes it to both).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    `submitted`: an accepted submit (`dispatcher_tasks_submitted`); `started_waiting` and
+    `stopped_waiting`: `dispatcher_waiting_requests`, summed over API processes.
+    """
+
+    def __init__(self) -> None:
         self._models = ModelLabels()
+        # (model, priority) -> its child: labels() takes a lock and builds a key on every call.
         self._submitted: dict[tuple[str, Priority], Any] = {}
 
-    async def submit(self, request: PredictionRequest, *args: Any, **kwargs: Any) -> TaskView:
-        view = await super().submit(request, *args, **kwargs)
-        self.count_submitted(request.model_name, view.priority)
-        return view
-
-    def count_submitted(self, model: str, priority: Priority, tasks: int = 1) -> None:
-        child = self._submitted.get((model, priority))
+    def submitted(self, model_name: str, priority: Priority) -> None:
+        child = self._submitted.get((model_name, priority))
         if child is None:
-            child = TASKS_SUBMITTED.labels(self._models(model), priority.value)
-            self._submitted[(model, priority)] = child
-        child.inc(tasks)
+            child = TASKS_SUBMITTED.labels(self._models(model_name), priority.value)
+            self._submitted[(model_name, priority)] = child
+        child.inc()
 
-
-class MeteredWaiter(ResultWaiter):
-    """The result waiter, keeping `dispatcher_waiting_requests` (summed over API processes)."""
-
-    @contextlib.asynccontextmanager
-    async def watch(self, task_id: str) -> AsyncIterator[Watch]:
+    def started_waiting(self) -> None:
         WAITING_REQUESTS.inc()
-        try:
-            async with super().watch(task_id) as watch:
-                yield watch
-        finally:
-            WAITING_REQUESTS.dec()
+
+    def stopped_waiting(self) -> None:
+        WAITING_REQUESTS.dec()
 
 
 class QueueState:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -52,12 +52,27 @@ def new_task_id() -> str:
     return str(uuid.uuid4())
 
 
+class SubmitObserver(Protocol):
+    """Told of every accepted submit (api/metrics.py counts them by model and priority)."""
+
+    def submitted(self, model_name: str, priority: Priority) -> None: ...
+
+
 class ApiStore:
     """Task records as the API sees them; all writes are the scripts of shared/redis_state."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        settings: Settings,
+        *,
+        observer: SubmitObserver | None = None,
+        busy: Callable[[], bool] | None = None,
+    ) -> None:
+        """`busy`: whether submits should linger to share a write (api/group_commit.py)."""
         self.redis = client
         self._settings = settings
+        self._observer = observer
         self.groups = SubmitGroups(
             SubmitTasks(client),
             max_depth=settings.max_queue_depth,
@@ -65,6 +80,7 @@ class ApiStore:
             idempotency_ttl=settings.idempotency_ttl,
             max_tasks=settings.message_max_tasks,
             linger=settings.submit_linger_ms / 1000,
+            busy=busy,
         )
         self._cancel = CancelTask(client)
         self._settle = SettleTask(client)
@@ -133,6 +149,8 @@ class ApiStore:
                 f"{self._settings.max_queue_depth} {priority.value} tasks are already queued; "
                 "retry later"
             )
+        if self._observer is not None:
+            self._observer.submitted(request.model_name, priority)
         return decode_record(task_id, as_mapping(fields))
 
     def timeout_of(self, request: PredictionRequest) -> float:

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -34,14 +35,34 @@ RECONNECT_SECONDS = 0.5
 # after its deadline, when reading settles it as expired.
 EXPIRY_GRACE_SECONDS = 0.05
 
-Read = Callable[[], Awaitable[TaskView]]
+V = TypeVar("V")
+Read = Callable[[], Awaitable[V]]
+
+
+class WaitObserver(Protocol):
+    """Told when a request starts and stops waiting (api/metrics.py keeps the gauge)."""
+
+    def started_waiting(self) -> None: ...
+
+    def stopped_waiting(self) -> None: ...
+
+
+def task_ended(view: TaskView) -> bool:
+    return view.status.terminal
+
+
+def task_recheck(view: TaskView) -> float:
+    """A queued task's expiry is published by no one: re-read it just after its deadline."""
+    if view.status is not TaskStatus.queued:
+        return RECHECK_SECONDS
+    return max(0.0, view.deadline.timestamp() - time.time()) + EXPIRY_GRACE_SECONDS
 
 
 class Watch:
     """One waiter's registration: woken with the task's record, or to re-read it."""
 
-    def __init__(self, task_id: str) -> None:
-        self.task_id = task_id
+    def __init__(self, key: str) -> None:
+        self.key = key
         self.woken = asyncio.Event()
         self.published: dict[str, str] | None = None
 
@@ -50,34 +71,50 @@ class Watch:
             self.published = published
         self.woken.set()
 
-    async def until_terminal(self, view: TaskView, seconds: float, read: Read) -> TaskView:
-        """The task once it is terminal, or as it is when `seconds` have passed."""
+    async def until_ended(
+        self,
+        view: V,
+        seconds: float,
+        read: Read[V],
+        ended: Callable[[V], bool],
+        recheck: Callable[[V], float] = lambda _: RECHECK_SECONDS,
+        decode: Callable[[str, dict[str, str]], V] | None = None,
+    ) -> V:
+        """`view` once `ended`, or as it is when `seconds` have passed.
+
+        Woken by a publish, the view is `decode`d from the published record when there is one
+        (a task's end: no read needed), else `read` again; and re-read at least every
+        `recheck(view)` seconds (RECHECK_SECONDS at most) in case a publish was lost.
+        """
         loop = asyncio.get_running_loop()
         until = loop.time() + seconds
         while True:
             remaining = until - loop.time()
-            if view.status.terminal or remaining <= 0:
+            if ended(view) or remaining <= 0:
                 return view
-            pause = min(remaining, RECHECK_SECONDS)
-            if view.status is TaskStatus.queued:
-                until_expiry = max(0.0, view.deadline.timestamp() - time.time())
-                pause = min(pause, until_expiry + EXPIRY_GRACE_SECONDS)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):
+                async with asyncio.timeout(min(remaining, RECHECK_SECONDS, recheck(view))):
                     await self.woken.wait()
             self.woken.clear()
-            if self.published is not None:
-                view = decode_record(self.task_id, self.published)
-                self.published = None
+            published, self.published = self.published, None
+            if published is not None and decode is not None:
+                view = decode(self.key, published)
             else:
                 view = await read()
+
+    async def until_terminal(
+        self, view: TaskView, seconds: float, read: Read[TaskView]
+    ) -> TaskView:
+        """The task once it is terminal, or as it is when `seconds` have passed."""
+        return await self.until_ended(view, seconds, read, task_ended, task_recheck, decode_record)
 
 
 class ResultWaiter:
     """Routes published task records to the watches registered for them."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, observer: WaitObserver | None = None) -> None:
         self._redis = client
+        self._observer = observer
         self._watches: defaultdict[str, set[Watch]] = defaultdict(set)
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
@@ -102,14 +139,40 @@ class ResultWaiter:
         watch = Watch(task_id)
         self._watches[task_id].add(watch)
         self._waiting += 1
+        if self._observer:
+            self._observer.started_waiting()
         try:
             yield watch
         finally:
             self._waiting -= 1
+            if self._observer:
+                self._observer.stopped_waiting()
             watches = self._watches[task_id]
             watches.discard(watch)
             if not watches:
                 del self._watches[task_id]
+
+    async def long_poll(
+        self,
+        key: str,
+        seconds: float,
+        read: Read[V],
+        ended: Callable[[V], bool],
+        recheck: Callable[[V], float] = lambda _: RECHECK_SECONDS,
+        decode: Callable[[str, dict[str, str]], V] | None = None,
+    ) -> V:
+        """`read()` now (`seconds` <= 0), or once `ended` / after `seconds`, for every long-poll.
+
+        Registered before the first read, so an end published in between still wakes it.
+        """
+        if seconds <= 0:
+            return await read()
+        async with self.watch(key) as watch:
+            return await watch.until_ended(await read(), seconds, read, ended, recheck, decode)
+
+    async def long_poll_task(self, task_id: str, seconds: float, read: Read[TaskView]) -> TaskView:
+        """The task's long-poll: its end is published with its record."""
+        return await self.long_poll(task_id, seconds, read, task_ended, task_recheck, decode_record)
 
     def _deliver(self, message: str) -> None:
         watches = self._watches.get(published_task_id(message))

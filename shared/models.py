@@ -33,12 +33,13 @@ def _not_dots(name: str) -> str:
 
 ModelName = Annotated[
     str,
-    AfterValidator(_not_dots),
-    Field(
+    Field(  # before the validator: a constraint after one is left out of the JSON schema
         pattern=NAME_PATTERN,
-        description="Letters, digits, `_ . -`; 1-128 characters; no slashes.",
+        description="Letters, digits, `_ . -`; 1-128 characters; no slashes; not dots only.",
         examples=["echo"],
+        json_schema_extra={"not": {"pattern": r"^\.+$"}},
     ),
+    AfterValidator(_not_dots),
 ]
 # RFC 1123 host names and IP literals; anything else can't be an allow-listed target anyway.
 HOST_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]{1,253})$"

@@ -12,7 +12,7 @@ from typing import cast
 from fastapi import APIRouter
 
 from api.deps import OwnerDep, StoreDep
-from api.routes.dispatch import ERROR_RESPONSES
+from api.openapi import ERROR_RESPONSES
 from api.routes.tasks import TaskId
 from api.store import ApiStore
 from shared.errors import NoWebhookEvent

@@ -2,42 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from api import idempotency
-from api.deps import WAIT_PARAMETERS, DirectRoute, resolve
+from api.deps import DIRECT_DEPENDENCIES, DirectRoute, resolve
 from api.errors import error_response
 from api.inputs import read_request
+from api.openapi import ERROR_RESPONSES
 from api.store import ApiStore, new_task_id
 from api.targets import resolve_origin
 from api.waiting import Read, ResultWaiter, Watch
 from api.webhook_targets import check_webhook
 from shared.errors import DispatchError, QueueUnavailable
-from shared.models import Accepted, PredictionRequest, TaskError, TaskStatus, TaskView
+from shared.models import Accepted, TaskStatus, TaskView
 from shared.priorities import Priority
 
-router = APIRouter(tags=["dispatch"], route_class=DirectRoute)  # the hot path: see api/deps.py
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": TaskError, "description": description}
-    for status, description in {
-        400: "malformed Idempotency-Key header",
-        401: "API key missing or invalid",
-        403: "TorchServe target or webhook URL not on the allow-list",
-        404: "unknown model or version (or task)",
-        413: "body over MAX_BODY_BYTES",
-        422: "invalid request, Idempotency-Key reused for another request, or the model "
-        "rejected the input",
-        429: "queue full: retry after Retry-After seconds",
-        502: "TorchServe failed",
-        503: "TorchServe or the queue unavailable",
-        504: "timed out or expired",
-    }.items()
-}
+# The hot path, the one DirectRoute: see api/deps.py. Its body and the headers it reads are
+# documented by api/openapi.py.
+router = APIRouter(tags=["dispatch"], route_class=DirectRoute, dependencies=DIRECT_DEPENDENCIES)
 
 
 def task_response(view: TaskView) -> Response:
@@ -58,78 +44,6 @@ def task_response(view: TaskView) -> Response:
     )
 
 
-_RAW_TYPES = (
-    "application/octet-stream",
-    "image/*",
-    "audio/*",
-    "video/*",
-    "application/pdf",
-    "text/plain",
-)
-_FORM_FIELDS = (
-    "model_name",
-    "model_version",
-    "timeout",
-    "priority",
-    "input_media_type",
-    "webhook",
-    "webhook_events",
-)
-
-
-def _request_body_doc() -> dict[str, Any]:
-    """The four forms for /docs: the body is read by api/inputs.py, not declared as a model."""
-    schema = PredictionRequest.model_json_schema()
-    form_fields = {name: schema["properties"][name] for name in _FORM_FIELDS}
-    binary = {"type": "string", "format": "binary"}
-    multipart = {
-        "type": "object",
-        "required": ["model_name", "data"],
-        "properties": {
-            **form_fields,
-            "data": {
-                **binary,
-                "description": "The payload; more file parts (any names) are forwarded too.",
-            },
-        },
-    }
-    raw = {**binary, "description": "The payload as it is; the fields go in the query string."}
-    query = [
-        {
-            "name": name,
-            "in": "query",
-            "required": False,
-            "schema": form_fields[name],
-            "description": "Raw-body form only (any Content-Type other than JSON or multipart)"
-            + ("; required there." if name == "model_name" else "."),
-        }
-        for name in _FORM_FIELDS
-    ]
-    key = {
-        "name": idempotency.HEADER,
-        "in": "header",
-        "required": False,
-        "schema": {"type": "string", "maxLength": 257},
-        "description": "Retry safely: the same key and request answer with the same task "
-        "(`Idempotent-Replayed: true`), never a second run; another request with it is 422.",
-    }
-    return {
-        # What the route's parameters would declare (api/deps.py reads them without FastAPI's
-        # dependency solving), then the forms' own.
-        "parameters": [*WAIT_PARAMETERS, key, *query],
-        "requestBody": {
-            "required": True,
-            "description": "JSON (`input`, or `data` as a data URI), multipart/form-data with "
-            "file parts, or a raw body of any other Content-Type (fields in the query string).",
-            "content": {
-                "application/json": {"schema": schema},
-                "multipart/form-data": {"schema": multipart},
-                **{media: {"schema": raw} for media in _RAW_TYPES},
-            },
-        },
-    }
-
-
 @router.post(
     "/dispatch_model",
     response_model=TaskView,
@@ -138,7 +52,6 @@ def _request_body_doc() -> dict[str, Any]:
         **ERROR_RESPONSES,
     },
     summary="Run a prediction on TorchServe, synchronously or not",
-    openapi_extra=_request_body_doc(),
 )
 # The original service's path: answered here, not redirected (clients rarely re-POST a 307).
 @router.post("/dispatch_model/", include_in_schema=False)
@@ -189,21 +102,25 @@ async def _replay(
     task_id: str, store: ApiStore, waiter: ResultWaiter, owner: str, seconds: float
 ) -> Response:
     """What a fresh request with this wait preference would get for the held task now."""
-    if seconds <= 0:
-        return task_response(await store.read_and_settle(task_id, owner))
-    async with waiter.watch(task_id) as watch:
-        view = await store.read_and_settle(task_id, owner)
-        return await _wait(watch, view, seconds, lambda: store.read_and_settle(task_id, owner))
+    return await _answer(
+        task_id,
+        waiter.long_poll_task(task_id, seconds, lambda: store.read_and_settle(task_id, owner)),
+    )
 
 
-async def _wait(watch: Watch, view: TaskView, seconds: float, read: Read) -> Response:
+async def _wait(watch: Watch, view: TaskView, seconds: float, read: Read[TaskView]) -> Response:
+    return await _answer(view.task_id, watch.until_terminal(view, seconds, read))
+
+
+async def _answer(task_id: str, waited: Awaitable[TaskView]) -> Response:
+    """The task's answer once `waited` is; an error naming the task if the wait failed."""
     try:
-        return task_response(await watch.until_terminal(view, seconds, read))
+        return task_response(await waited)
     except RedisError:  # Redis lost mid-wait: the task itself is safe, so name it
         lost = QueueUnavailable(
             "the task queue (Redis) became unavailable while waiting; the task is kept: "
-            f"poll /tasks/{view.task_id} in a few seconds"
+            f"poll /tasks/{task_id} in a few seconds"
         )
-        return error_response(lost, view.task_id)
+        return error_response(lost, task_id)
     except DispatchError as error:
-        return error_response(error, view.task_id)
+        return error_response(error, task_id)

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import OwnerDep
-from api.readiness import check_readiness
+from api.openapi import ERROR_RESPONSES
+from api.readiness import Readiness, check_readiness
 
 router = APIRouter(tags=["health"])
 
@@ -17,7 +18,14 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={
+        401: ERROR_RESPONSES[401],
+        503: {"model": Readiness, "description": "not ready: `checks` says what is missing"},
+    },
+)
 async def ready(request: Request, _: OwnerDep) -> JSONResponse:
     """200 when Redis, a live worker and TorchServe are reachable; else 503 with the reasons."""
     report = await check_readiness(request.app.state)

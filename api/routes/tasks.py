@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Query, Response
 
-from api.deps import OwnerDep, SettingsDep, StoreDep, WaiterDep
-from api.routes.dispatch import ERROR_RESPONSES
+from api.deps import OwnerDep, ResourceId, SettingsDep, StoreDep, WaiterDep
+from api.openapi import ERROR_RESPONSES
 from shared.errors import ResultNotAvailable
 from shared.models import TaskStatus, TaskView
 from shared.redis_state.record import answer_bytes
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
-TaskId = Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9\-]+$")]
+TaskId = ResourceId
 
 
 @router.get("/{task_id}", response_model=TaskView, responses=ERROR_RESPONSES)
@@ -31,13 +31,9 @@ async def get_task(
 ) -> TaskView:
     """The task's status, timestamps, and `prediction_value` or `error` once it ended."""
     seconds = min(wait, settings.dispatch_max_wait)
-    if seconds <= 0:
-        return await store.read_and_settle(task_id, owner)
-    async with waiter.watch(task_id) as watch:  # before the read: an end in between is seen
-        view = await store.read_and_settle(task_id, owner)
-        return await watch.until_terminal(
-            view, seconds, lambda: store.read_and_settle(task_id, owner)
-        )
+    return await waiter.long_poll_task(
+        task_id, seconds, lambda: store.read_and_settle(task_id, owner)
+    )
 
 
 @router.get(

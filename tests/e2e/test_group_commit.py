@@ -102,10 +102,12 @@ def test_concurrent_submits_share_messages_and_a_lone_one_goes_alone(
 
 async def _lingering(redis_url: str) -> None:
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    store = ApiStore(client, settings_for(redis_url, submit_linger_ms=50, message_max_tasks=4))
+    busy = False
+    settings = settings_for(redis_url, submit_linger_ms=50, message_max_tasks=4)
+    store = ApiStore(client, settings, busy=lambda: busy)
     try:
         await submit_all(store, [request(n) for n in range(3)])  # idle: 1, then 2
-        store.groups.busy = lambda: True
+        busy = True
         await submit_all(store, [request(n) for n in range(3)])  # busy: all 3 together
         await submit_all(store, [request(n) for n in range(6)])  # a full group goes at once
     finally:
