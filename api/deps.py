@@ -2,23 +2,22 @@
 what they need.
 
 All are `async def` although none awaits: FastAPI runs plain `def` dependencies in a threadpool,
-and those hops were a quarter of the API's CPU per request (see docs/BENCHMARKS.md).
+one thread hop per dependency per request.
 
 The one exception is `POST /dispatch_model`, the hot path: a `DirectRoute`, whose endpoint takes
 the `Request` and calls `resolve`, which reads the same values straight from the request (same
 headers, same `?wait=` validation and 422 message, same 401 first). FastAPI's dependency solving
 and request handler are skipped; its exception handlers, middleware and schema are not: the route
-lists `DIRECT_DEPENDENCIES`, which FastAPI documents and a DirectRoute never runs. Why: with the
-real API on a real redis-server (no worker), 3,000 `Prefer: respond-async` submits cost the API
-process 39% more CPU each with the aliases than as a DirectRoute one after another (2.8 vs
-2.0 ms), and 22% more at 32 concurrent (3.1 vs 2.5 ms).
+lists `DIRECT_DEPENDENCIES`, which FastAPI documents and a DirectRoute never runs. Why: measured
+on the real API and redis-server, a submit through the aliases costs the API process markedly
+more CPU than through the DirectRoute (the figures are in docs/architecture.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import Depends, Header, Path, Query, Request, Response
 from fastapi.dependencies.utils import get_dependant
@@ -33,6 +32,7 @@ from api.store import ApiStore
 from api.waiting import ResultWaiter
 from shared.settings import Settings
 
+T = TypeVar("T")
 MAX_WAIT_QUERY = 86_400
 # A task's or a batch's id in a path (uuid4, or `<batch id>-<index>` for a batch's items).
 ResourceId = Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9\-]+$")]
@@ -40,30 +40,20 @@ WAIT_DESCRIPTION = "Seconds to wait; overrides `Prefer`. 0 = async."
 PREFER_DESCRIPTION = "RFC 7240: `respond-async` for 202 at once, `wait=N` to block N s."
 
 
-async def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def _app_state(name: str, kind: type[T]) -> Callable[[Request], Coroutine[Any, Any, T]]:
+    """A dependency that gives the `app.state.<name>` the app was built with, as a `kind`."""
+
+    async def dependency(request: Request) -> T:
+        return cast(T, getattr(request.app.state, name))
+
+    dependency.__name__ = f"_{name}"
+    return dependency
 
 
-async def _store(request: Request) -> ApiStore:
-    store: ApiStore = request.app.state.store
-    return store
-
-
-async def _batches(request: Request) -> BatchStore:
-    store: BatchStore = request.app.state.batches
-    return store
-
-
-async def _waiter(request: Request) -> ResultWaiter:
-    waiter: ResultWaiter = request.app.state.waiter
-    return waiter
-
-
-SettingsDep = Annotated[Settings, Depends(_settings)]
-StoreDep = Annotated[ApiStore, Depends(_store)]
-BatchStoreDep = Annotated[BatchStore, Depends(_batches)]
-WaiterDep = Annotated[ResultWaiter, Depends(_waiter)]
+SettingsDep = Annotated[Settings, Depends(_app_state("settings", Settings))]
+StoreDep = Annotated[ApiStore, Depends(_app_state("store", ApiStore))]
+BatchStoreDep = Annotated[BatchStore, Depends(_app_state("batches", BatchStore))]
+WaiterDep = Annotated[ResultWaiter, Depends(_app_state("waiter", ResultWaiter))]
 
 
 async def _owner(
@@ -92,6 +82,19 @@ async def _wait(
 
 
 WaitDep = Annotated[WaitPreference, Depends(_wait)]
+
+
+LONG_POLL_QUERY = Query(
+    ge=0, le=MAX_WAIT_QUERY, description="Long-poll: answer once ended or after N s."
+)
+
+
+async def _long_poll(settings: SettingsDep, wait: Annotated[float, LONG_POLL_QUERY] = 0) -> float:
+    return min(wait, settings.dispatch_max_wait)
+
+
+# How long a read of a task or a batch may wait for it to end: `?wait=N`, at most DISPATCH_MAX_WAIT.
+LongPollDep = Annotated[float, Depends(_long_poll)]
 # What `resolve` reads, for the schema of a DirectRoute (which lists them and never runs them).
 DIRECT_DEPENDENCIES = [Depends(_owner), Depends(_wait)]
 

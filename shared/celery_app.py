@@ -194,8 +194,8 @@ def encode_messages(
 ) -> list[str]:
     """`TASK_PREDICT_MANY` messages for many tasks of one request (a batch): (task id, JSON of
     its `call`) each, `per_message` tasks a message. The envelope is built once and each message
-    is that template with its id and body filled in (10,000 tasks cost ~10x less than building
-    every envelope). The message id and delivery tag are the first task's id (unique)."""
+    is that template with its id and body filled in, far cheaper than building every envelope
+    of a 10,000-task batch. The message id and delivery tag are the first task's id (unique)."""
     envelope = json.loads(encode_message([], queue=queue))
     envelope["body"] = _BODY
     envelope["headers"]["id"] = envelope["headers"]["root_id"] = _ID

@@ -130,10 +130,8 @@ def stack(
 ) -> Iterator[Stack]:
     """A default stack (2 workers, 8 threads each) shared by a module's simple e2e tests."""
     factory = StackFactory(redis_server, torchserve, tmp_path_factory.mktemp("stack"))
-    try:
-        yield factory.start(workers=2)
-    finally:
-        factory.stop_all()
+    with factory.running(workers=2) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

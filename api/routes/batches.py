@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api import idempotency
 from api.batch_inputs import InvalidBatch, read_batch
 from api.batch_store import batch_idempotency
-from api.deps import BatchStoreDep, OwnerDep, ResourceId, SettingsDep, WaiterDep
+from api.deps import BatchStoreDep, LongPollDep, OwnerDep, ResourceId, SettingsDep, WaiterDep
 from api.openapi import ERROR_RESPONSES
 from shared.redis_state.batch import BatchView
 
@@ -62,15 +60,11 @@ async def create_batch(
 async def get_batch(
     batch_id: BatchId,
     store: BatchStoreDep,
-    settings: SettingsDep,
     waiter: WaiterDep,
     owner: OwnerDep,
-    wait: Annotated[
-        float, Query(ge=0, le=86_400, description="Long-poll: answer once ended or after N s.")
-    ] = 0,
+    seconds: LongPollDep,
 ) -> BatchView:
     """Status, `request_counts` per task status, timestamps; `?wait=N` until the batch ends."""
-    seconds = min(wait, settings.dispatch_max_wait)
     # The batch's end is published on the tasks' channel under its id; woken, it is read again.
     return await waiter.long_poll(
         batch_id, seconds, lambda: store.get(batch_id, owner), lambda view: view.status.ended

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 
-from api.deps import OwnerDep, ResourceId, SettingsDep, StoreDep, WaiterDep
+from api.deps import LongPollDep, OwnerDep, ResourceId, StoreDep, WaiterDep
 from api.openapi import ERROR_RESPONSES
 from shared.errors import ResultNotAvailable
 from shared.models import TaskStatus, TaskView
@@ -21,16 +21,12 @@ TaskId = ResourceId
 @router.get("/{task_id}", response_model=TaskView, responses=ERROR_RESPONSES)
 async def get_task(
     task_id: TaskId,
-    settings: SettingsDep,
     store: StoreDep,
     waiter: WaiterDep,
     owner: OwnerDep,
-    wait: Annotated[
-        float, Query(ge=0, le=86_400, description="Long-poll: answer once terminal or after N s.")
-    ] = 0,
+    seconds: LongPollDep,
 ) -> TaskView:
     """The task's status, timestamps, and `prediction_value` or `error` once it ended."""
-    seconds = min(wait, settings.dispatch_max_wait)
     return await waiter.long_poll_task(
         task_id, seconds, lambda: store.read_and_settle(task_id, owner)
     )

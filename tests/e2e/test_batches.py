@@ -89,10 +89,8 @@ def batch_stack(
         "WEBHOOK_ALLOWED_ORIGINS": f"http://127.0.0.1:{receiver.port}",
         "WEBHOOK_SECRET": SECRET,
     }
-    try:
-        yield factory.start(workers=1, env=env)
-    finally:
-        factory.stop_all()
+    with factory.running(workers=1, env=env) as stack:
+        yield stack
 
 
 @pytest.fixture

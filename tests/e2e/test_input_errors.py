@@ -24,12 +24,8 @@ def http(
     redis_server: RedisServer, torchserve: TorchServe, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[httpx.Client]:
     factory = StackFactory(redis_server, torchserve, tmp_path_factory.mktemp("inputs-errors"))
-    try:
-        stack = factory.start(env={"MAX_BODY_BYTES": str(LIMIT)})
-        with httpx.Client(base_url=stack.api_url, timeout=30) as client:
-            yield client
-    finally:
-        factory.stop_all()
+    with factory.client(env={"MAX_BODY_BYTES": str(LIMIT)}) as client:
+        yield client
 
 
 def explained(response: httpx.Response, status: int, *fragments: str) -> dict[str, Any]:

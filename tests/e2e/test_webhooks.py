@@ -67,10 +67,8 @@ def hook_stack(
         "WEBHOOK_RETRY_SCHEDULE": "0.5,1,5",
         "DISPATCHER_API_KEYS": f"{KEY},other-key",
     }
-    try:
-        yield factory.start(workers=2, env=env)
-    finally:
-        factory.stop_all()
+    with factory.running(workers=2, env=env) as stack:
+        yield stack
 
 
 @pytest.fixture

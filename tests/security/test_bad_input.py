@@ -22,12 +22,9 @@ def http(
     redis_server: RedisServer, torchserve: TorchServe, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[httpx.Client]:
     factory = StackFactory(redis_server, torchserve, tmp_path_factory.mktemp("bad-input"))
-    try:
-        stack = factory.start(env={"MAX_BODY_BYTES": str(MAX_BODY), "DISPATCH_DEFAULT_WAIT": "10"})
-        with httpx.Client(base_url=stack.api_url, timeout=30) as client:
-            yield client
-    finally:
-        factory.stop_all()
+    env = {"MAX_BODY_BYTES": str(MAX_BODY), "DISPATCH_DEFAULT_WAIT": "10"}
+    with factory.client(env=env) as client:
+        yield client
 
 
 def _assert_explained(response: httpx.Response, status: int, *fragments: str) -> None:

@@ -125,12 +125,8 @@ def http(
         "RETRY_MAX_ATTEMPTS": "2",
     }
     factory = StackFactory(redis_server, torchserve, tmp_path_factory.mktemp("ssrf"))
-    try:
-        stack = factory.start(env=env)
-        with httpx.Client(base_url=stack.api_url, timeout=30) as client:
-            yield client
-    finally:
-        factory.stop_all()
+    with factory.client(env=env) as client:
+        yield client
 
 
 @pytest.fixture(autouse=True)

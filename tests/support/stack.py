@@ -7,9 +7,12 @@ The fixtures themselves are in tests/conftest.py; tests import these classes for
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from devstack import RedisServer, Stack, TorchServe, start_stack
@@ -91,6 +94,23 @@ class StackFactory:
     def stop_all(self) -> None:
         for stack in reversed(self.stacks):
             stack.stop()
+
+    @contextmanager
+    def running(self, **start: Any) -> Iterator[Stack]:
+        """The stack `start(**start)` starts; on exit every stack of this factory is stopped."""
+        try:
+            yield self.start(**start)
+        finally:
+            self.stop_all()
+
+    @contextmanager
+    def client(self, timeout: float = 30, **start: Any) -> Iterator[httpx.Client]:
+        """An httpx client on the API of the stack `running(**start)` runs."""
+        with (
+            self.running(**start) as stack,
+            httpx.Client(base_url=stack.api_url, timeout=timeout) as client,
+        ):
+            yield client
 
     def logs(self) -> str:
         return "\n".join(stack.logs() for stack in self.stacks)
