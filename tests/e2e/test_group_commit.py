@@ -28,7 +28,13 @@ from shared.celery_app import TASK_PREDICT_MANY
 from shared.errors import QueueFull
 from shared.models import PredictionRequest, TaskStatus
 from shared.priorities import QUEUES, Priority
-from shared.redis_state.keys import FINISHED_CHANNEL, PUBLISH_INLINE_BYTES, queued_key
+from shared.redis_state.keys import (
+    FINISHED_CHANNEL,
+    KOMBU_UNACKED_KEY,
+    PUBLISH_INLINE_BYTES,
+    queued_key,
+    task_key,
+)
 from shared.settings import Settings
 from tests.support.faults import model_calls, records, wait_terminal
 from tests.support.stack import StackFactory
@@ -39,16 +45,13 @@ QUEUE = QUEUES[Priority.default]
 
 
 def settings_for(redis_url: str, **overrides: Any) -> Settings:
-    return Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        redis_url=redis_url,
-        torchserve_url="http://127.0.0.1:9",
-        **overrides,
-    )
+    fields: dict[str, Any] = {"torchserve_url": "http://127.0.0.1:9", **overrides}
+    return Settings(_env_file=None, redis_url=redis_url, **fields)
 
 
 def request(n: int, model: str = "echo", **fields: Any) -> PredictionRequest:
-    return PredictionRequest(model_name=model, input={"id": n}, priority=Priority.default, **fields)
+    fields = {"model_name": model, "input": {"id": n}, "priority": Priority.default, **fields}
+    return PredictionRequest(**fields)
 
 
 def messages(client: redis.Redis, queue: str = QUEUE) -> list[list[dict[str, Any]]]:
@@ -161,29 +164,18 @@ def test_a_redelivered_message_reruns_only_the_tasks_that_have_not_ended(
     run = uuid.uuid4().hex[:10]
 
     async def three() -> list[Any]:
-        aclient = aioredis.Redis.from_url(stack.env["REDIS_URL"], decode_responses=True)
-        store = ApiStore(aclient, Settings(_env_file=None, **_env(stack.env)))  # type: ignore[call-arg]
+        redis_url = stack.env["REDIS_URL"]
+        aclient = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store = ApiStore(
+            aclient, settings_for(redis_url, torchserve_url=stack.env["TORCHSERVE_URL"])
+        )
+        # The first submit is written alone (the store is idle); the three gathered with it
+        # arrive while it is in flight, so they share the next call and one message.
+        tasks = [request(0, "counting")] + [
+            request(0, "counting", input={"id": f"{run}-{n}", "sleep": 0}) for n in range(3)
+        ]
         try:
-            # Written while a lone submit is in flight: the three share a message.
-            first = store.submit(
-                request(0, "counting"), store._settings.default_origin, "", new_task_id()
-            )
-            views = await asyncio.gather(
-                first,
-                *(
-                    store.submit(
-                        PredictionRequest(
-                            model_name="counting",
-                            input={"id": f"{run}-{n}", "sleep": 0},
-                            priority=Priority.default,
-                        ),
-                        store._settings.default_origin,
-                        "",
-                        new_task_id(),
-                    )
-                    for n in range(3)
-                ),
-            )
+            views = await submit_all(store, tasks)
             await store.cancel(views[3].task_id, "")  # C ends before any worker sees it
         finally:
             await aclient.aclose()
@@ -202,11 +194,12 @@ def test_a_redelivered_message_reruns_only_the_tasks_that_have_not_ended(
     assert [first[t]["status"] for t in (a, b, c)] == ["succeeded", "succeeded", "canceled"]
     # B's worker "died" before storing its outcome: its record is running again, and the
     # broker hands the message out a second time.
-    client.hset(f"dispatch:task:{b}", mapping={"status": "running"})
-    client.hdel(f"dispatch:task:{b}", "result", "finished_at")
+    client.hset(task_key(b), mapping={"status": "running"})
+    client.hdel(task_key(b), "result", "finished_at")
     client.lpush(QUEUE, raw_group)
     again = wait_terminal(client, [b], timeout=60)
-    wait_until(lambda: client.llen(QUEUE) == 0 and not client.hlen("unacked"), 30, "acked")
+    acked = lambda: client.llen(QUEUE) == 0 and not client.hlen(KOMBU_UNACKED_KEY)  # noqa: E731
+    wait_until(acked, 30, "the copy acked")
     calls = model_calls(counting_log, run)
     assert calls == {f"{run}-0": 1, f"{run}-1": 2}, calls  # A once, B twice, C never
     assert again[b]["status"] == "succeeded"
@@ -214,10 +207,6 @@ def test_a_redelivered_message_reruns_only_the_tasks_that_have_not_ended(
     final = records(client, [a, c])
     assert final[a]["deliveries"] == "1"  # START skipped the copy: no second delivery counted
     assert final[c]["status"] == "canceled"
-
-
-def _env(env: dict[str, str]) -> dict[str, Any]:
-    return {"redis_url": env["REDIS_URL"], "torchserve_url": env["TORCHSERVE_URL"]}
 
 
 def test_a_big_result_is_published_as_its_id_and_the_waiter_reads_it(
