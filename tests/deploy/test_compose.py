@@ -32,7 +32,6 @@ from tests.support.deploy_files import (
     TOP_LEVEL_KEYS,
     TORCHSERVE_CONFIG,
     build_of,
-    check_entry_points,
     comparable,
     compose,
     compose_cli,
@@ -46,6 +45,9 @@ from tests.support.deploy_files import (
     properties,
     service,
     services,
+)
+from tests.support.packaging import (
+    check_entry_points,
 )
 from tests.support.stack import require_tool
 

@@ -18,7 +18,13 @@ import yaml
 
 from shared.celery_app import QUEUE
 from shared.settings import Settings
-from tests.support.deploy_files import check_entry_points, exec_form, final_stage
+from tests.support.deploy_files import (
+    exec_form,
+    final_stage,
+)
+from tests.support.packaging import (
+    check_entry_points,
+)
 from tests.support.paths import REPO as REPO_ROOT
 from tests.support.paths import SUPPORT
 from tests.support.promql_check import check_promql, unknown_metrics

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devstack import PAYLOAD_MODULE, REPO_ROOT, ManagedProcess, archive_model
 from devstack.processes import free_port, wait_until
-from tests.support.faults import child_pids, records, submit, wait_terminal
+from tests.support.faults import child_pids, records, running, submit, wait_terminal
 from tests.support.stack import TEST_MODELS_DIR
 
 pytestmark = pytest.mark.e2e
@@ -58,14 +58,6 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:  # gone meanwhile
         return ""
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (this machine's init does not reap orphans)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @dataclass
@@ -170,7 +162,7 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeRun]:
     finally:
         process.stop(timeout=90)
         for pid in run.seen:  # only if the supervisor failed to: each child leads its group
-            if _running(pid):
+            if running(pid):
                 os.killpg(pid, signal.SIGKILL)
 
 
@@ -333,5 +325,5 @@ def test_sigterm_stops_everything_and_reports_the_restarts(make_run: MakeRun) ->
     print(
         "\n".join(line for line in output.splitlines() if "stopped:" in line or "is back" in line)
     )
-    leftovers = [pid for pid in make_run.seen if _running(pid)]
+    leftovers = [pid for pid in make_run.seen if running(pid)]
     assert not leftovers, [_cmdline(pid) for pid in leftovers]

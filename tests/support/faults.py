@@ -118,6 +118,14 @@ def redis_contents(client: redis.Redis) -> dict[str, list[str]]:
     return contents
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (this machine's init does not reap orphans)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def child_pids(pid: int) -> list[int]:
     """The direct children of a process (e.g. a prefork worker's pool processes)."""
     children = []
