@@ -25,7 +25,7 @@ from api.idempotency import IdempotencyClaim, Replay
 from api.store import ORPHAN_MARGIN, _write
 from shared.celery_app import encode_messages
 from shared.errors import BatchFinished, BatchNotFound, QueueFull, TaskCanceled
-from shared.models import PredictionCall
+from shared.models import call_fields
 from shared.priorities import queue_of
 from shared.redis_state.batch import (
     BatchStatus,
@@ -44,13 +44,6 @@ from shared.redis_state.batch_scripts import (
 from shared.redis_state.keys import batch_idempotency_key, batch_key, task_key
 from shared.redis_state.record import NewTask, as_mapping
 from shared.settings import Settings
-
-# The call dicts built by hand in BatchStore._items must stay PredictionCall's fields.
-CALL_FIELDS = (
-    "origin", "model_name", "model_version", "body", "payload", "deadline", "submitted_at",
-    "priority", "token", "username", "password",
-)  # fmt: skip
-assert set(CALL_FIELDS) == set(PredictionCall.model_fields), "update BatchStore._items"
 
 # Items per batch_add_items / batch_cancel_items call: big enough to keep the calls few, small
 # enough that no one script holds Redis for more than a few milliseconds between other clients'
@@ -143,20 +136,7 @@ class BatchStore:
             request, queue = item.request, queue_of(item.priority)
             deadline = now + self._timeout(item)
             ref, stored = item.payload.reference(task_id) if item.payload else (None, None)
-            # PredictionCall's fields as a dict: a model per item costs more than the rest here.
-            call = {
-                "origin": item.origin,
-                "model_name": request.model_name,
-                "model_version": request.model_version,
-                "body": request.torchserve_body() if item.payload is None else None,
-                "payload": ref.model_dump() if ref is not None else None,
-                "deadline": deadline,
-                "submitted_at": now,
-                "priority": item.priority.value,
-                "token": request.token.get_secret_value() if request.token else None,
-                "username": request.username,
-                "password": request.password.get_secret_value() if request.password else None,
-            }
+            call = call_fields(request, item.origin, deadline, now, item.priority, ref)
             calls[queue].append((task_id, json.dumps(call)))
             webhook, webhook_events = None, events
             if request.webhook:

@@ -106,8 +106,9 @@ def install_error_handlers(app: FastAPI) -> None:
         code = HTTP_CODES.get(error.status_code, "http_error")
         body = {"status": error.status_code, "msg": str(error.detail), "code": code}
         headers = error.headers
-        if error.status_code == 405:
-            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        allowed = allowed_methods(request) if error.status_code == 405 else ""
+        if allowed:  # empty inside a mounted app (the docs' static files): its own Allow stays
+            headers = {**(headers or {}), "Allow": allowed}
         return JSONResponse(body, status_code=error.status_code, headers=headers)
 
     async def redis_error(_: Request, error: Exception) -> JSONResponse:

@@ -45,9 +45,11 @@ MEDIA_TYPE_PATTERN = rf"^{_TCHARS}/{_TCHARS}(\s*;[\x20-\x7e]*)?{END}"
 MEDIA_TYPE = re.compile(MEDIA_TYPE_PATTERN)
 DATA_URI = re.compile(r"^data:([^,]*?)(;base64)?,", re.IGNORECASE)
 # What `decode_data_uri` accepts, as one pattern for the OpenAPI document (api/openapi.py): an
-# optional MEDIA_TYPE (no ',': it ends the header), ';base64,', then padded standard base64.
+# optional MEDIA_TYPE (no ',': it ends the header), ';base64,', then padded standard base64 as
+# binascii's strict mode takes it (which also takes any '=' after a whole quad: "QUJD==").
 _DATA_MEDIA = rf"\s*(?:{_TCHARS}/{_TCHARS}(?:\s*;[\x20-\x2b\x2d-\x7e]*)?\s*)?"
-_BASE64 = r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+_QUAD = "[A-Za-z0-9+/]{4}"
+_BASE64 = rf"(?:(?:{_QUAD})*(?:[A-Za-z0-9+/]{{2}}==|[A-Za-z0-9+/]{{3}}=)|(?:{_QUAD})+=*)?"
 _DATA = "[dD][aA][tT][aA]:"
 DATA_URI_PATTERN = rf"^{_DATA}{_DATA_MEDIA};[bB][aA][sS][eE]64,{_BASE64}{END}"
 # A data URI that names no media type: its bytes take `input_media_type`'s (`fallback_type`).
@@ -147,9 +149,6 @@ def decode_data_uri(uri: str, max_bytes: int) -> tuple[bytes, str | None]:
     if len(encoded) // 4 * 3 - encoded[-2:].count("=") > max_bytes:
         raise too_large(len(encoded) // 4 * 3, max_bytes, "data")
     try:
-        # Strict mode still takes padding after a whole quad ("QUJD=="): not base64 either.
-        if len(encoded) % 4 or encoded.endswith("==="):
-            raise ValueError("excess padding")
         data = binascii.a2b_base64(encoded, strict_mode=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(

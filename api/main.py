@@ -30,9 +30,10 @@ from shared.settings import Settings, get_settings
 # thousands of waiting clients must not mean thousands of Redis connections.
 REDIS_POOL_SIZE = 128
 # FastAPI's own OpenTelemetry middleware (FastAPI >= 0.16x) asks OpenTelemetry on every request
-# whether a provider is configured: an `os.environ` lookup that fails, a fifth of the API's CPU
-# per submit. Traces here are shared/tracing.py's (the FastAPI instrumentation, which turns the
-# native one off anyway when it is installed), so the native one is off for good.
+# whether a provider is configured: an `os.environ` lookup that fails, a large share of the
+# API's CPU per submit in a profile. Traces here are shared/tracing.py's (the FastAPI
+# instrumentation, which turns the native one off anyway when it is installed), so the native
+# one is off for good.
 NATIVE_TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 # How long a request may queue for a free connection in a burst. A Redis that is down fails
 # fast (refused), so this does not delay the 503 of an outage; a busy pool is not an outage.

@@ -32,7 +32,7 @@ from shared.errors import (
     redis_write_refusal,
 )
 from shared.logs import bind_task
-from shared.models import PredictionCall, PredictionRequest, TaskStatus, TaskView
+from shared.models import PredictionRequest, TaskStatus, TaskView, call_fields
 from shared.payloads import Payload
 from shared.priorities import ALL_QUEUES, Priority, queue_of
 from shared.redis_state.keys import parse_depth, queued_key, task_key
@@ -108,19 +108,7 @@ class ApiStore:
         deadline = now + self.timeout_of(request)
         priority = request.priority or Priority.default
         ref, stored = payload.reference(task_id) if payload is not None else (None, None)
-        call = PredictionCall(
-            origin=origin,
-            model_name=request.model_name,
-            model_version=request.model_version,
-            body=request.torchserve_body() if payload is None else None,
-            payload=ref,
-            deadline=deadline,
-            submitted_at=now,
-            priority=priority,
-            token=request.token.get_secret_value() if request.token else None,
-            username=request.username,
-            password=request.password.get_secret_value() if request.password else None,
-        )
+        call = call_fields(request, origin, deadline, now, priority, ref)
         fields = NewTask(
             model_name=request.model_name,
             model_version=request.model_version,
@@ -139,7 +127,7 @@ class ApiStore:
                 idempotency_key=idempotency.redis_key if idempotency else "",
                 idempotency_record=idempotency.record(task_id) if idempotency else "",
             ),
-            task={"id": task_id, "call": call.model_dump(), "headers": task_headers()},
+            task={"id": task_id, "call": call, "headers": task_headers()},
         )
         accepted = await self.groups.submit(submit)
         if isinstance(accepted, str) and idempotency is not None:

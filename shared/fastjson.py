@@ -1,10 +1,10 @@
 """JSON parsing where it is hot: pydantic-core's parser, with exactly `json.loads`'s results.
 
 Predictions come back as JSON, often lists of floats, and the standard library parses floats
-slowly: 10 KB of them took 150-190 us with `json.loads` and 17-20 us with pydantic-core's
-`from_json` (Rust; already a dependency through pydantic); 1 MB, 17.6 ms against 2.1 ms.
-orjson is a little faster still but turns integers beyond 64 bits into floats, a silent change
-of the value; `from_json` keeps them exact, and accepts NaN and Infinity as `json.loads` does.
+several times slower than pydantic-core's `from_json` (Rust; already a dependency through
+pydantic), whatever the size (tests/unit/shared/test_fastjson.py checks the results). orjson
+is a little faster still but turns integers beyond 64 bits into floats, a silent change of the
+value; `from_json` keeps them exact, and accepts NaN and Infinity as `json.loads` does.
 What it refuses that `json.loads` accepts (lone surrogate escapes, a UTF-8 BOM, UTF-16/32 bytes)
 is parsed again by `json.loads`, so the result, and every error, is the standard library's.
 """

@@ -1,7 +1,7 @@
 """Group commit across one worker process's threads: STARTs and outcomes share Redis calls.
 
 Like submits in the API (api/group_commit.py): the first thread writes at once; threads that
-arrive while that write is in flight go together in the next one (one START_MANY or FINISH_MANY
+arrive while that write is in flight go together in the next one (one task_start or task_finish
 call), written by one of them. Nothing is shared per item but the round trip.
 """
 

@@ -57,7 +57,7 @@ class TaskEntry:
 
     @property
     def rank(self) -> int:
-        return _RANK[self.call.priority or Priority.default]
+        return _RANK[self.call.priority]
 
 
 class Runner:

@@ -20,7 +20,6 @@ from prometheus_client import Counter, Histogram, start_http_server
 from shared.errors import DispatchError, ModelNotFound
 from shared.models import PredictionCall
 from shared.prometheus import (
-    DEFAULT_PRIORITY,
     LATENCY_BUCKETS,
     UNKNOWN_MODEL,
     ModelLabels,
@@ -81,13 +80,12 @@ def model_label(model: str, code: str = "ok") -> str:
 
 
 class TaskObservation:
-    """One delivery of a task, from START to its outcome; `run_prediction` reports it once."""
+    """One delivery of a task, from START to its outcome; `Runner._run_one` reports it once."""
 
     def __init__(self, call: PredictionCall, deliveries: int) -> None:
         self.model = call.model_name
         self.submitted_at = call.submitted_at
-        # Messages from before priorities existed were all in the default class's queue.
-        self.priority = call.priority.value if call.priority else DEFAULT_PRIORITY
+        self.priority = call.priority.value
         self.started_at = time.time()
         self.deliveries = deliveries
 
@@ -98,10 +96,9 @@ class TaskObservation:
         if self.deliveries > 1:
             REDELIVERIES.labels(model).inc()
         TASK_RUN.labels(model).observe(now - self.started_at)
-        if self.submitted_at is not None:  # messages from before the field existed have none
-            waited = max(0.0, self.started_at - self.submitted_at)
-            QUEUE_WAIT.labels(model, self.priority).observe(waited)
-            TASK_TOTAL.labels(model, self.priority).observe(max(0.0, now - self.submitted_at))
+        waited = max(0.0, self.started_at - self.submitted_at)
+        QUEUE_WAIT.labels(model, self.priority).observe(waited)
+        TASK_TOTAL.labels(model, self.priority).observe(max(0.0, now - self.submitted_at))
 
     def skipped(self, missing: bool = False) -> None:
         """START ran nothing. Its `deliveries` tell why (shared/redis_state/lua/task_start.lua): 0

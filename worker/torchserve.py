@@ -130,7 +130,7 @@ class TorchServeClient:
     One per process, shared by its threads: one pool of keep-alive connections to each TorchServe.
     Each attempt goes straight to the transport (httpx's connection pool) with a request built
     here: httpx.Client's layers around it (auth and redirect flows, cookie jar, event hooks, URL
-    and header merging) did nothing this call needs and were a tenth of a worker's CPU per task.
+    and header merging) did nothing this call needs and cost measurable worker CPU per task.
     Redirects are never followed (a redirect could point anywhere: no SSRF through TorchServe),
     and no cookie carries over from one task's call to another's.
     """

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
@@ -101,21 +99,22 @@ async def dispatch_model(http: Request) -> Response:
 async def _replay(
     task_id: str, store: ApiStore, waiter: ResultWaiter, owner: str, seconds: float
 ) -> Response:
-    """What a fresh request with this wait preference would get for the held task now."""
-    return await _answer(
-        task_id,
-        waiter.long_poll_task(task_id, seconds, lambda: store.read_and_settle(task_id, owner)),
-    )
+    """What a fresh request with this wait preference would get for the held task now.
+
+    The first read is not wrapped: if it fails (the record expired since the submit script saw
+    it, Redis lost) the app's handlers answer, as for any read; only the wait names the task."""
+    if seconds <= 0:
+        return task_response(await store.read_and_settle(task_id, owner))
+    async with waiter.watch(task_id) as watch:
+        view = await store.read_and_settle(task_id, owner)
+        return await _wait(watch, view, seconds, lambda: store.read_and_settle(task_id, owner))
 
 
 async def _wait(watch: Watch, view: TaskView, seconds: float, read: Read[TaskView]) -> Response:
-    return await _answer(view.task_id, watch.until_terminal(view, seconds, read))
-
-
-async def _answer(task_id: str, waited: Awaitable[TaskView]) -> Response:
-    """The task's answer once `waited` is; an error naming the task if the wait failed."""
+    """The task's answer once it ended or `seconds` passed; an error naming it if the wait fails."""
+    task_id = view.task_id
     try:
-        return task_response(await waited)
+        return task_response(await watch.until_terminal(view, seconds, read))
     except RedisError:  # Redis lost mid-wait: the task itself is safe, so name it
         lost = QueueUnavailable(
             "the task queue (Redis) became unavailable while waiting; the task is kept: "

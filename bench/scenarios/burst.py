@@ -88,7 +88,7 @@ def run(ctx: Context) -> None:
     direct_failed = count - direct.count(200)
     ours_failed = count - ours.count(200)
     capacity_ratio = ideal / ours.span
-    # Issue 12 judges the drain against what TorchServe really serves on this machine (measured
+    # The drain is judged against what TorchServe really serves on this machine (measured
     # above without overflow), not the model's nominal 20 ms.
     measured_ratio = count / ours.span / real_capacity
     scenario = f"burst, {number(count)} at once, slow model (20 ms, {plan.slow_workers} TS workers)"

@@ -26,7 +26,7 @@ from bench.table import Row, number
 from shared.priorities import Priority, queue_of
 
 P99_RATIO_TARGET = 1.5
-# Issue 11's bound for a sync request while a batch runs.
+# The bound for an interactive sync request while a batch runs.
 P99_LIMIT_MS = 1000.0
 INTERACTIVE_CONCURRENCY = 4
 BATCH_END_WAIT = 60

@@ -19,7 +19,7 @@ from bench.scenarios.context import (
 from bench.stack import TINY_MODEL
 from bench.table import Row, number
 
-# Issue 12's targets.
+# The throughput targets: a ratio to direct TorchServe and to the common pattern.
 RATIO_TARGET = 0.6
 PEER_RATIO_TARGET = 2.5
 OWN_CPU_TARGET_MS = 1.5

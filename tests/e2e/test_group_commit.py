@@ -1,6 +1,6 @@
 """Group commit and messages of several tasks, against a real redis-server (and real workers).
 
-- Concurrent submits of one API process share one SUBMIT_MANY call and one message per class;
+- Concurrent submits of one API process share one task_submit call and one message per class;
   a lone submit goes at once, alone. Per task: its own depth check, record and idempotency key.
 - A message of several tasks runs each once; a redelivered copy re-runs only the tasks whose
   records have not ended (START skips the others).

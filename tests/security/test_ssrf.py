@@ -20,6 +20,7 @@ import pytest
 from devstack import RedisServer, TorchServe
 from shared.celery_app import QUEUE, encode_message
 from shared.models import PredictionCall
+from shared.priorities import Priority
 from shared.redis_state.keys import task_key
 from tests.support.faults import wait_terminal
 from tests.support.stack import StackFactory
@@ -213,6 +214,8 @@ def test_worker_refuses_a_forged_message_for_another_target(
         model_version=None,
         body={},
         deadline=now + 30,
+        submitted_at=now,
+        priority=Priority.default,
     )
     client = ssrf_redis.client()
     client.hset(

@@ -9,8 +9,8 @@
 -- items_json: one entry per item, [index, queue, fields, payload]: `fields` are field, value,
 -- ... of its record beyond what every item shares (record.py), `payload` the number of its
 -- claim-checked payload among this call's payloads (0: none). queues_json: the queue of each
--- message, in order. One JSON argument instead of a dozen per item: packing 120,000 arguments
--- cost the API more than everything else in a batch of 10,000.
+-- message, in order. One JSON argument instead of a dozen per item: packing a dozen arguments
+-- per item of a 10,000-item batch cost the API more than everything else in it.
 --
 -- Returns 1, or 0 when batch is not `in_progress` (batch_create created nothing): nothing
 -- written.
@@ -18,7 +18,7 @@
 -- Reads batch (its status).
 -- Writes K.task .. '<batch_id>-<index>' (status queued, created_at, owner, batch, then its
 -- fields; record_ttl), K.payload .. task id (record_ttl), and one LPUSH of the messages per
--- queue (a third less Redis time with the AOF on, which logs every write command). The queue
+-- queue (less Redis time with the AOF on, which logs every write command). The queue
 -- depth counters were counted up by batch_create.
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
 local ttl, now, owner, batch = ARGV[1], ARGV[2], ARGV[3], ARGV[4]

@@ -1,5 +1,6 @@
--- task_settle: ends a task that can no longer end by itself (api/store.py ApiStore.read): a
--- queued task past its deadline (expired), a running one whose worker was lost (failed).
+-- task_settle: ends a task that can no longer end by itself (api/store.py
+-- ApiStore.read_and_settle): a queued task past its deadline (expired), a running one whose
+-- worker was lost (failed).
 --
 -- task_settle(
 --   keys=[task_record],

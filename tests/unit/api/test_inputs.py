@@ -16,6 +16,7 @@ from api.routes.tasks import raw_answer
 from shared.errors import InvalidRequest, PayloadTooLarge
 from shared.models import PredictionCall
 from shared.payloads import Part, Payload, PayloadRef, encode_multipart, multipart_size
+from shared.priorities import Priority
 from shared.settings import Settings
 from worker.torchserve import TorchServeClient, parse_answer
 
@@ -159,6 +160,8 @@ def _call(ref: PayloadRef) -> PredictionCall:
         body=None,
         payload=ref,
         deadline=time.time() + 30,
+        submitted_at=time.time(),
+        priority=Priority.default,
     )
 
 

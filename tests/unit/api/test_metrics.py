@@ -19,6 +19,7 @@ from api.metrics import count_rejection
 from devstack.processes import free_port
 from shared.errors import ModelNotFound, TorchServeUnavailable
 from shared.models import PredictionCall
+from shared.priorities import Priority
 from shared.prometheus import OTHER_MODEL, UNKNOWN_MODEL, ModelLabels
 from shared.settings import Settings
 from worker import task_metrics as worker_metrics
@@ -156,6 +157,7 @@ def call(model: str, submitted_ago: float = 2.0) -> PredictionCall:
         body={"x": 1},
         deadline=now + 60,
         submitted_at=now - submitted_ago,
+        priority=Priority.default,
     )
 
 

@@ -120,6 +120,8 @@ def test_data_uri_pattern_is_the_servers_rule() -> None:
         "data:image/png,abc", "data:image/png;base64,abc", "data:image/png;base64,QQ==\n",
         "data:image;base64,QQ==", "data:a/b;base64,QQ=", "data:a/b;base64,Q Q==", "data:",
         "nodata:a/b;base64,", "data:a/b;base64,QUJD====", "data:a/b;base64,QUJD==",
+        "data:a/b;base64,QUI==", "data:a/b;base64,QQ===", "data:a/b;base64,=",
+        "data:a/b;base64,QUJDQQ==QQ",
     ]  # fmt: skip
     for sample in samples:
         try:
@@ -166,3 +168,8 @@ def test_a_405_allows_every_method_of_the_path(path: str) -> None:
 def test_a_405_of_a_single_method_path() -> None:
     response = request(Settings(_env_file=None), "GET", "/dispatch_model")
     assert (response.status_code, response.headers["allow"]) == (405, "POST")
+
+
+def test_a_405_inside_the_docs_static_files_keeps_their_own_allow() -> None:
+    response = request(Settings(_env_file=None), "POST", "/docs/static/swagger-ui.css")
+    assert (response.status_code, response.headers["allow"]) == (405, "GET, HEAD")

@@ -42,6 +42,8 @@ def call(**overrides: object) -> PredictionCall:
         "model_version": None,
         "body": {"a": 1},
         "deadline": time.time() + 30,
+        "submitted_at": time.time(),
+        "priority": "default",
     }
     fields.update(overrides)
     return PredictionCall.model_validate(fields)
