@@ -35,6 +35,14 @@ class Plan:
     # (9) several API processes: uvicorn processes, and waiting clients through them.
     api_processes: int
     api_processes_waiting: int
+    # (10) a CPU-bound model (~10 ms of CPU a request, 2 TorchServe workers): wrk connections;
+    # seconds per side are `wrk_seconds`.
+    cpu_model_connections: int
+    # (11) long calls through ONE worker process: how many at once, how long each takes at the
+    # stand-in model server, and how long the scenario may wait for all of them.
+    long_calls: int
+    long_call_seconds: float
+    long_calls_budget: float
     # The dispatcher's Celery workers for the tiny-model and burst scenarios (and the peer's).
     workers: int
     concurrency: int
@@ -81,6 +89,10 @@ FULL = Plan(
     mixed_batch_items=10_000,
     api_processes=2,
     api_processes_waiting=2_000,
+    cpu_model_connections=8,
+    long_calls=1_000,
+    long_call_seconds=5.0,
+    long_calls_budget=90.0,
     workers=2,
     concurrency=8,
     pool="threads",
@@ -102,4 +114,7 @@ SMOKE = replace(
     mixed_seconds=1.0,
     mixed_batch_items=300,
     api_processes_waiting=100,
+    long_calls=40,
+    long_call_seconds=0.5,
+    long_calls_budget=20.0,
 )

@@ -18,7 +18,9 @@ from bench.report import Report
 from bench.scenarios import (
     api_processes,
     burst,
+    cpu_model,
     latency,
+    long_calls,
     mixed,
     scale,
     submit,
@@ -35,6 +37,8 @@ SCENARIOS: list[Callable[[Context], None]] = [
     waiting.run,
     mixed.run,
     scale.run,
+    cpu_model.run,
+    long_calls.run,
     submit.run,
     # After the one-process submit rate it compares with; stops its API before the check below.
     api_processes.run,
@@ -45,8 +49,9 @@ SCENARIOS: list[Callable[[Context], None]] = [
 def describe_stack(plan: Plan) -> str:
     return (
         f"TorchServe 0.12 (echo: 1 worker; slow20: {plan.slow_workers} workers, "
-        f"{plan.scale_torchserve_workers} for the scale scenario; job_queue_size "
-        f"{JOB_QUEUE_SIZE}); dispatcher: 1 API process (uvicorn), {plan.workers} Celery workers "
+        f"{plan.scale_torchserve_workers} for the scale scenario; cpu10: 2 workers; "
+        f"job_queue_size {JOB_QUEUE_SIZE}); a stand-in model server for the long calls "
+        f"(bench/upstream.py); dispatcher: 1 API process (uvicorn), {plan.workers} Celery workers "
         f"({plan.pool} x {plan.concurrency}), plus one worker reserved for interactive work in "
         f"the mixed-load scenario and a second API of {plan.api_processes} processes in the "
         "several-processes one; redis-server without persistence; the peer: "

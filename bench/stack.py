@@ -13,6 +13,7 @@ from typing import Self
 import redis
 
 from bench.progress import say
+from bench.upstream import DELAY_ENV as UPSTREAM_DELAY_ENV
 from devstack import (
     PAYLOAD_MODULE,
     ApiServer,
@@ -28,6 +29,8 @@ from devstack import (
 TINY_MODEL = "echo"
 SLOW_MODEL = "slow20"
 SLOW_HANDLER = Path(__file__).parent / "models" / "slow20.py"
+CPU_MODEL = "cpu10"
+CPU_HANDLER = Path(__file__).parent / "models" / "cpu10.py"
 # TorchServe's queue per model; the burst scenario is about what happens beyond it.
 JOB_QUEUE_SIZE = 100
 PEER_API_APP = "bench.peer.app:create_app"
@@ -56,6 +59,7 @@ class BenchStack(StopsOnExit):
         store = self.root / "model-store"
         archive_demo_model(TINY_MODEL, store)
         archive_model(SLOW_MODEL, SLOW_HANDLER, store, extra_files=[PAYLOAD_MODULE])
+        archive_model(CPU_MODEL, CPU_HANDLER, store, extra_files=[PAYLOAD_MODULE])
         say(f"starting redis-server and TorchServe ({TINY_MODEL}, {SLOW_MODEL}) ...")
         self._exit.callback(self.redis.stop)
         self.redis.start()
@@ -96,14 +100,18 @@ class BenchStack(StopsOnExit):
 
     # --- Celery workers -------------------------------------------------------------------
 
-    def start_workers(self, count: int, concurrency: int, pool: str) -> list[CeleryWorker]:
-        """`count` dispatcher workers, started in parallel; stopped by stop_workers or at exit."""
+    def start_workers(
+        self, count: int, concurrency: int, pool: str, env: dict[str, str] | None = None
+    ) -> list[CeleryWorker]:
+        """`count` dispatcher workers, started in parallel; stopped by stop_workers or at exit.
+
+        `env` overrides the stack's (e.g. TORCHSERVE_URL for another model server)."""
         workers = []
         for _ in range(count):
             self._worker_serial += 1
             name = f"bench{self._worker_serial}"
             log = self.root / "logs" / f"worker-{self._worker_serial}.log"
-            worker = CeleryWorker(self.env(), name, log, concurrency, pool)
+            worker = CeleryWorker({**self.env(), **(env or {})}, name, log, concurrency, pool)
             self._exit.callback(worker.stop)
             workers.append(worker.launch())
         for worker in workers:
@@ -135,13 +143,25 @@ class BenchStack(StopsOnExit):
 
     # --- more API processes ---------------------------------------------------------------
 
-    def start_api(self, processes: int) -> ApiServer:
+    def start_api(
+        self, processes: int, env: dict[str, str] | None = None, name: str = ""
+    ) -> ApiServer:
         """Another API (uvicorn --workers `processes`) on the same Redis, ready once every
-        process is; stopped by the caller or at exit."""
-        log = self.root / "logs" / f"api-{processes}-processes.log"
-        api = ApiServer(self.env(api=True), log, workers=processes)
+        process is; stopped by the caller or at exit. `env` overrides the stack's."""
+        log = self.root / "logs" / f"api-{name or f'{processes}-processes'}.log"
+        api = ApiServer({**self.env(api=True), **(env or {})}, log, workers=processes)
         self._exit.callback(api.stop)
         return api.start(60)
+
+    # --- a stand-in model server ------------------------------------------------------------
+
+    def start_upstream(self, delay: float) -> ApiServer:
+        """bench/upstream.py under uvicorn: every prediction waits `delay` s; stopped at exit."""
+        log = self.root / "logs" / "upstream.log"
+        env = {UPSTREAM_DELAY_ENV: str(delay)}
+        upstream = ApiServer(env, log, app="bench.upstream:create_app")
+        self._exit.callback(upstream.stop)
+        return upstream.start(30)
 
     # --- the common-pattern peer ----------------------------------------------------------
 

@@ -38,6 +38,10 @@ ROW_KEYS = {
     "mixed_batch",
     "scale_2",
     "scale_4",
+    "cpu_model",
+    "long_calls",
+    "long_calls_threads",
+    "long_calls_rss",
     "submit",
     "api_processes_submit",
     "api_processes_waiters",
@@ -46,6 +50,7 @@ ROW_KEYS = {
 # What the dispatcher must get right even at smoke scale (throughput targets are not judged
 # here: tiny counts on a shared machine say nothing about them).
 MUST_MEET = (
+    "long_calls",  # every call ends (the smoke run's few short calls fit in any engine)
     "burst_failures",
     "waiting_succeeded",
     "waiting_threads",

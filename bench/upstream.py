@@ -1,0 +1,69 @@
+"""A stand-in model server for the long-calls scenario: every prediction takes `UPSTREAM_DELAY`
+seconds of waiting (no CPU), then echoes its JSON body, as a TorchServe would.
+
+TorchServe cannot hold a thousand calls at once on two cores (a Python worker per call); an LLM
+server can, and that is the load the scenario is about: how many calls one dispatcher worker
+process keeps in flight. `GET /stats` says how many were in flight at most, and how many ended.
+Run as `uvicorn bench.upstream:create_app --factory`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+DELAY_ENV = "UPSTREAM_DELAY"
+
+
+class Calls:
+    """In flight now, the most at once, and how many ended since the last reset."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.peak = 0
+        self.ended = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"in_flight": self.in_flight, "peak": self.peak, "ended": self.ended}
+
+
+def create_app() -> Starlette:
+    delay = float(os.environ.get(DELAY_ENV, "5"))
+    calls = Calls()
+
+    async def predict(request: Request) -> Response:
+        body = await request.body()
+        calls.in_flight += 1
+        calls.peak = max(calls.peak, calls.in_flight)
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            calls.in_flight -= 1
+            calls.ended += 1
+        return Response(body or b"{}", media_type="application/json")
+
+    async def stats(_: Request) -> JSONResponse:
+        return JSONResponse(calls.as_dict())
+
+    async def reset(_: Request) -> JSONResponse:
+        calls.peak, calls.ended = calls.in_flight, 0
+        return JSONResponse(calls.as_dict())
+
+    async def health(_: Request) -> Response:
+        return Response("ok")
+
+    return Starlette(
+        routes=[
+            Route("/predictions/{model}", predict, methods=["POST"]),
+            Route("/predictions/{model}/{version}", predict, methods=["POST"]),
+            Route("/stats", stats),
+            Route("/stats/reset", reset, methods=["POST"]),
+            Route("/health", health),
+            Route("/ping", health),
+        ]
+    )
