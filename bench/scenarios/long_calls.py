@@ -53,7 +53,9 @@ async def _until_ended(client: httpx.AsyncClient, task_id: str, deadline: float)
 
 
 async def _play(url: str, count: int, budget: float) -> tuple[list[str], Counter[str], float]:
-    limits = httpx.Limits(max_connections=count + SUBMITS_AT_ONCE, max_keepalive_connections=count)
+    # No keep-alive: a long-poll ends after up to 30 s, and a connection reused after uvicorn's
+    # keep-alive timeout closed it would be a read error, not an answer.
+    limits = httpx.Limits(max_connections=count + SUBMITS_AT_ONCE, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=POLL_SECONDS + 30) as client:
         gate = asyncio.Semaphore(SUBMITS_AT_ONCE)
         started = time.monotonic()
