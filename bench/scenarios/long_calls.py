@@ -17,13 +17,12 @@ from collections import Counter
 import httpx
 
 from bench.progress import say
+from bench.sampler import Sampler, footprint_rows
 from bench.scenarios.context import Context
-from bench.scenarios.waiting import Sampler
 from bench.table import Row, number
 from shared.models import TaskStatus
 
 RSS_GROWTH_TARGET_MB = 150.0
-THREAD_SLACK = 4
 SUBMITS_AT_ONCE = 64
 POLL_SECONDS = 30.0
 MODEL = "long"
@@ -97,7 +96,6 @@ def run(ctx: Context) -> None:
     stack.drop_queue()  # the scenarios after this one start without workers
     scenario = f"{number(count)} concurrent calls of {seconds:g} s through ONE worker process"
     ideal = f"ideal: all in {seconds:g} s (the stand-in server holds any number at once)"
-    threads_max, rss_growth = max(sampler.thread_counts), max(sampler.rss) - rss_before
     ctx.notes.append(
         f"Long calls: {len(left)} of {count} had not ended after {budget:g} s and were canceled; "
         f"the most calls in flight at the stand-in server: {stats['peak']} (one worker, "
@@ -114,25 +112,14 @@ def run(ctx: Context) -> None:
             met=succeeded == count,
             figures={"calls": count, "succeeded": succeeded, "peak_in_flight": stats["peak"]},
         ),
-        Row(
-            key="long_calls_threads",
-            scenario=scenario,
-            measure="worker threads (before -> max)",
-            direct="-",
-            dispatcher=f"{threads_before} -> {threads_max}",
-            target="flat",
-            met=threads_max - threads_before <= THREAD_SLACK,
-            figures={"threads_before": threads_before, "threads_max": threads_max},
-        ),
-        Row(
-            key="long_calls_rss",
-            scenario=scenario,
-            measure="worker RSS growth",
-            direct="-",
-            dispatcher=f"+{rss_growth:.0f} MB ({rss_before:.0f} -> {max(sampler.rss):.0f})",
-            target=f"<= {RSS_GROWTH_TARGET_MB:g} MB",
-            met=rss_growth <= RSS_GROWTH_TARGET_MB,
-            figures={"rss_before_mb": rss_before, "rss_max_mb": max(sampler.rss)},
+        *footprint_rows(
+            "long_calls",
+            scenario,
+            "worker",
+            sampler,
+            threads_before,
+            rss_before,
+            RSS_GROWTH_TARGET_MB,
         ),
     ]
 

@@ -2,48 +2,16 @@
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
-
 from bench.machine import rss_mb, threads
 from bench.progress import say
+from bench.sampler import Sampler, footprint_rows
 from bench.scenarios.burst import wait_bound
 from bench.scenarios.context import SLOW_DISPATCH_BODY, SLOW_SECONDS, TINY_DISPATCH_BODY, Context
 from bench.shots import Volley, fire
 from bench.table import Row, number
 
 RSS_GROWTH_TARGET_MB = 200.0
-# "Flat": waiting clients add no threads. FastAPI's threadpool (sync dependencies) is bounded
-# and warmed up first; this slack covers it growing by a few threads meanwhile.
-THREAD_SLACK = 4
-SAMPLE_SECONDS = 0.2
 WARMUP_REQUESTS = 200
-
-
-@dataclass
-class Sampler:
-    """Samples an API process's thread count and RSS in a thread until stopped."""
-
-    pid: int
-    thread_counts: list[int] = field(default_factory=list)
-    rss: list[float] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def _loop(self) -> None:
-        while True:
-            self.thread_counts.append(threads(self.pid))
-            self.rss.append(rss_mb(self.pid))
-            if self._stop.wait(SAMPLE_SECONDS):
-                return
-
-    def __enter__(self) -> Sampler:
-        self._thread = threading.Thread(target=self._loop, name="api-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def run(ctx: Context) -> None:
@@ -73,7 +41,6 @@ def run(ctx: Context) -> None:
     ctx.report_log_problems(mark, "Waiting clients")
     succeeded = result.count(200)
     threads_max, rss_max = max(sampler.thread_counts), max(sampler.rss)
-    growth = max(0.0, rss_max - rss_before)
     say(
         f"  {succeeded}/{count} succeeded in {result.span:.1f} s; API threads {threads_before} -> "
         f"max {threads_max}; RSS {rss_before:.0f} -> max {rss_max:.0f} MB"
@@ -92,24 +59,7 @@ def run(ctx: Context) -> None:
             met=succeeded == count,
             figures={"succeeded": succeeded, "seconds": result.span},
         ),
-        Row(
-            key="waiting_threads",
-            scenario=scenario,
-            measure="API threads (before -> max)",
-            direct="-",
-            dispatcher=f"{threads_before} -> {threads_max}",
-            target="flat",
-            met=threads_max <= threads_before + THREAD_SLACK,
-            figures={"threads_before": threads_before, "threads_max": threads_max},
-        ),
-        Row(
-            key="waiting_rss",
-            scenario=scenario,
-            measure="API RSS growth",
-            direct="-",
-            dispatcher=f"+{growth:.0f} MB ({rss_before:.0f} -> {rss_max:.0f})",
-            target=f"<= {RSS_GROWTH_TARGET_MB:g} MB",
-            met=growth <= RSS_GROWTH_TARGET_MB,
-            figures={"rss_before_mb": rss_before, "rss_max_mb": rss_max},
+        *footprint_rows(
+            "waiting", scenario, "API", sampler, threads_before, rss_before, RSS_GROWTH_TARGET_MB
         ),
     ]
