@@ -15,7 +15,8 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -58,6 +59,25 @@ def task_recheck(view: TaskView) -> float:
     return max(0.0, view.deadline.timestamp() - time.time()) + EXPIRY_GRACE_SECONDS
 
 
+def _every_recheck(_: object) -> float:
+    return RECHECK_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
+class EndOf(Generic[V]):
+    """How a long-poll knows what it waits for has ended: `ended(view)`; re-read at least every
+    `recheck(view)` seconds; `decode(key, published record)` when the end is published with the
+    record (no read needed), None when a publish only says to read again."""
+
+    ended: Callable[[V], bool]
+    recheck: Callable[[V], float] = _every_recheck
+    decode: Callable[[str, dict[str, str]], V] | None = None
+
+
+# A task: its end is published with its record.
+TASK_END: EndOf[TaskView] = EndOf(task_ended, task_recheck, decode_record)
+
+
 class Watch:
     """One waiter's registration: woken with the task's record, or to re-read it."""
 
@@ -71,34 +91,26 @@ class Watch:
             self.published = published
         self.woken.set()
 
-    async def until_ended(
-        self,
-        view: V,
-        seconds: float,
-        read: Read[V],
-        ended: Callable[[V], bool],
-        recheck: Callable[[V], float] = lambda _: RECHECK_SECONDS,
-        decode: Callable[[str, dict[str, str]], V] | None = None,
-    ) -> V:
-        """`view` once `ended`, or as it is when `seconds` have passed.
+    async def until_ended(self, view: V, seconds: float, read: Read[V], end: EndOf[V]) -> V:
+        """`view` once `end.ended`, or as it is when `seconds` have passed.
 
-        Woken by a publish, the view is `decode`d from the published record when there is one
-        (a task's end: no read needed), else `read` again; and re-read at least every
-        `recheck(view)` seconds (RECHECK_SECONDS at most) in case a publish was lost.
+        Woken by a publish, the view is `end.decode`d from the published record when there is
+        one (a task's end: no read needed), else `read` again; and re-read at least every
+        `end.recheck(view)` seconds (RECHECK_SECONDS at most) in case a publish was lost.
         """
         loop = asyncio.get_running_loop()
         until = loop.time() + seconds
         while True:
             remaining = until - loop.time()
-            if ended(view) or remaining <= 0:
+            if end.ended(view) or remaining <= 0:
                 return view
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(remaining, RECHECK_SECONDS, recheck(view))):
+                async with asyncio.timeout(min(remaining, RECHECK_SECONDS, end.recheck(view))):
                     await self.woken.wait()
             self.woken.clear()
             published, self.published = self.published, None
-            if published is not None and decode is not None:
-                view = decode(self.key, published)
+            if published is not None and end.decode is not None:
+                view = end.decode(self.key, published)
             else:
                 view = await read()
 
@@ -106,7 +118,7 @@ class Watch:
         self, view: TaskView, seconds: float, read: Read[TaskView]
     ) -> TaskView:
         """The task once it is terminal, or as it is when `seconds` have passed."""
-        return await self.until_ended(view, seconds, read, task_ended, task_recheck, decode_record)
+        return await self.until_ended(view, seconds, read, TASK_END)
 
 
 class ResultWaiter:
@@ -152,15 +164,7 @@ class ResultWaiter:
             if not watches:
                 del self._watches[task_id]
 
-    async def long_poll(
-        self,
-        key: str,
-        seconds: float,
-        read: Read[V],
-        ended: Callable[[V], bool],
-        recheck: Callable[[V], float] = lambda _: RECHECK_SECONDS,
-        decode: Callable[[str, dict[str, str]], V] | None = None,
-    ) -> V:
+    async def long_poll(self, key: str, seconds: float, read: Read[V], end: EndOf[V]) -> V:
         """`read()` now (`seconds` <= 0), or once `ended` / after `seconds`, for every long-poll.
 
         Registered before the first read, so an end published in between still wakes it.
@@ -168,11 +172,11 @@ class ResultWaiter:
         if seconds <= 0:
             return await read()
         async with self.watch(key) as watch:
-            return await watch.until_ended(await read(), seconds, read, ended, recheck, decode)
+            return await watch.until_ended(await read(), seconds, read, end)
 
     async def long_poll_task(self, task_id: str, seconds: float, read: Read[TaskView]) -> TaskView:
         """The task's long-poll: its end is published with its record."""
-        return await self.long_poll(task_id, seconds, read, task_ended, task_recheck, decode_record)
+        return await self.long_poll(task_id, seconds, read, TASK_END)
 
     def _deliver(self, message: str) -> None:
         watches = self._watches.get(published_task_id(message))

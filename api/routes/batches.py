@@ -10,11 +10,14 @@ from api.batch_inputs import InvalidBatch, read_batch
 from api.batch_store import batch_idempotency
 from api.deps import BatchStoreDep, LongPollDep, OwnerDep, ResourceId, SettingsDep, WaiterDep
 from api.openapi import ERROR_RESPONSES
+from api.waiting import EndOf
 from shared.redis_state.batch import BatchView
 
 router = APIRouter(prefix="/batches", tags=["batches"])
 
 BatchId = ResourceId
+# A batch's end is published on the tasks' channel under its id; woken, it is read again.
+BATCH_END: EndOf[BatchView] = EndOf(lambda view: view.status.ended)
 
 
 def _accepted(view: BatchView, replayed: bool = False) -> Response:
@@ -65,10 +68,7 @@ async def get_batch(
     seconds: LongPollDep,
 ) -> BatchView:
     """Status, `request_counts` per task status, timestamps; `?wait=N` until the batch ends."""
-    # The batch's end is published on the tasks' channel under its id; woken, it is read again.
-    return await waiter.long_poll(
-        batch_id, seconds, lambda: store.get(batch_id, owner), lambda view: view.status.ended
-    )
+    return await waiter.long_poll(batch_id, seconds, lambda: store.get(batch_id, owner), BATCH_END)
 
 
 @router.get(
