@@ -38,7 +38,10 @@ def _timed(call: object) -> tuple[httpx.Response, float]:
 
 
 def test_redis_outage_answers_503_then_carries_on(
-    dedicated_redis: RedisServer, stack_factory: StackFactory, counting_log: Path
+    dedicated_redis: RedisServer,
+    stack_factory: StackFactory,
+    counting_log: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     stack = stack_factory.start(
         workers=1, concurrency=4, env={"REDIS_URL": dedicated_redis.url, **ENV}
@@ -46,6 +49,7 @@ def test_redis_outage_answers_503_then_carries_on(
     client = dedicated_redis.client()
     run = uuid.uuid4().hex[:10]
     http = httpx.Client(base_url=stack.api_url, timeout=30)
+    request.addfinalizer(http.close)  # also when an assertion fails before the end
     wait_until(lambda: http.get("/ready").status_code == 200, 15, "ready before the outage")
     assert http.post("/dispatch_model", json={"model_name": "echo", "input": 1}).status_code == 200
 

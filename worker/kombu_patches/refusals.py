@@ -139,7 +139,17 @@ def restore_visible(self: kombu_redis.QoS, *args: Any, **kwargs: Any) -> None:
 
 def restore_unacked(self: kombu_redis.QoS, client: Any = None) -> None:
     """`QoS.restore_unacked` (a channel closing): held messages that cannot be put back now stay
-    in the unacked set."""
+    in the unacked set.
+
+    That includes a channel closed after its transport let go of the connection (kombu sets
+    `Transport.client` to None; Celery then closes the channel once more while handling the lost
+    broker connection). kombu would build a new pool from the missing connection details and
+    raise AttributeError, which Celery calls unrecoverable: the worker exits with every task it
+    held. Seen in tests/reliability/test_redis_outage.py about one run in seven.
+    """
+    if client is None and self.channel.connection.client is None:
+        log.warning("held messages left unacked: their broker connection is already closed")
+        return
     try:
         original("QoS.restore_unacked")(self, client)
     except ResponseError as error:
