@@ -2,11 +2,12 @@
 installed (`pip install 'model-dispatcher[otel]'`).
 
 One trace per request: the API's FastAPI span (with its Redis calls), then, across the queue,
-the worker's `dispatch.predict` span and its TorchServe HTTP call. Celery's `before_task_publish`
+the worker's `dispatch.predict` span and its TorchServe HTTP call (`client_span`: the worker's
+own HTTP client has no instrumentation package). Celery's `before_task_publish`
 never fires for the messages the API builds itself, so `inject` writes the W3C `traceparent`
 into their headers (shared/celery_app.py) and `task_span` continues it in the worker.
 
-Only the dispatcher's own clients are instrumented (its Redis clients, its httpx clients, its
+Only the dispatcher's own clients are instrumented (its Redis clients, its HTTP clients, its
 FastAPI app), never Celery's broker connections: a span per broker poll would drown the traces.
 
 Off (the default), nothing of OpenTelemetry is imported and every hook returns after one check of
@@ -21,11 +22,12 @@ from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
-    from opentelemetry.trace import Tracer
+    from opentelemetry.trace import Span, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,65 @@ def instrument_httpx(client: Any) -> None:
 
     HTTPXClientInstrumentor.instrument_client(client, tracer_provider=_state.provider)
     _state.undo.append(lambda: HTTPXClientInstrumentor.uninstrument_client(client))
+
+
+class ClientSpan:
+    """One outgoing HTTP call's span, as its caller sees it: the trace headers to send, and where
+    to report the answer's status. Off, it is a shared instance with no headers that records
+    nothing."""
+
+    __slots__ = ("_span", "headers")
+
+    def __init__(self, headers: tuple[tuple[str, str], ...] = (), span: Span | None = None) -> None:
+        self.headers = headers
+        self._span = span
+
+    def answered(self, status: int) -> None:
+        """The answer's status; 4xx and 5xx mark the span an error, as HTTP instrumentations do."""
+        if self._span is None:
+            return
+        from opentelemetry.trace import Status, StatusCode
+
+        self._span.set_attribute("http.response.status_code", status)
+        if status >= 400:
+            self._span.set_attribute("error.type", str(status))
+            self._span.set_status(Status(StatusCode.ERROR))
+
+
+_NO_SPAN = nullcontext(ClientSpan())
+
+
+def client_span(method: str, url: str) -> AbstractContextManager[ClientSpan]:
+    """A CLIENT span around one HTTP call, a child of the current span, named like the httpx
+    instrumentation's (the method), whose `traceparent` the caller sends: the model server's
+    spans, and its logs, join the task's trace."""
+    if _state is None:
+        return _NO_SPAN
+    return _client_span(_state.tracer, method, url)
+
+
+@contextmanager
+def _client_span(tracer: Tracer, method: str, url: str) -> Iterator[ClientSpan]:
+    from opentelemetry.propagate import inject as otel_inject
+    from opentelemetry.trace import SpanKind
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    attributes: dict[str, str | int] = {
+        "http.request.method": method,
+        # Neither credentials nor the query string: both may hold secrets.
+        "url.full": f"{parts.scheme}://{netloc}{parts.path}",
+        "server.address": host,
+    }
+    if parts.port is not None:
+        attributes["server.port"] = parts.port
+    with tracer.start_as_current_span(method, kind=SpanKind.CLIENT, attributes=attributes) as span:
+        carrier: dict[str, str] = {}
+        otel_inject(carrier)
+        yield ClientSpan(tuple(carrier.items()), span)
 
 
 def inject(headers: MutableMapping[str, Any]) -> None:

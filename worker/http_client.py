@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -47,8 +48,43 @@ class ReadTimeout(HttpError):
     """Connected, but the server sent nothing for a whole read timeout."""
 
 
+class PoolTimeout(ReadTimeout):
+    """Every connection to the origin stayed taken for a whole read timeout: to the caller, the
+    same as a server that did not answer in time (it was too busy to take the request)."""
+
+
 class ProtocolError(HttpError):
     """The server closed the connection mid-answer, or sent something that is not HTTP/1.1."""
+
+
+class Reply(Protocol):
+    """What a caller reads of an answer: `Response`, or a test's canned one."""
+
+    @property
+    def status(self) -> int: ...
+
+    def header(self, name: str) -> str | None: ...
+
+    async def read(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Transport(Protocol):
+    """Where a model call is sent: `Pool`, or a test's fake upstream. Raises the `HttpError`
+    types above (and ValueError for a header with a line break)."""
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        *,
+        read_timeout: float | None = None,
+    ) -> Reply: ...
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,17 +160,19 @@ class Response:
     """Status and headers at once; the body with `read()` or chunk by chunk with `chunks()`.
 
     The connection goes back to the pool once the body is read to its end (or is closed if the
-    body is abandoned): always read or `aclose()` a response.
+    body is abandoned), and only then is its slot of the origin's cap free: the cap bounds open
+    connections, bodies still arriving included. Always read or `aclose()` a response.
     """
 
     def __init__(
         self, pool: Pool, connection: Connection, parser: httptools.HttpResponseParser,
-        message: _Message, origin: Origin, read_timeout: float,
+        message: _Message, origin: Origin, read_timeout: float, slot: asyncio.Semaphore,
     ) -> None:  # fmt: skip
         self.status: int = parser.get_status_code()
         self.headers = message.headers
         self._pool, self._connection, self._parser = pool, connection, parser
         self._message, self._origin, self._read_timeout = message, origin, read_timeout
+        self._slot = slot
         self._done = False
 
     def header(self, name: str) -> str | None:
@@ -157,32 +195,32 @@ class Response:
                     if self.header("content-length") or self.header("transfer-encoding"):
                         raise ProtocolError(f"{self._origin} closed the connection mid-answer")
                     message.complete = True
-                    self._done = True
-                    self._connection.close()
+                    self._finish(keep=False)
                     return
                 _feed(self._parser, data, self._origin)
         except BaseException:
-            await self.aclose()
+            self._finish(keep=False)
             raise
-        self._release()
+        self._finish(keep=message.keep_alive)
 
     async def read(self) -> bytes:
         """The whole body."""
         return b"".join([chunk async for chunk in self.chunks()])
 
     async def aclose(self) -> None:
-        """Give up on the rest of the body: the connection cannot be reused."""
-        if not self._done:
-            self._done = True
-            self._connection.close()
+        """Give up on the rest of the body (the connection cannot be reused); no-op once read."""
+        self._finish(keep=False)
 
-    def _release(self) -> None:
-        if not self._done:
-            self._done = True
-            if self._message.keep_alive:
-                self._pool.put_back(self._origin, self._connection)
-            else:
-                self._connection.close()
+    def _finish(self, keep: bool) -> None:
+        """Put the connection back or close it, and free its slot: once, whatever comes first."""
+        if self._done:
+            return
+        self._done = True
+        if keep:
+            self._pool.put_back(self._origin, self._connection)
+        else:
+            self._connection.close()
+        self._slot.release()
 
 
 def _feed(parser: httptools.HttpResponseParser, data: bytes, origin: Origin) -> None:
@@ -195,9 +233,11 @@ def _feed(parser: httptools.HttpResponseParser, data: bytes, origin: Origin) -> 
 class Pool:
     """Kept-alive connections per origin, at most `max_per_origin` open to each at once.
 
-    One per worker process's event loop. A reused connection that the server had closed before
-    answering (the keep-alive race: it closed as the request was written) is retried once on a
-    new connection: the request never reached a handler that could have answered.
+    One per worker process's event loop; it binds to no loop when built (asyncio's semaphores
+    find their loop on first wait), so it may be built before the loop runs. A reused connection
+    that the server had closed before answering (the keep-alive race: it closed as the request
+    was written) is retried once on a new connection: the request never reached a handler that
+    could have answered.
     """
 
     def __init__(
@@ -218,19 +258,29 @@ class Pool:
         *,
         read_timeout: float | None = None,
     ) -> Response:
-        """Send one request and return once the answer's status and headers are in."""
+        """Send one request and return once the answer's status and headers are in.
+
+        Waits at most the read timeout for one of the origin's `max_per_origin` slots; the
+        returned response holds its slot until it is read to its end or closed.
+        """
         origin, target = Origin.of(url)
         head = _head(method, target, origin, headers, len(body))
         timeout = self.read_timeout if read_timeout is None else read_timeout
-        slots = self._slots.setdefault(origin, asyncio.Semaphore(self.max_per_origin))
-        async with slots:
+        slot = self._slots.get(origin)
+        if slot is None:
+            slot = self._slots[origin] = asyncio.Semaphore(self.max_per_origin)
+        await _acquire(slot, origin, timeout)
+        try:
             for _ in range(2):
                 connection = self._take(origin) or await self._connect(origin)
                 try:
-                    return await self._exchange(connection, origin, head + body, timeout)
+                    return await self._exchange(connection, origin, head + body, timeout, slot)
                 except _StaleConnection:
                     continue
             raise ProtocolError(f"{origin} closed two connections before answering")
+        except BaseException:
+            slot.release()  # no response owns it
+            raise
 
     def put_back(self, origin: Origin, connection: Connection) -> None:
         connection.idle_since = time.monotonic()
@@ -276,8 +326,9 @@ class Pool:
         return Connection(reader, writer)
 
     async def _exchange(
-        self, connection: Connection, origin: Origin, request: bytes, read_timeout: float
-    ) -> Response:
+        self, connection: Connection, origin: Origin, request: bytes, read_timeout: float,
+        slot: asyncio.Semaphore,
+    ) -> Response:  # fmt: skip
         message = _Message()
         parser = message.parser = httptools.HttpResponseParser(message)
         try:
@@ -292,7 +343,18 @@ class Pool:
         except BaseException:
             connection.close()
             raise
-        return Response(self, connection, parser, message, origin, read_timeout)
+        return Response(self, connection, parser, message, origin, read_timeout, slot)
+
+
+async def _acquire(slot: asyncio.Semaphore, origin: Origin, seconds: float) -> None:
+    if not slot.locked():
+        await slot.acquire()  # free: taken at once, no timer to arm
+        return
+    try:
+        async with asyncio.timeout(seconds):
+            await slot.acquire()
+    except TimeoutError:
+        raise PoolTimeout(f"no free connection to {origin} in {seconds:g} s") from None
 
 
 class _StaleConnection(Exception):

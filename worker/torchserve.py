@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import codecs
+import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-
-import httpx
 
 from shared import fastjson, tracing
 from shared.errors import (
@@ -31,6 +31,7 @@ from shared.payloads import DEFAULT_MEDIA_TYPE, encode_multipart
 from shared.redis_state.record import charset_of
 from shared.settings import Settings
 from worker import task_metrics as metrics
+from worker.http_client import ConnectError, HttpError, Pool, ReadTimeout, Transport
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,13 @@ log = logging.getLogger(__name__)
 MIN_ATTEMPT_SECONDS = 0.05
 # Full jitter keeps many workers that failed together from retrying together.
 JITTER = 0.5
+# What every attempt sends besides its body and credentials. Identity: this client does not
+# decompress, and TorchServe compresses nothing it is not asked to.
+DEFAULT_HEADERS = (
+    ("User-Agent", "model-dispatcher"),
+    ("Accept", "*/*"),
+    ("Accept-Encoding", "identity"),
+)
 
 
 def parse_body(content: bytes) -> Any:
@@ -81,18 +89,17 @@ def parse_answer(content: bytes, content_type: str | None) -> Answer:
     return Answer(f"data:{media_type};base64,{encoded}", media_type)
 
 
-def _torchserve_message(response: httpx.Response) -> tuple[str, str]:
+def _torchserve_message(content: bytes) -> tuple[str, str]:
     """(type, message) of a TorchServe error body, or ("", text) when it is not JSON."""
-    body = parse_body(response.content)
+    body = parse_body(content)
     if isinstance(body, dict):
         return str(body.get("type", "")), str(body.get("message", "")).strip()
     return "", str(body).strip()[:500]
 
 
-def error_for_response(response: httpx.Response, origin: str, model: str) -> DispatchError:
-    """Map a non-200 TorchServe answer to the error the caller sees."""
-    status = response.status_code
-    kind, message = _torchserve_message(response)
+def error_for_response(status: int, content: bytes, origin: str, model: str) -> DispatchError:
+    """Map a non-200 TorchServe answer (its status and body) to the error the caller sees."""
+    kind, message = _torchserve_message(content)
     where = f"TorchServe at {origin}"
     if kind == "InvalidKeyException":
         return TorchServeAuthRejected(
@@ -124,45 +131,49 @@ def basic_auth_header(username: str, password: str) -> str:
     return f"Basic {token}"
 
 
+def encode_json(body: Any) -> bytes:
+    """A JSON body, compact and in UTF-8 rather than escapes (as common clients send it), and
+    NaN or Infinity refused (ValueError) rather than sent as something that is not JSON."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
 class TorchServeClient:
     """Calls `/predictions/...`; retries what may pass (503, refused, timeout) by the deadline.
 
-    One per process, shared by its threads: one pool of keep-alive connections to each TorchServe.
-    Each attempt goes straight to the transport (httpx's connection pool) with a request built
-    here: httpx.Client's layers around it (auth and redirect flows, cookie jar, event hooks, URL
-    and header merging) did nothing this call needs and cost measurable worker CPU per task.
-    Redirects are never followed (a redirect could point anywhere: no SSRF through TorchServe),
-    and no cookie carries over from one task's call to another's.
+    One per worker process, used from its one event loop: every call the process has in flight
+    shares one pool of keep-alive connections to each TorchServe (worker/http_client.py), so
+    a call costs a coroutine, not a thread. Redirects are never followed (a redirect could point
+    anywhere: no SSRF through TorchServe), and no cookie carries over from one task's call to
+    another's. It may be built before the loop runs: nothing binds to a loop until a call.
     """
 
     def __init__(
         self,
         settings: Settings,
-        transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        pool: Transport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        *,
+        max_per_origin: int = 256,
     ) -> None:
         self._settings = settings
         self._sleep = sleep
-        self._transport = transport or httpx.HTTPTransport(
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-            trust_env=False,
-        )
-        # Kept for its default headers and for tracing: the instrumentation wraps the client's
-        # transport, which is `self._transport` itself, so every attempt is still a child span.
-        self._http = httpx.Client(
-            transport=self._transport, follow_redirects=False, trust_env=False
-        )
-        self._default_headers = dict(self._http.headers)  # User-Agent, Accept... as before
-        tracing.instrument_httpx(self._http)  # the TorchServe call: a child of the task's span
+        if pool is None:
+            pool = Pool(
+                connect_timeout=settings.torchserve_connect_timeout,
+                read_timeout=settings.torchserve_read_timeout,
+                max_per_origin=max_per_origin,
+            )
+        self._pool = pool
 
-    def close(self) -> None:
-        self._http.close()
+    async def aclose(self) -> None:
+        """Close the pool's connections, a given pool's too (the client is its only user)."""
+        await self._pool.aclose()
 
-    def predict(self, call: PredictionCall) -> Any:
+    async def predict(self, call: PredictionCall) -> Any:
         """The parsed prediction of a JSON call, or a DispatchError after bounded retries."""
-        return self.predict_answer(call).value
+        return (await self.predict_answer(call)).value
 
-    def predict_answer(self, call: PredictionCall, payload: bytes | None = None) -> Answer:
+    async def predict_answer(self, call: PredictionCall, payload: bytes | None = None) -> Answer:
         """The answer, or a DispatchError after bounded retries.
 
         `payload`: the bytes of `call.payload` (read from the message or the claim check), sent
@@ -170,12 +181,13 @@ class TorchServeClient:
         """
         if call.origin not in self._settings.allowed_origins:
             raise TargetNotAllowed(f"{call.origin} is not an allowed TorchServe target")
-        request = self._request_body(call, payload)
+        body, body_headers = self._request_body(call, payload)
+        url = call.origin + call.path
         attempt = 1
         while True:
             try:
                 with metrics.torchserve_request(call.model_name):
-                    return self._attempt(call, request)
+                    return await self._attempt(call, url, body, body_headers)
             except DispatchError as error:
                 delay = self._backoff(attempt)
                 if not error.retryable or attempt >= self._settings.retry_max_attempts:
@@ -186,7 +198,7 @@ class TorchServeClient:
                     ) from error
                 log.info("retrying %r in %.2fs after %s", call, delay, error.code)
                 metrics.count_retry(call.model_name, error.code)
-                self._sleep(delay)
+                await self._sleep(delay)
                 attempt += 1
 
     def _backoff(self, attempt: int) -> float:
@@ -198,72 +210,77 @@ class TorchServeClient:
         return ceiling * jitter
 
     @staticmethod
-    def _request_body(call: PredictionCall, payload: bytes | None) -> dict[str, Any]:
-        """httpx arguments for the body, built once for every attempt."""
+    def _request_body(
+        call: PredictionCall, payload: bytes | None
+    ) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+        """The body and its Content-Type, built once for every attempt (none without a body)."""
         ref = call.payload
         if ref is None or payload is None:
-            return {"json": call.body}
+            if call.body is None:
+                return b"", ()
+            return encode_json(call.body), (("Content-Type", "application/json"),)
         if ref.multipart:
             content, content_type = encode_multipart(ref.parts, payload)
         else:
             content, content_type = payload, ref.parts[0].content_type or DEFAULT_MEDIA_TYPE
-        return {"content": content, "headers": {"Content-Type": content_type}}
+        return content, (("Content-Type", content_type),)
 
-    def _attempt(self, call: PredictionCall, body: dict[str, Any]) -> Answer:
+    async def _attempt(
+        self, call: PredictionCall, url: str, body: bytes, body_headers: tuple[tuple[str, str], ...]
+    ) -> Answer:
         remaining = call.deadline - time.time()
         if remaining <= 0:
             raise DeadlineExceeded(f"the task's deadline passed before {call.origin} answered")
         read_timeout = min(self._settings.torchserve_read_timeout, remaining)
-        connect_timeout = self._settings.torchserve_connect_timeout
-        headers = {**self._default_headers, **self._credentials(call)}
+        headers = [*DEFAULT_HEADERS, *self._credentials(call), *body_headers]
         request_id = current_request_id()
         if request_id is not None:  # a handler reads it: context.get_request_header(i, ...)
-            headers["X-Request-ID"] = request_id
-        request = httpx.Request(
-            "POST",
-            call.origin + call.path,
-            json=body.get("json"),
-            content=body.get("content"),
-            headers={**headers, **body.get("headers", {})},
-            # What httpx.Timeout(read_timeout, connect=...).as_dict() gives the transport.
-            extensions={
-                "timeout": {
-                    "connect": connect_timeout,
-                    "read": read_timeout,
-                    "write": read_timeout,
-                    "pool": read_timeout,
-                }
-            },
-        )
+            headers.append(("X-Request-ID", request_id))
+        with tracing.client_span("POST", url) as span:
+            headers += span.headers
+            status, content_type, content = await self._exchange(
+                call.origin, url, headers, body, read_timeout
+            )
+            span.answered(status)
+        if status == 200:
+            return parse_answer(content, content_type)
+        raise error_for_response(status, content, call.origin, call.model_name)
+
+    async def _exchange(
+        self, origin: str, url: str, headers: list[tuple[str, str]], body: bytes,
+        read_timeout: float,
+    ) -> tuple[int, str | None, bytes]:  # fmt: skip
+        """(status, Content-Type, body) of one answer read whole, or the DispatchError of why
+        there was none (named by the origin and the error's type, never by the body)."""
         try:
-            response = self._transport.handle_request(request)
+            response = await self._pool.request(
+                "POST", url, headers, body, read_timeout=read_timeout
+            )
             try:
-                response.read()
+                content = await response.read()
             finally:
-                response.close()
-        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
-            raise TorchServeUnavailable(f"cannot connect to TorchServe at {call.origin}") from error
-        except httpx.TimeoutException as error:
+                await response.aclose()
+        except ConnectError as error:
+            raise TorchServeUnavailable(f"cannot connect to TorchServe at {origin}") from error
+        except ReadTimeout as error:
             if read_timeout < self._settings.torchserve_read_timeout:
                 raise DeadlineExceeded(
-                    f"TorchServe at {call.origin} was still working when the deadline passed"
+                    f"TorchServe at {origin} was still working when the deadline passed"
                 ) from error
             raise TorchServeTimeout(
-                f"TorchServe at {call.origin} did not answer within {read_timeout:g}s"
+                f"TorchServe at {origin} did not answer within {read_timeout:g}s"
             ) from error
-        except httpx.TransportError as error:
+        except (HttpError, ValueError) as error:  # ValueError: a header with a line break
             raise TorchServeUnavailable(
-                f"connection to TorchServe at {call.origin} failed ({type(error).__name__})"
+                f"connection to TorchServe at {origin} failed ({type(error).__name__})"
             ) from error
-        if response.status_code == 200:
-            return parse_answer(response.content, response.headers.get("content-type"))
-        raise error_for_response(response, call.origin, call.model_name)
+        return response.status, response.header("content-type"), content
 
-    def _credentials(self, call: PredictionCall) -> dict[str, str]:
+    def _credentials(self, call: PredictionCall) -> tuple[tuple[str, str], ...]:
         """The request's token; else its basic auth; else the configured default token."""
         if call.token:
-            return {"Authorization": f"Bearer {call.token}"}
+            return (("Authorization", f"Bearer {call.token}"),)
         if call.username:
-            return {"Authorization": basic_auth_header(call.username, call.password or "")}
+            return (("Authorization", basic_auth_header(call.username, call.password or "")),)
         default = self._settings.torchserve_token
-        return {"Authorization": f"Bearer {default.get_secret_value()}"} if default else {}
+        return (("Authorization", f"Bearer {default.get_secret_value()}"),) if default else ()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from typing import Any
 
-import httpx
 import pytest
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -18,6 +18,7 @@ from shared.models import PredictionCall
 from shared.payloads import Part, Payload, PayloadRef, encode_multipart, multipart_size
 from shared.priorities import Priority
 from shared.settings import Settings
+from tests.support.upstream_fakes import Canned, FakeUpstream
 from worker.torchserve import TorchServeClient, parse_answer
 
 ORIGIN = "http://127.0.0.1:8080"
@@ -166,23 +167,19 @@ def _call(ref: PayloadRef) -> PredictionCall:
 
 
 def test_client_sends_raw_and_multipart_payloads_and_keeps_binary_answers() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, content=b"\x00\xff", headers={"content-type": "audio/wav"})
-
+    upstream = FakeUpstream(lambda _: Canned(200, b"\x00\xff", {"content-type": "audio/wav"}))
+    seen = upstream.sent
     settings = Settings(_env_file=None, torchserve_url=ORIGIN)  # type: ignore[call-arg]
-    client = TorchServeClient(settings, transport=httpx.MockTransport(handler))
+    client = TorchServeClient(settings, upstream)
     raw = PayloadRef(parts=(Part(content_type="image/png", size=3),), multipart=False)
-    answer = client.predict_answer(_call(raw), b"abc")
-    assert (seen[0].content, seen[0].headers["content-type"]) == (b"abc", "image/png")
+    answer = asyncio.run(client.predict_answer(_call(raw), b"abc"))
+    assert (seen[0].body, seen[0].headers["content-type"]) == (b"abc", "image/png")
     assert answer.value == "data:audio/wav;base64,AP8="
     assert answer.content_type == "audio/wav"
 
     parts = (Part(name="data", filename="f", content_type="x/y", size=2), Part(name="b", size=1))
-    client.predict_answer(_call(PayloadRef(parts=parts, multipart=True)), b"abc")
-    received = parse_multipart(seen[1].content, seen[1].headers["content-type"])
+    asyncio.run(client.predict_answer(_call(PayloadRef(parts=parts, multipart=True)), b"abc"))
+    received = parse_multipart(seen[1].body, seen[1].headers["content-type"])
     assert [(p["data"], p["headers"].get("content-type")) for p in received] == [
         (b"ab", "x/y"),
         (b"c", None),

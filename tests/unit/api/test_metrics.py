@@ -1,5 +1,6 @@
 """Metrics without servers: the API in-process (Redis unreachable), the worker's hooks with a
-TorchServe faked by httpx.MockTransport. The real scrape by Prometheus: test_metrics_prometheus.py.
+TorchServe faked by tests/support/upstream_fakes.py. The real scrape by Prometheus:
+test_metrics_prometheus.py.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from shared.models import PredictionCall
 from shared.priorities import Priority
 from shared.prometheus import OTHER_MODEL, UNKNOWN_MODEL, ModelLabels
 from shared.settings import Settings
+from tests.support.upstream_fakes import FakeUpstream, answer
 from worker import task_metrics as worker_metrics
 from worker.torchserve import TorchServeClient
 
@@ -192,11 +194,15 @@ def test_task_outcomes_and_durations() -> None:
 
 def test_torchserve_attempts_and_retries() -> None:
     model = f"ts-{uuid.uuid4().hex[:8]}"
-    answers = iter([httpx.Response(503, json={"type": "ServiceUnavailableException"}),
-                    httpx.Response(200, json={"ok": True})])  # fmt: skip
-    transport = httpx.MockTransport(lambda request: next(answers))
-    client = TorchServeClient(Settings(_env_file=None), transport=transport, sleep=lambda _: None)
-    assert client.predict(call(model)) == {"ok": True}
+    answers = iter([answer(503, {"type": "ServiceUnavailableException"}),
+                    answer(200, {"ok": True})])  # fmt: skip
+
+    async def no_sleep(_: float) -> None:
+        pass
+
+    client = TorchServeClient(Settings(_env_file=None), FakeUpstream(lambda _: next(answers)),
+                              sleep=no_sleep)  # fmt: skip
+    assert asyncio.run(client.predict(call(model))) == {"ok": True}
     unavailable = TorchServeUnavailable.code
     assert value("dispatcher_torchserve_retries_total", model=model, code=unavailable) == 1
     durations = "dispatcher_torchserve_request_duration_seconds_count"
