@@ -78,15 +78,15 @@ class Payload:
         return ref, self.data
 
 
-def read_payload(client: Any, ref: PayloadRef) -> bytes:
-    """The payload's bytes (sync redis-py client); PayloadLost when its key is gone."""
+async def read_payload(client: Any, ref: PayloadRef) -> bytes:
+    """The payload's bytes (asyncio redis-py client); PayloadLost when its key is gone."""
     from shared.errors import PayloadLost  # here: shared.errors imports shared.models imports us
 
     if ref.inline is not None:
         return base64.b64decode(ref.inline)
     assert ref.key is not None
     # NEVER_DECODE: the workers' client decodes replies to str, and these are raw bytes.
-    data = client.execute_command("GET", ref.key, **{NEVER_DECODE: True})
+    data = await client.execute_command("GET", ref.key, **{NEVER_DECODE: True})
     if data is None:
         raise PayloadLost(
             "the task's payload is no longer in Redis (expired or evicted): submit it again"

@@ -192,6 +192,21 @@ class Settings(BaseSettings):
         description="A task delivered more often (its workers keep dying) is failed "
         "(`worker_lost`) instead of run again.",
     )
+    worker_max_in_flight: int = Field(
+        512,
+        ge=1,
+        le=100_000,
+        description="Model calls one worker process runs at once, all on its one event loop "
+        "(interactive tasks take a free slot first); it fetches no message while this many of "
+        "its tasks are held.",
+    )
+    worker_max_calls_per_backend: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Calls one worker process has open to one model server (origin) at once, so "
+        "one slow server cannot take every slot of `WORKER_MAX_IN_FLIGHT`.",
+    )
     worker_heartbeat_interval: float = Field(
         5.0,
         gt=0,

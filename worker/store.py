@@ -1,4 +1,4 @@
-"""The worker's side of the task records: start and finish, several tasks per call (sync)."""
+"""The worker's side of the task records: start and finish, many tasks per call, on its loop."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ from collections.abc import Sequence
 from enum import Enum
 
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from shared.errors import DeadlineExceeded, TaskExpired
+from shared.payloads import PayloadRef, read_payload
 from shared.redis_state.record import Outcome
-from shared.redis_state.task_scripts import FinishTasks, StartTasks
+from shared.redis_state.task_scripts import FinishTasks, StartTasks, StartTerms
 from shared.settings import Settings
-from worker.kombu_patches import retry_while_refused
+from worker.kombu_patches import retry_while_refused_async
 
 # A short Redis restart should not turn into a rerun of the task: keep retrying record writes.
 REDIS_RETRIES = 12
@@ -26,59 +28,71 @@ REDIS_BACKOFF_CAP = 2.0
 class StartVerdict(str, Enum):
     """What START decided for one delivery of a task."""
 
-    run = "run"  # call TorchServe
+    run = "run"  # call the model server
     too_many = "too_many"  # delivered more than MAX_DELIVERIES times: give up
     missing = "missing"  # no record (expired or never written): nothing to do
     done = "done"  # already terminal (a redelivered copy, canceled or expired): skip
 
 
+def worker_name() -> str:
+    """This process's name as Celery spells a worker's: `pid@host`."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def connect(settings: Settings) -> aioredis.Redis:
+    """The engine's Redis client: record writes outlast a short Redis restart (retried with
+    backoff) instead of failing the task's run."""
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=REDIS_BACKOFF_CAP), REDIS_RETRIES),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
 class WorkerStore:
-    """Atomic record transitions for one worker process."""
+    """Atomic record transitions for one worker process, on its event loop."""
 
-    def __init__(
-        self, settings: Settings, client: redis.Redis | None = None, worker_name: str = ""
-    ) -> None:
+    def __init__(self, settings: Settings, client: aioredis.Redis, worker: str = "") -> None:
         self._settings = settings
-        self._worker_name = worker_name or f"{os.getpid()}@{socket.gethostname()}"
-        self.redis = client or redis.Redis.from_url(
-            settings.redis_url,
-            decode_responses=True,
-            socket_timeout=10,
-            socket_connect_timeout=5,
-            health_check_interval=10,
-            retry=Retry(ExponentialBackoff(cap=REDIS_BACKOFF_CAP), REDIS_RETRIES),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        )
-        self._start = StartTasks(self.redis)
-        self._finish = FinishTasks(self.redis)
-
-    def start(self, task_ids: Sequence[str]) -> list[tuple[StartVerdict, int]]:
-        """START every task of one message in one call: (verdict, deliveries) each, in order."""
+        self.redis = client
         expired = TaskExpired("the task's deadline passed before a worker could start it")
         overran = DeadlineExceeded("the task's worker was lost and its deadline passed meanwhile")
+        self._terms = StartTerms(
+            max_deliveries=settings.max_deliveries,
+            ttl=settings.result_ttl,
+            worker=worker or worker_name(),
+            expired_error=expired.body().model_dump_json(),
+            overran_error=overran.body().model_dump_json(),
+        )
+        self._start = StartTasks(client)
+        self._finish = FinishTasks(client)
+
+    async def start(self, task_ids: Sequence[str]) -> list[tuple[StartVerdict, int]]:
+        """START tasks in one call: (verdict, deliveries) each, in order."""
         # While Redis refuses writes nothing is started (a refused script wrote nothing), and
         # the message stays unacknowledged: wait, never run the task unrecorded or ack it away.
-        started = retry_while_refused(
-            lambda: self._start(
-                task_ids,
-                now=time.time(),
-                max_deliveries=self._settings.max_deliveries,
-                ttl=self._settings.result_ttl,
-                worker=self._worker_name,
-                expired_error=expired.body().model_dump_json(),
-                overran_error=overran.body().model_dump_json(),
-            ),
+        started = await retry_while_refused_async(
+            lambda: self._start(task_ids, self._terms, time.time()),
             f"starting {len(task_ids)} task(s)",
         )
         return [_verdict(verdict, deliveries) for verdict, deliveries in started]
 
-    def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+    async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         """Store the outcomes of several tasks in one call; False for a task that had ended."""
         # The outcomes are in hand: keep them until Redis accepts the write rather than run again.
-        return retry_while_refused(
-            lambda: self._finish(outcomes, now=time.time(), ttl=self._settings.result_ttl),
+        ttl = self._settings.result_ttl
+        return await retry_while_refused_async(
+            lambda: self._finish(outcomes, now=time.time(), ttl=ttl),
             f"storing the outcomes of {len(outcomes)} task(s)",
         )
+
+    async def payload(self, ref: PayloadRef) -> bytes:
+        """A task's payload bytes: inline in its message, or claim-checked in Redis."""
+        return await read_payload(self.redis, ref)
 
 
 def _verdict(verdict: str, deliveries: int) -> tuple[StartVerdict, int]:

@@ -80,7 +80,7 @@ def model_label(model: str, code: str = "ok") -> str:
 
 
 class TaskObservation:
-    """One delivery of a task, from START to its outcome; `Runner._run_one` reports it once."""
+    """One delivery of a task, from START to its outcome; `TaskRunner._run_one` reports it once."""
 
     def __init__(self, call: PredictionCall, deliveries: int) -> None:
         self.model = call.model_name

@@ -1,9 +1,9 @@
 """Typed calls of the task scripts (lua/task_*.lua): the only code that knows their arguments.
 
-The API (asyncio) submits, cancels and settles; the workers (sync) start and finish. Each class
-registers its script on the client it is given and turns typed values into KEYS and ARGV, and
-the script's reply into Python values. Redis refusing a write (OOM, a read-only replica) is the
-callers' concern: they know what to tell their own caller.
+The API submits, cancels and settles; the workers' engines start and finish (all asyncio).
+Each class registers its script on the client it is given and turns typed values into KEYS and
+ARGV, and the script's reply into Python values. Redis refusing a write (OOM, a read-only
+replica) is the callers' concern: they know what to tell their own caller.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from shared.models import TaskStatus
 from shared.redis_state.keys import LAST_FINISHED_KEY, task_key
-from shared.redis_state.loader import AsyncWrapper, SyncWrapper, text
+from shared.redis_state.loader import AsyncWrapper, text
 from shared.redis_state.record import Outcome
 
 # task_submit's ARGV before the messages: max depth, two TTLs, the tasks, the messages' indices.
@@ -105,54 +105,63 @@ class SettleTask(AsyncWrapper):
         return bool(await self._script(keys=[task_key(task_id)], args=args))
 
 
-class StartTasks(SyncWrapper):
-    """task_start: one delivery of the tasks of one message."""
+@dataclass(frozen=True, slots=True)
+class StartTerms:
+    """What task_start needs besides the task ids: the same for every delivery of a worker."""
+
+    max_deliveries: int
+    ttl: int
+    worker: str
+    expired_error: str  # JSON without task_id
+    overran_error: str  # JSON without task_id
+
+    def args(self, task_ids: Sequence[str], now: float) -> list[str | float]:
+        return [
+            now,
+            self.max_deliveries,
+            self.ttl,
+            self.worker,
+            self.expired_error,
+            self.overran_error,
+            *task_ids,
+        ]
+
+
+def _verdicts(flat: Sequence[Any]) -> list[tuple[str, int]]:
+    """(verdict, deliveries) per task, in order: 'run', 'missing', 'too_many', 'expired' or the
+    terminal status of a task that had ended."""
+    return [(text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+def _finish_call(outcomes: Sequence[Outcome], now: float, ttl: int) -> dict[str, Any]:
+    entries = []
+    values: list[str] = []
+    for outcome in outcomes:
+        values.append(outcome.value)
+        # ARGV: now, ttl, the entries, then the values (Lua counts from 1).
+        entries.append(
+            [outcome.task_id, outcome.status.value, outcome.field, 3 + len(values),
+             outcome.extra]
+        )  # fmt: skip
+    return {"keys": [LAST_FINISHED_KEY], "args": [now, ttl, json.dumps(entries), *values]}
+
+
+class StartTasks(AsyncWrapper):
+    """task_start: one delivery of the tasks of any number of messages (the worker's engine)."""
 
     name = "task_start"
 
-    def __call__(
-        self,
-        task_ids: Sequence[str],
-        *,
-        now: float,
-        max_deliveries: int,
-        ttl: int,
-        worker: str,
-        expired_error: str,
-        overran_error: str,
+    async def __call__(
+        self, task_ids: Sequence[str], terms: StartTerms, now: float
     ) -> list[tuple[str, int]]:
-        """(verdict, deliveries) per task, in order: 'run', 'missing', 'too_many', 'expired' or
-        the terminal status of a task that had ended. The errors: JSON without task_id."""
-        args: list[str | float] = [
-            now,
-            max_deliveries,
-            ttl,
-            worker,
-            expired_error,
-            overran_error,
-            *task_ids,
-        ]
-        flat = self._script(args=args)
-        return [(text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return _verdicts(await self._script(args=terms.args(task_ids, now)))
 
 
-class FinishTasks(SyncWrapper):
+class FinishTasks(AsyncWrapper):
     """task_finish: stores outcomes; a task that had ended keeps its first one."""
 
     name = "task_finish"
 
-    def __call__(self, outcomes: Sequence[Outcome], *, now: float, ttl: int) -> list[bool]:
+    async def __call__(self, outcomes: Sequence[Outcome], *, now: float, ttl: int) -> list[bool]:
         """False for each task that had ended already (nothing written for it)."""
-        entries = []
-        values: list[str] = []
-        for outcome in outcomes:
-            values.append(outcome.value)
-            # ARGV: now, ttl, the entries, then the values (Lua counts from 1).
-            entries.append(
-                [outcome.task_id, outcome.status.value, outcome.field, 3 + len(values),
-                 outcome.extra]
-            )  # fmt: skip
-        ended = self._script(
-            keys=[LAST_FINISHED_KEY], args=[now, ttl, json.dumps(entries), *values]
-        )
-        return [bool(flag) for flag in ended]
+        return [bool(flag) for flag in await self._script(**_finish_call(outcomes, now, ttl))]

@@ -53,22 +53,17 @@ def worker_env(
     monkeypatch: pytest.MonkeyPatch, dedicated_redis: RedisServer, torchserve: TorchServe
 ) -> Iterator[None]:
     """The worker's settings (read from the environment) point at this test's servers."""
-    from worker import consumer as tasks
+    from worker.consumer import shutdown_engine
 
     monkeypatch.setenv("REDIS_URL", dedicated_redis.url)
     monkeypatch.setenv("TORCHSERVE_URL", torchserve.inference_url)
-    caches = (get_settings, tasks._runner)
-    for cached in caches:
-        cached.cache_clear()
+    get_settings.cache_clear()
     try:
         yield
     finally:
-        # The task's connections (built on first use, as in a worker) end with the test.
-        runner = tasks._runner(WORKER_NAME)
-        runner.store.redis.close()
-        runner.client.close()
-        for cached in caches:
-            cached.cache_clear()
+        # The engine (started on first use, as in a worker) and its connections end with the test.
+        shutdown_engine(10)
+        get_settings.cache_clear()
 
 
 def pop_message(redis_server: RedisServer) -> dict[str, Any]:
@@ -116,7 +111,7 @@ async def submit_and_run(settings: Settings, redis_server: RedisServer) -> tuple
         )
         assert accepted.status_code == 202, accepted.text
         envelope = pop_message(redis_server)
-        await asyncio.to_thread(run_task, envelope)  # the worker's code is synchronous
+        await asyncio.to_thread(run_task, envelope)  # the worker's engine has its own loop
         done = await api.get(f"/tasks/{accepted.json()['task_id']}")
     return envelope, done
 

@@ -49,7 +49,7 @@ from worker.kombu_patches import acks, closed_channel, one_client, refusals
 from worker.kombu_patches.leases import renew_leases
 from worker.kombu_patches.originals import ORIGINALS
 from worker.kombu_patches.queue_cycle import InteractiveFirst
-from worker.kombu_patches.refusals import retry_while_refused
+from worker.kombu_patches.refusals import retry_while_refused, retry_while_refused_async
 
 __all__ = [
     "PATCHES",
@@ -58,6 +58,7 @@ __all__ = [
     "installed",
     "renew_leases",
     "retry_while_refused",
+    "retry_while_refused_async",
 ]
 
 

@@ -30,14 +30,28 @@ import redis
 from celery.worker import state as worker_state
 from kombu.transport.redis import Channel
 
+# Messages the engine holds (worker/consumer.py): they never become Celery requests.
+_held: set[str] = set()
+
+
+def hold(tag: str) -> None:
+    """Renew this message's lease each beat until `release`."""
+    _held.add(tag)
+
+
+def release(tag: str) -> None:
+    _held.discard(tag)
+
 
 def held_delivery_tags() -> list[str]:
-    """The delivery tags of every message this worker holds, running or prefetched."""
+    """The delivery tags of every message this worker holds: the engine's, and Celery's own
+    requests (running or prefetched) for tasks that run in its pool."""
     try:
-        held = tuple(worker_state.requests.values())
+        requests = tuple(worker_state.requests.values())
+        engine = tuple(_held)
     except RuntimeError:  # changed while copied; the next beat renews
         return []
-    return [str(request.message.delivery_tag) for request in held]
+    return [*engine, *(str(request.message.delivery_tag) for request in requests)]
 
 
 def renew_leases(client: redis.Redis) -> None:

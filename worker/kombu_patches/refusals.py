@@ -32,9 +32,10 @@ still end with every task finished and no worker exited.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from queue import Empty
 from typing import Any, TypeVar
 
@@ -68,30 +69,59 @@ def refusal_of(error: BaseException) -> str | None:
     return redis_write_refusal(error) if isinstance(error, ResponseError) else None
 
 
+class _Refused:
+    """The wait of one write while Redis refuses it: the backoff, and one line each way."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.pause = FIRST_PAUSE
+        self.since: float | None = None
+
+    def refused(self, error: ResponseError) -> float:
+        """The pause before the next attempt; raises `error` when it is no refusal or the worker
+        is stopping."""
+        reason = refusal_of(error)
+        if reason is None or _stopping():
+            raise error
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("Redis refuses writes: %s; %s waits for it", reason, self.what)
+        pause, self.pause = self.pause, min(self.pause * 2, MAX_PAUSE)
+        return pause
+
+    def accepted(self) -> None:
+        if self.since is not None:
+            waited = time.monotonic() - self.since
+            log.warning("Redis accepts writes again: %s done after %.1fs", self.what, waited)
+
+
 def retry_while_refused(write: Callable[[], T], what: str) -> T:
     """`write()`, repeated with backoff while Redis refuses writes, until accepted.
 
     Gives up (raises the refusal) only when the worker shuts down: the message of the task is
     still unacknowledged then, so it is delivered again later.
     """
-    pause = FIRST_PAUSE
-    refused_at: float | None = None
+    waiting = _Refused(what)
     while True:
         try:
             result = write()
         except ResponseError as error:
-            reason = refusal_of(error)
-            if reason is None or _stopping():
-                raise
-            if refused_at is None:
-                refused_at = time.monotonic()
-                log.warning("Redis refuses writes: %s; %s waits for it", reason, what)
-            time.sleep(pause)
-            pause = min(pause * 2, MAX_PAUSE)
+            time.sleep(waiting.refused(error))
             continue
-        if refused_at is not None:
-            waited = time.monotonic() - refused_at
-            log.warning("Redis accepts writes again: %s done after %.1fs", what, waited)
+        waiting.accepted()
+        return result
+
+
+async def retry_while_refused_async(write: Callable[[], Awaitable[T]], what: str) -> T:
+    """`retry_while_refused` on an event loop: the other calls go on while this one waits."""
+    waiting = _Refused(what)
+    while True:
+        try:
+            result = await write()
+        except ResponseError as error:
+            await asyncio.sleep(waiting.refused(error))
+            continue
+        waiting.accepted()
         return result
 
 

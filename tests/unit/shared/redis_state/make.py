@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -17,7 +18,13 @@ from shared.redis_state.batch import NewBatch, item_task_id
 from shared.redis_state.batch_scripts import AddBatchItems, BatchItemRecord, CreateBatch
 from shared.redis_state.published import parse_published
 from shared.redis_state.record import NewTask, Outcome
-from shared.redis_state.task_scripts import FinishTasks, StartTasks, SubmitTask, SubmitTasks
+from shared.redis_state.task_scripts import (
+    FinishTasks,
+    StartTasks,
+    StartTerms,
+    SubmitTask,
+    SubmitTasks,
+)
 
 Published = Callable[[], list[str]]
 RunAsync = Callable[[Callable[[aioredis.Redis], Awaitable[Any]]], Any]
@@ -86,19 +93,25 @@ def submit(run_async: RunAsync, *tasks: SubmitTask, max_depth: int = MAX_DEPTH) 
 def start(
     r: redis.Redis, *task_ids: str, max_deliveries: int = 3, now: float | None = None
 ) -> list[tuple[str, int]]:
-    return StartTasks(r)(
-        task_ids,
-        now=time.time() if now is None else now,
-        max_deliveries=max_deliveries,
-        ttl=TTL,
-        worker="w1@host",
-        expired_error=EXPIRED,
-        overran_error=OVERRAN,
-    )
+    terms = StartTerms(max_deliveries, TTL, "w1@host", EXPIRED, OVERRAN)
+    at = time.time() if now is None else now
+    return _on_loop(r, lambda client: StartTasks(client)(task_ids, terms, at))
 
 
 def finish(r: redis.Redis, *outcomes: Outcome) -> list[bool]:
-    return FinishTasks(r)(outcomes, now=time.time(), ttl=TTL)
+    return _on_loop(r, lambda client: FinishTasks(client)(outcomes, now=time.time(), ttl=TTL))
+
+
+def _on_loop(r: redis.Redis, call: Callable[[aioredis.Redis], Awaitable[Any]]) -> Any:
+    """A worker's script call (asyncio) from a sync test, on the same server as `r`."""
+
+    async def run() -> Any:
+        kwargs = r.connection_pool.connection_kwargs
+        server = {key: kwargs[key] for key in ("host", "port", "db") if key in kwargs}
+        async with aioredis.Redis(**server) as client:
+            return await call(client)
+
+    return asyncio.run(run())
 
 
 def create_batch(
