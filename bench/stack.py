@@ -13,7 +13,6 @@ from typing import Self
 import redis
 
 from bench.progress import say
-from bench.upstream import DELAY_ENV as UPSTREAM_DELAY_ENV
 from devstack import (
     PAYLOAD_MODULE,
     ApiServer,
@@ -25,6 +24,7 @@ from devstack import (
     archive_demo_model,
     archive_model,
 )
+from devstack.upstream import DELAY_ENV as UPSTREAM_DELAY_ENV
 
 TINY_MODEL = "echo"
 SLOW_MODEL = "slow20"
@@ -156,10 +156,10 @@ class BenchStack(StopsOnExit):
     # --- a stand-in model server ------------------------------------------------------------
 
     def start_upstream(self, delay: float) -> ApiServer:
-        """bench/upstream.py under uvicorn: every prediction waits `delay` s; stopped at exit."""
+        """devstack/upstream.py under uvicorn: every prediction waits `delay` s; stopped at exit."""
         log = self.root / "logs" / "upstream.log"
         env = {UPSTREAM_DELAY_ENV: str(delay)}
-        upstream = ApiServer(env, log, app="bench.upstream:create_app")
+        upstream = ApiServer(env, log, app="devstack.upstream:create_app")
         self._exit.callback(upstream.stop)
         return upstream.start(30)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -84,6 +85,7 @@ def engine_strategy(task: Any, app: Any, consumer: Any, **_: Any) -> Any:
     """The prediction task's `Strategy`: each message to the engine, acked once its tasks ended."""
     runner = engine(consumer.hostname)
     errors = consumer.connection_errors
+    log_tasks = get_settings().worker_log_tasks
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
                    **__: Any) -> None:  # fmt: skip
@@ -95,11 +97,18 @@ def engine_strategy(task: Any, app: Any, consumer: Any, **_: Any) -> Any:
             return
         tag = str(message.delivery_tag)
         leases.hold(tag)
+        message_id = message.headers.get("id", "?")
+        if log_tasks:  # Celery's own lines for a task it runs, for the same tooling
+            log.info("Task %s[%s] received", task.name, message_id)
+        received = time.monotonic()
 
         def done(ended: bool) -> None:
             leases.release(tag)  # not ended: its lease runs out and it is delivered again
             if not ended:
                 return
+            if log_tasks:
+                elapsed = time.monotonic() - received
+                log.info("Task %s[%s] succeeded in %.3fs", task.name, message_id, elapsed)
             if _draining.is_set():
                 message.ack_log_error(log, errors)
             else:

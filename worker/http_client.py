@@ -304,7 +304,11 @@ class Pool:
         now = time.monotonic()
         while idle:
             connection = idle.pop()  # the most recently used: the least likely to be closed
-            if now - connection.idle_since < KEEPALIVE_EXPIRY and not connection.reader.at_eof():
+            if (
+                now - connection.idle_since < KEEPALIVE_EXPIRY
+                and not connection.reader.at_eof()
+                and not connection.writer.is_closing()
+            ):
                 connection.reused = True
                 return connection
             connection.close()
@@ -332,7 +336,12 @@ class Pool:
         message = _Message()
         parser = message.parser = httptools.HttpResponseParser(message)
         try:
-            connection.writer.write(request)
+            try:
+                connection.writer.write(request)
+            except (OSError, RuntimeError):  # closed under us (uvloop raises RuntimeError)
+                if connection.reused:
+                    raise _StaleConnection from None
+                raise ProtocolError(f"{origin} closed the connection before the request") from None
             while not message.headers_done:
                 data = await connection.read_some(read_timeout, origin)
                 if not data:

@@ -2,7 +2,7 @@
 
 LLM servers batch hundreds of concurrent requests lasting seconds each; what keeps one busy is
 how many calls the dispatcher holds open at once, not how fast it turns a short one around.
-`long_calls` tasks are submitted at once to a stand-in model server (bench/upstream.py) that
+`long_calls` tasks are submitted at once to a stand-in model server (devstack/upstream.py) that
 holds every call `long_call_seconds` and can hold any number; one worker process runs them.
 Reported: how many ended within `long_calls_budget` seconds, the most calls the upstream saw
 in flight at once, and the worker process's threads and RSS meanwhile.
@@ -75,7 +75,9 @@ def run(ctx: Context) -> None:
     upstream = stack.start_upstream(seconds)
     env = {"TORCHSERVE_URL": upstream.url}
     api = stack.start_api(1, env=env, name="long-calls")
-    (worker,) = stack.start_workers(1, plan.concurrency, plan.pool, env=env)
+    # Slots for every call at once: the scenario asks whether one process can hold them all.
+    slots = {"WORKER_MAX_IN_FLIGHT": str(count), "WORKER_MAX_CALLS_PER_BACKEND": str(count)}
+    (worker,) = stack.start_workers(1, plan.concurrency, plan.pool, env={**env, **slots})
     say(
         f"long calls: {count} calls of {seconds:g} s at once through one worker "
         f"({plan.pool} x {plan.concurrency}), at most {budget:g} s ..."

@@ -1,7 +1,8 @@
 """(6) Horizontal scale: throughput with 1, 2 and 4 worker processes, TorchServe not the limit.
 
 TorchServe gets `scale_torchserve_workers` workers for the slow model (8: 400 req/s) and each
-Celery worker a small fixed concurrency, so the Celery workers are what limits throughput.
+Celery worker a small fixed number of calls in flight (`WORKER_MAX_IN_FLIGHT`), so the Celery
+workers are what limits throughput.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def run(ctx: Context) -> None:
         f"Celery workers ({plan.pool} x {plan.scale_concurrency}) ..."
     )
     stack.scale_slow(ts_workers)
-    ctx.workers = stack.start_workers(counts[0], plan.scale_concurrency, plan.pool)
+    # Each worker makes at most `scale_concurrency` calls at once (its engine's slots), so the
+    # workers, not TorchServe, are what bounds throughput.
+    slots = {"WORKER_MAX_IN_FLIGHT": str(plan.scale_concurrency)}
+    ctx.workers = stack.start_workers(counts[0], plan.scale_concurrency, plan.pool, env=slots)
     # Enough connections to keep the most workers busy; the same for every count.
     connections = max(8, 4 * counts[0] * plan.scale_concurrency)
     rates: dict[int, float] = {}

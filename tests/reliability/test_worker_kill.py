@@ -7,20 +7,20 @@ model logs every request it receives (that is how "ran twice" is counted).
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from devstack import CeleryWorker, RedisServer, wait_until
-from tests.support.faults import child_pids, model_calls, records, submit, wait_terminal
+from devstack import ApiServer, CeleryWorker, RedisServer, wait_until
+from devstack.upstream import DELAY_ENV
+from tests.support.faults import model_calls, records, submit, wait_terminal
 from tests.support.stack import StackFactory
 
 pytestmark = pytest.mark.e2e
@@ -29,6 +29,10 @@ pytestmark = pytest.mark.e2e
 RECEIVED = re.compile(r"Task dispatch\.predict(?:_many)?\[([0-9a-f-]+)\] received")
 SUCCEEDED = re.compile(r"Task dispatch\.predict(?:_many)?\[([0-9a-f-]+)\] succeeded")
 TASKS = 200
+MANY = 300  # calls held at once by one worker process in the in-flight kill
+UPSTREAM_DELAY = 6.0
+SUBMITTERS = 16
+UPSTREAM_APP = "devstack.upstream:create_app"
 MODEL_SLEEP = 0.05  # the session's `counting` model has one worker: 200 x 50 ms = 10 s of work
 # Short leases so a dead worker's messages come back in seconds; deadlines stay generous.
 FAST_REDELIVERY = {
@@ -105,11 +109,11 @@ def test_sigkill_worker_mid_flight_loses_nothing(
 def test_task_whose_worker_keeps_dying_is_given_up(
     dedicated_redis: RedisServer, stack_factory: StackFactory, counting_log: Path
 ) -> None:
-    """Prefork child killed (as the OOM killer would) on every delivery: requeued once the worker
-    notices, then failed with worker_lost once MAX_DELIVERIES is spent: no endless loop."""
+    """Its worker killed (as the OOM killer would) on every delivery: redelivered to the next
+    worker once the lease runs out, then failed with worker_lost once MAX_DELIVERIES is spent: no
+    endless loop."""
     env = {"REDIS_URL": dedicated_redis.url, "MAX_DELIVERIES": "2", **FAST_REDELIVERY}
-    stack = stack_factory.start(workers=1, env=env, concurrency=1, pool="prefork")
-    worker_pid = stack.workers[0].pid
+    stack = stack_factory.start(workers=1, env=env)
     client = dedicated_redis.client()
     run = uuid.uuid4().hex[:10]
     with httpx.Client(base_url=stack.api_url, timeout=10) as http:
@@ -128,14 +132,16 @@ def test_task_whose_worker_keeps_dying_is_given_up(
                 requeued.append(time.monotonic() - kills[-1])
             if delivery == 3:
                 break
-            wait_until(  # the child is in the model's call now
+            wait_until(  # the worker is in the model's call now
                 lambda n=delivery: model_calls(counting_log, run)[f"{run}-0"] >= n,
                 20,
                 f"the model call of delivery {delivery}",
             )
-            (child,) = child_pids(worker_pid)
-            os.kill(child, signal.SIGKILL)
+            stack.workers[-1].kill()
             kills.append(time.monotonic())
+            name = f"worker{len(stack.workers) + 1}"
+            log = stack_factory.log_root / f"{name}.log"
+            stack.workers.append(CeleryWorker(stack.env, name, log).start())
         final = wait_terminal(client, [task_id], timeout=20)[task_id]
         view = http.get(f"/tasks/{task_id}").json()
     print(
@@ -150,4 +156,51 @@ def test_task_whose_worker_keeps_dying_is_given_up(
     assert "worker was lost 2 times" in view["error"]["msg"]
     wait_until(lambda: model_calls(counting_log, run)[f"{run}-0"] >= 1, 10, "model call logged")
     assert model_calls(counting_log, run)[f"{run}-0"] <= 2
-    assert stack.workers[0].alive  # the worker itself survived and replaced its children
+    assert stack.workers[-1].alive  # the worker that gave up is still serving
+
+
+def test_sigkill_worker_holding_hundreds_of_calls_loses_none(
+    dedicated_redis: RedisServer, stack_factory: StackFactory, tmp_path: Path
+) -> None:
+    """One worker process holds hundreds of calls in flight on its event loop (a stand-in model
+    server that holds every call 6 s); SIGKILLed, every one is delivered again and succeeds on
+    the replacement, each called exactly twice."""
+    delay = {DELAY_ENV: str(UPSTREAM_DELAY)}
+    upstream = ApiServer(delay, tmp_path / "upstream.log", app=UPSTREAM_APP).start(30)
+    try:
+        env = {"REDIS_URL": dedicated_redis.url, "TORCHSERVE_URL": upstream.url,
+               **FAST_REDELIVERY, "WORKER_LOG_TASKS": "false",
+               "WORKER_MAX_CALLS_PER_BACKEND": str(MANY)}  # fmt: skip
+        stack = stack_factory.start(workers=1, env=env)
+        client = dedicated_redis.client()
+        run = uuid.uuid4().hex[:10]
+        with httpx.Client(base_url=stack.api_url, timeout=10) as http:
+            with ThreadPoolExecutor(SUBMITTERS) as submitters:  # all in well under the delay
+                ids = list(submitters.map(
+                    lambda i: submit(http, {"model_name": "long", "input": {"id": f"{run}-{i}"}}),
+                    range(MANY),
+                ))  # fmt: skip
+            wait_until(
+                lambda: http.get(f"{upstream.url}/stats").json()["in_flight"] == MANY,
+                30,
+                f"all {MANY} calls in flight at once",
+            )
+            stack.workers[0].kill()  # SIGKILL with every one of them in flight
+            killed_at = time.monotonic()
+            log = stack_factory.log_root / "worker-2.log"
+            stack.workers.append(CeleryWorker(stack.env, "worker2", log).start())
+            final = wait_terminal(client, ids, timeout=60)
+            recovered = time.monotonic() - killed_at
+            calls = Counter(http.get(f"{upstream.url}/calls").json())
+    finally:
+        upstream.stop()
+    statuses = Counter(fields["status"] for fields in final.values())
+    twice = {key for key, count in calls.items() if count > 1}
+    print(
+        f"\nWORKER SIGKILL WITH {MANY} CALLS IN FLIGHT: statuses={dict(statuses)} "
+        f"ran_twice={len(twice)} all done {recovered:.1f}s after the kill"
+    )
+    assert statuses == {"succeeded": MANY}
+    # Every call was in flight when the worker died: each ran again, once, on the replacement.
+    assert dict(calls) == {f"{run}-{i}": 2 for i in range(MANY)}
+    assert {final[task_id]["worker"].split("@")[0] for task_id in ids} == {"worker2"}

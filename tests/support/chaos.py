@@ -46,7 +46,7 @@ SCENARIOS = (
     ),
     Scenario(
         "worker_kill",
-        "Worker SIGKILLed mid-flight; pool process killed on every delivery",
+        "Worker SIGKILLed mid-flight, with 300 calls in flight, and on every delivery",
         "reliability/test_worker_kill.py",
         10,
     ),

@@ -8,7 +8,8 @@ refused under OOM). Without these patches:
   "Unrecoverable error: OutOfMemoryError" (tests/reliability/test_redis_refuses_writes.py);
 - a message that BRPOP already popped is lost when writing it to the unacked set is refused
   (`QoS.append` raises before the message is held anywhere);
-- BRPOP on a read-only replica raises READONLY out of the hub, as does the unacked sweep.
+- BRPOP on a read-only replica raises READONLY out of the hub, as does the unacked sweep; a
+  BRPOP blocked while its server becomes a replica gets `UNBLOCKED ...` (Redis >= 6.2) instead.
 
 Cause. Unlike a lost connection, kombu 5.7's Redis transport treats these replies as channel
 errors (`ResponseError` is not among its connection errors), and nothing on the worker's event
@@ -44,13 +45,15 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from redis.exceptions import ResponseError
 
-from shared.errors import redis_write_refusal
+from shared.errors import REDIS_WRITE_REFUSALS, redis_write_refusal
 from worker.kombu_patches.originals import original
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# The reply to a BRPOP that was blocked when its server turned into a replica.
+UNBLOCKED = "UNBLOCKED"
 # Backoff between attempts while writes are refused: soon after Redis recovers, without a hot loop.
 FIRST_PAUSE = 0.1
 MAX_PAUSE = 1.0
@@ -210,6 +213,13 @@ def brpop_read(self: kombu_redis.Channel, **options: Any) -> Any:
         return original("Channel._brpop_read")(self, **options)
     except ResponseError as error:
         reason = refusal_of(error)
+        if reason is None and str(error).startswith(UNBLOCKED):
+            # The BRPOP in flight when the server became a replica: its next one is READONLY.
+            # Redis closes such a client after this reply; reconnecting here keeps that from
+            # reaching Celery as a connection loss, whose consumer restart would then fail on
+            # the read-only server and end the worker.
+            reason = REDIS_WRITE_REFUSALS["READONLY"]
+            self.client.connection.disconnect()
         if reason is None:
             raise
         _warn_now_and_then("brpop", "not fetching tasks: Redis refuses writes: %s", reason)

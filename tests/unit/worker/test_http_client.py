@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import uvloop
 
 from worker.http_client import (
     ConnectError,
@@ -76,6 +78,13 @@ async def routes(path: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
         await writer.drain()
         await asyncio.sleep(0.05)
         return False
+    elif path == "/once-reset":  # answers, then resets the connection (RST, not FIN)
+        writer.write(answer(200, b"once"))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return False
     elif path == "/slow":
         await asyncio.sleep(1)
         writer.write(answer(200, b"late"))
@@ -111,7 +120,7 @@ def pool(**overrides: Any) -> Pool:
     return made
 
 
-def run(coroutine: Awaitable[Any]) -> Any:
+def run(coroutine: Awaitable[Any], loop_factory: Callable[[], Any] | None = None) -> Any:
     async def main() -> Any:
         try:
             return await coroutine
@@ -119,7 +128,8 @@ def run(coroutine: Awaitable[Any]) -> Any:
             while _POOLS:
                 await _POOLS.pop().aclose()
 
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
 
 
 def test_a_post_gets_status_headers_and_body_and_the_connection_is_kept() -> None:
@@ -182,6 +192,25 @@ def test_a_kept_alive_connection_the_server_closed_is_replaced_without_an_error(
             assert server.connections == 2
 
     run(scenario())
+
+
+@pytest.mark.parametrize("loop_factory", [None, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+@pytest.mark.parametrize("path", ["/once", "/once-reset"])
+def test_a_kept_alive_connection_closed_or_reset_is_replaced_on_either_loop(
+    path: str, loop_factory: Callable[[], Any] | None
+) -> None:
+    # The engine runs on uvloop, whose transports raise on a write after the peer reset them.
+    async def scenario() -> None:
+        async with running() as server:
+            client = pool()
+            first = await client.request("POST", f"{server.url}{path}")
+            assert await first.read() == b"once"
+            await asyncio.sleep(0.2)  # the server has closed or reset that connection meanwhile
+            second = await client.request("POST", f"{server.url}/echo", body=b"again")
+            assert await second.read() == b"again"
+            assert server.connections == 2
+
+    run(scenario(), loop_factory)
 
 
 def test_timeouts_and_failures_are_typed_and_name_the_origin_only() -> None:

@@ -25,7 +25,7 @@ from kombu import Connection, Exchange, Queue
 from kombu.message import Message
 from kombu.transport import redis as kombu_redis
 from kombu.utils.scheduling import cycle_by_name
-from redis.exceptions import OutOfMemoryError, ReadOnlyError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 from devstack import RedisServer, free_port, wait_until
 from shared.celery_app import create_celery_app
@@ -317,6 +317,35 @@ def test_a_refused_brpop_pauses_and_reads_as_an_empty_poll(
             channel._brpop_read()
         assert time.monotonic() - started >= refusals.MAX_PAUSE  # no hot loop of refused BRPOPs
     assert "not fetching tasks: Redis refuses writes" in caplog.text
+    connection.release()
+
+
+def test_a_brpop_blocked_while_its_server_becomes_a_replica_reads_as_an_empty_poll(
+    dedicated_redis: RedisServer, caplog: pytest.LogCaptureFixture, quiet_warnings: None
+) -> None:
+    connection = Connection(dedicated_redis.url)
+    channel = connection.channel()
+    channel._active_queues.append("unblocked-brpop")
+    channel._update_queue_cycle()
+    channel.client.connection = channel.client.connection_pool.get_connection()
+    unpatched = kombu_redis.Channel._brpop_read.__wrapped__  # type: ignore[attr-defined]
+    client = dedicated_redis.client()
+    channel._brpop_start(timeout=5)  # blocked: the queue is empty
+    time.sleep(0.1)
+    with read_only_replica(client), pytest.raises(ResponseError, match=r"^UNBLOCKED"):
+        unpatched(channel)  # out of the hub, unpatched
+    # Redis closes a client it unblocked so: kombu reconnects on the next BRPOP's ConnectionError.
+    channel.client.connection = channel.client.connection_pool.get_connection()
+    channel._brpop_start(timeout=5)
+    time.sleep(0.1)
+    with read_only_replica(client), caplog.at_level(logging.WARNING, logger=REFUSALS_LOG):
+        with pytest.raises(Empty):
+            channel._brpop_read()
+        # Its connection was replaced: the next BRPOP is refused (READONLY), not a lost connection.
+        channel._brpop_start(timeout=1)
+        with pytest.raises(Empty):
+            channel._brpop_read()
+    assert "not fetching tasks: Redis refuses writes: it is a read-only replica" in caplog.text
     connection.release()
 
 

@@ -1,16 +1,19 @@
-"""A stand-in model server for the long-calls scenario: every prediction takes `UPSTREAM_DELAY`
-seconds of waiting (no CPU), then echoes its JSON body, as a TorchServe would.
+"""A stand-in model server that holds any number of calls: each prediction waits `UPSTREAM_DELAY`
+seconds (no CPU), then echoes its JSON body, as a TorchServe would.
 
-TorchServe cannot hold a thousand calls at once on two cores (a Python worker per call); an LLM
-server can, and that is the load the scenario is about: how many calls one dispatcher worker
-process keeps in flight. `GET /stats` says how many were in flight at most, and how many ended.
-Run as `uvicorn bench.upstream:create_app --factory`.
+TorchServe cannot hold hundreds of calls at once on two cores (a Python worker per call); an LLM
+server can, and that is the load `make bench`'s long-calls scenario and the fault test of a worker
+killed with hundreds of calls in flight are about. `GET /stats` says how many calls are in flight,
+the most at once and how many ended; `GET /calls` how often each input `id` was received (how a
+test counts "ran twice"). Run as `uvicorn devstack.upstream:create_app --factory`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+from collections import Counter
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -27,6 +30,7 @@ class Calls:
         self.in_flight = 0
         self.peak = 0
         self.ended = 0
+        self.ids: Counter[str] = Counter()
 
     def as_dict(self) -> dict[str, int]:
         return {"in_flight": self.in_flight, "peak": self.peak, "ended": self.ended}
@@ -38,6 +42,7 @@ def create_app() -> Starlette:
 
     async def predict(request: Request) -> Response:
         body = await request.body()
+        calls.ids[_id_of(body)] += 1
         calls.in_flight += 1
         calls.peak = max(calls.peak, calls.in_flight)
         try:
@@ -49,6 +54,9 @@ def create_app() -> Starlette:
 
     async def stats(_: Request) -> JSONResponse:
         return JSONResponse(calls.as_dict())
+
+    async def received(_: Request) -> JSONResponse:
+        return JSONResponse(dict(calls.ids))
 
     async def reset(_: Request) -> JSONResponse:
         calls.peak, calls.ended = calls.in_flight, 0
@@ -62,8 +70,18 @@ def create_app() -> Starlette:
             Route("/predictions/{model}", predict, methods=["POST"]),
             Route("/predictions/{model}/{version}", predict, methods=["POST"]),
             Route("/stats", stats),
+            Route("/calls", received),
             Route("/stats/reset", reset, methods=["POST"]),
             Route("/health", health),
             Route("/ping", health),
         ]
     )
+
+
+def _id_of(body: bytes) -> str:
+    """The body's `id` field when it is a JSON object with one, else ''."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return ""
+    return str(parsed.get("id", "")) if isinstance(parsed, dict) else ""
