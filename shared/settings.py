@@ -197,15 +197,17 @@ class Settings(BaseSettings):
         ge=1,
         le=100_000,
         description="Model calls one worker process runs at once, all on its one event loop "
-        "(interactive tasks take a free slot first); it fetches no message while this many of "
-        "its tasks are held.",
+        "(interactive tasks take a free slot first); it fetches no message while it holds this "
+        "many tasks.",
     )
     worker_max_calls_per_backend: int = Field(
-        256,
+        16,
         ge=1,
         le=100_000,
-        description="Calls one worker process has open to one model server (origin) at once, so "
-        "one slow server cannot take every slot of `WORKER_MAX_IN_FLIGHT`.",
+        description="Calls one worker process has open to one model server (origin) at once: "
+        "enough to keep a TorchServe busy without overflowing its job queue; raise it for a "
+        "server that batches hundreds of requests (docs/workers.md). While it is reached the "
+        "worker fetches nothing, leaving the work in Redis for other workers.",
     )
     worker_heartbeat_interval: float = Field(
         5.0,

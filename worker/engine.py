@@ -8,9 +8,10 @@ process holds `WORKER_MAX_IN_FLIGHT` of them on a fixed handful of threads.
 How a message gets here: Celery's consumer receives it on its own event loop (the hub thread)
 and hands it to `submit` (worker/consumer.py, the task's strategy); the engine's thread runs its
 tasks (worker/messages.py) and, once every one has ended, calls the message's `done` so the
-consumer acks it. The consumer fetches no message while `has_room()` is False: the process holds
-at most `WORKER_MAX_IN_FLIGHT` tasks, running or waiting for a slot, and the rest stay in Redis
-for other workers. At shutdown `drain` lets the running calls finish and starts no new one.
+consumer acks it. The consumer fetches no message while `has_room()` is False: while the process
+holds `WORKER_MAX_IN_FLIGHT` tasks, or any of its tasks waits for a slot (its model server's is
+full), the rest stay in Redis for other workers. At shutdown `drain` lets the running calls
+finish and starts no new one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import uvloop
 from shared import tracing
 from shared.settings import Settings
 from worker import store as stores
+from worker.http_client import Transport
 from worker.messages import TaskEntry, TaskRunner
 from worker.torchserve import TorchServeClient
 
@@ -45,14 +47,19 @@ def _nothing() -> None:
 class Engine:
     """One per worker process: the loop's thread, the held tasks' count, the runner on the loop."""
 
-    def __init__(self, settings: Settings, worker: str = "") -> None:
+    def __init__(
+        self, settings: Settings, worker: str = "", transport: Transport | None = None
+    ) -> None:
         self.settings = settings
+        self._transport = transport  # the model servers' HTTP: the engine's own pool if None
         self.capacity = settings.worker_max_in_flight
-        # Called (from the engine's thread) when a full engine has room again, so the consumer
-        # can fetch at once instead of on its next tick.
+        # Called (from the engine's thread) when the engine has room again after `has_room` said
+        # no, so the consumer fetches at once instead of on its next tick.
         self.on_room: Callable[[], None] = _nothing
         self._worker = worker
-        self._held = 0
+        self._held = 0  # tasks received, not yet ended
+        self._running = 0  # of those, the ones holding their slots
+        self._asked = False  # has_room said no since the last change: wake the consumer
         self._lock = threading.Lock()
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(
@@ -73,12 +80,17 @@ class Engine:
         return self._held
 
     def has_room(self) -> bool:
-        return self._held < self.capacity
+        """Whether the consumer may fetch another message: fewer than `capacity` tasks held, and
+        every one of them running (none waits for a slot). Waiting tasks are better left in
+        Redis, where another worker can take them and an interactive task can pass them."""
+        with self._lock:
+            room = self._held < self.capacity and self._held == self._running
+            self._asked = not room
+        return room
 
     def submit(self, tasks: Sequence[Mapping[str, Any]], done: Done) -> None:
         """Run one message's tasks; `done(ended)` is called from the engine's thread."""
-        with self._lock:
-            self._held += len(tasks)
+        self._count(held=len(tasks))
         self._loop.call_soon_threadsafe(self._begin, tasks, done)
 
     def drain(self, timeout: float) -> bool:
@@ -125,7 +137,9 @@ class Engine:
         tracing.instrument_redis(client)
         store = stores.WorkerStore(self.settings, client, self._worker)
         http = TorchServeClient(
-            self.settings, max_per_origin=self.settings.worker_max_calls_per_backend
+            self.settings,
+            self._transport,
+            max_per_origin=self.settings.worker_max_calls_per_backend,
         )
         self._runner = TaskRunner(self.settings, store, http)
 
@@ -140,15 +154,22 @@ class Engine:
         except Exception:
             # Not one of ours (the API writes every message): nothing could ever run it.
             log.exception("a message whose tasks cannot be read was dropped")
-            self._release(len(tasks))
+            self._count(held=-len(tasks))
             done(True)
             return
         ran = await asyncio.gather(*(self._run_task(entry) for entry in entries))
         done(all(ran))
 
     async def _run_task(self, entry: TaskEntry) -> bool:
+        slotted = False
+
+        def has_slots() -> None:
+            nonlocal slotted
+            slotted = True
+            self._count(running=1)
+
         try:
-            return await self.runner.run(entry)
+            return await self.runner.run(entry, has_slots)
         except Exception:
             # Its record could not be written (Redis gone for good, after the store's retries):
             # the message goes back to the queue when its lease runs out.
@@ -156,14 +177,16 @@ class Engine:
                           entry.task_id)  # fmt: skip
             return False
         finally:
-            self._release(1)
+            self._count(held=-1, running=-1 if slotted else 0)
 
-    def _release(self, count: int) -> None:
+    def _count(self, held: int = 0, running: int = 0) -> None:
         with self._lock:
-            was_full = self._held >= self.capacity
-            self._held -= count
-            room = was_full and self._held < self.capacity
-        if room:
+            self._held += held
+            self._running += running
+            wake = self._asked and self._held < self.capacity and self._held == self._running
+            if wake:
+                self._asked = False
+        if wake:
             self.on_room()
 
     async def _drain(self) -> None:

@@ -16,7 +16,7 @@ stored its outcome or been skipped (worker/engine.py), so at-least-once holds pe
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,10 @@ class TaskEntry:
         return _RANK[self.call.priority]
 
 
+def _nothing() -> None:
+    pass
+
+
 class TaskRunner:
     """Runs the tasks of every message one worker process holds (one per process, one loop)."""
 
@@ -83,14 +87,15 @@ class TaskRunner:
     def in_flight(self) -> int:
         return self.slots.in_use
 
-    async def run(self, entry: TaskEntry) -> bool:
+    async def run(self, entry: TaskEntry, has_slots: Callable[[], None] = _nothing) -> bool:
         """True once the task ended or was skipped; False when the worker stopped before it
-        could start (its message must not be acked)."""
+        could start (its message must not be acked). `has_slots()` once it holds its slots."""
         # The model server's slot first: waiting for a slow server holds none of the process's.
         async with (
             self.backend_slots(entry.call.origin).hold(entry.rank),
             self.slots.hold(entry.rank),
         ):
+            has_slots()
             if not self.admitting:
                 return False
             await self._run_one(entry)
