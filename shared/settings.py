@@ -201,7 +201,7 @@ class Settings(BaseSettings):
         "many tasks.",
     )
     worker_max_calls_per_backend: int = Field(
-        16,
+        8,
         ge=1,
         le=100_000,
         description="Calls one worker process has open to one model server (origin) at once: "

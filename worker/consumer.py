@@ -65,6 +65,16 @@ def shutdown_engine(timeout: float) -> None:
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
+def _warn_about_prefork(sender: Any = None, **_: Any) -> None:
+    pool = getattr(getattr(sender, "controller", None), "pool", None) or getattr(sender, "pool", 0)
+    if "prefork" in type(pool).__module__:
+        log.warning(
+            "--pool prefork: the engine runs every call in the main process, so the pool's "
+            "child processes stay idle; use --pool threads"
+        )
+
+
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]
 def _freeze_heap(**_: Any) -> None:
     # Start-up done (in the main process, and in each prefork child): what lives now lives until

@@ -1,9 +1,8 @@
 """The worker's Prometheus metrics, served by each worker on WORKER_METRICS_PORT (0: off).
 
-worker/consumer.py reports each delivery's outcome (`TaskObservation`), worker/torchserve.py each
-TorchServe attempt (`torchserve_request`) and retry (`count_retry`). With the prefork pool, set
-PROMETHEUS_MULTIPROC_DIR (see shared/prometheus.py): tasks run in child processes, and the main
-process serves what they all wrote.
+worker/messages.py reports each delivery's outcome (`TaskObservation`), worker/torchserve.py each
+TorchServe attempt (`torchserve_request`) and retry (`count_retry`). Every call runs in the
+worker's main process (its engine), which serves them.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from shared.prometheus import (
     LATENCY_BUCKETS,
     UNKNOWN_MODEL,
     ModelLabels,
-    multiprocess_dir,
     scrape_registry,
 )
 from shared.settings import Settings, get_settings
@@ -137,15 +135,6 @@ def count_retry(model: str, code: str) -> None:
 # --- serving (main process) -------------------------------------------------------------------
 
 
-def _check_pool(sender: Any) -> None:
-    pool = getattr(getattr(sender, "controller", None), "pool", None) or getattr(sender, "pool", 0)
-    if "prefork" in type(pool).__module__ and not multiprocess_dir():
-        log.warning(
-            "the prefork pool runs tasks in child processes: set PROMETHEUS_MULTIPROC_DIR to an "
-            "empty directory, or /metrics shows none of their task metrics"
-        )
-
-
 def serve(settings: Settings) -> Any:
     """Start the metrics HTTP server; None when disabled or the port is taken (logged)."""
     if not settings.worker_metrics_port:
@@ -175,9 +164,7 @@ _running: dict[str, Any] = {}
 
 
 def start_metrics(sender: Any = None, **_: Any) -> None:
-    settings = get_settings()
-    _check_pool(sender)
-    _running["server"] = serve(settings)
+    _running["server"] = serve(get_settings())
 
 
 def stop_metrics(**_: Any) -> None:

@@ -136,9 +136,9 @@ def test_workers_scale_on_queued_plus_in_flight() -> None:
     assert "dispatcher_queue_depth" in query
     assert "dispatcher_tasks_in_flight" in query
     assert f'queue="{QUEUE}"' in query
-    args = container("Deployment", "worker")["args"]
-    concurrency = args[args.index("--concurrency") + 1]
-    assert trigger["metadata"]["threshold"] == concurrency, "one worker's worth of tasks each"
+    env = {item["name"]: item["value"] for item in container("Deployment", "worker")["env"]}
+    slots = env["WORKER_MAX_CALLS_PER_BACKEND"]  # the calls one replica runs at once
+    assert trigger["metadata"]["threshold"] == slots, "one worker's worth of tasks each"
     assert scaled["spec"]["minReplicaCount"] >= 1, "the API's /ready needs a live worker"
     assert not unknown_metrics([query])
 

@@ -7,20 +7,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import random
-import signal
 from typing import Any
 
 import httpx
 import pytest
 import redis
 
-from devstack import wait_until
+from devstack import CeleryWorker, wait_until
 from shared.celery_app import QUEUE
 from shared.payloads import CLAIM_CHECK_BYTES, payload_key
 from shared.redis_state.keys import task_key
-from tests.support.faults import child_pids, connected_ports, records, wait_terminal
+from tests.support.faults import connected_ports, records, wait_terminal
 from tests.support.stack import StackFactory
 
 pytestmark = pytest.mark.e2e
@@ -120,7 +118,7 @@ def test_sigkilled_worker_mid_task_with_a_6mb_payload_is_redelivered(
         "WORKER_HEARTBEAT_INTERVAL": "1",
         "DISPATCH_DEFAULT_TIMEOUT": "120",
     }
-    stack = stack_factory.start(workers=1, env=env, concurrency=1, pool="prefork")
+    stack = stack_factory.start(workers=1, env=env)
     client: redis.Redis = stack_factory.redis_server.client()
     data = blob(6_000_000, 3)
     with httpx.Client(base_url=stack.api_url, timeout=60) as http:
@@ -138,12 +136,17 @@ def test_sigkilled_worker_mid_task_with_a_6mb_payload_is_redelivered(
             "the task to start",
         )
         # Killed inside its 2 s TorchServe call, so after it has read the payload.
-        (child,) = child_pids(stack.workers[0].pid)
+        victim = stack.workers[0]
         torchserve_port = int(stack_factory.torchserve.inference_url.rsplit(":", 1)[1])
         wait_until(
-            lambda: torchserve_port in connected_ports(child), 20, "the call to TorchServe", 0.02
+            lambda: torchserve_port in connected_ports(victim.pid),
+            20,
+            "the call to TorchServe",
+            0.02,
         )
-        os.kill(child, signal.SIGKILL)
+        victim.kill()
+        log = stack_factory.log_root / "worker-2.log"
+        stack.workers.append(CeleryWorker(stack.env, "worker2", log).start())
         final = wait_terminal(client, [task_id], timeout=60)[task_id]
         view = http.get(f"/tasks/{task_id}").json()
     assert final["status"] == "succeeded", view

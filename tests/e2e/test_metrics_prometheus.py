@@ -1,8 +1,7 @@
 """A real Prometheus scrapes the API and a worker; PromQL over its HTTP API sees the dispatches.
 
 Also: queue depth counts the tasks workers prefetched (they leave the list), and several API
-processes (`uvicorn --workers 2`) and prefork pool processes report as one through
-PROMETHEUS_MULTIPROC_DIR.
+processes (`uvicorn --workers 2`) report as one through PROMETHEUS_MULTIPROC_DIR.
 """
 
 from __future__ import annotations
@@ -178,8 +177,10 @@ def scrape(url: str) -> dict[str, float]:
 
 def test_queue_depth_counts_tasks_the_workers_prefetched(stack_factory: StackFactory) -> None:
     """LLEN misses what the worker holds: in flight says where those tasks are."""
-    stack = stack_factory.start(workers=1, concurrency=2)
-    tasks = 6  # the worker holds 2 (it fetches only into a free slot), 4 stay in the list
+    stack = stack_factory.start(workers=1, env={"WORKER_MAX_CALLS_PER_BACKEND": "2"})
+    # The worker runs 2 and holds a third that waits for a slot (it fetches only while every
+    # task it holds has one): 3 messages in flight, 4 tasks not started, 3 still in the list.
+    tasks = 6
     for _ in range(tasks):
         accepted = dispatch(
             stack.api_url, {"model_name": "slow", "input": {"sleep": 2}}, params={"wait": 0}
@@ -190,18 +191,17 @@ def test_queue_depth_counts_tasks_the_workers_prefetched(stack_factory: StackFac
         metrics = scrape(stack.api_url + "/metrics")
         depth = metrics["dispatcher_queue_depth{queue=dispatch}"]
         in_flight = metrics["dispatcher_tasks_in_flight"]
-        return metrics if depth == tasks - 2 and in_flight == 2 else None
+        return metrics if depth == tasks - 2 and in_flight == 3 else None
 
-    metrics = wait_until(held, 10, "the worker to hold one task per slot", 0.1)
+    metrics = wait_until(held, 10, "the worker to hold its slots' tasks and one more", 0.1)
     assert metrics["dispatcher_tasks_submitted_total{model=slow,priority=default}"] == tasks
 
 
-def test_api_processes_and_prefork_children_report_as_one(
+def test_api_processes_report_as_one_and_the_worker_serves_every_call(
     stack_factory: StackFactory, tmp_path: Path
 ) -> None:
-    api_dir, worker_dir = tmp_path / "api-metrics", tmp_path / "worker-metrics"
+    api_dir = tmp_path / "api-metrics"
     api_dir.mkdir()
-    worker_dir.mkdir()
     base = stack_factory.base_env()
     stack_factory.redis_server.start()
     port = free_port()
@@ -213,13 +213,7 @@ def test_api_processes_and_prefork_children_report_as_one(
         env={**os.environ, **base, "PROMETHEUS_MULTIPROC_DIR": str(api_dir)},
     )  # fmt: skip
     metrics_env = worker_metrics_env()
-    worker = CeleryWorker(
-        {**base, **metrics_env, "PROMETHEUS_MULTIPROC_DIR": str(worker_dir)},
-        "prefork",
-        tmp_path / "worker.log",
-        concurrency=2,
-        pool="prefork",
-    )
+    worker = CeleryWorker({**base, **metrics_env}, "metrics", tmp_path / "worker.log")
     url = f"http://127.0.0.1:{port}"
     try:
         api.start()
@@ -247,7 +241,7 @@ def test_api_processes_and_prefork_children_report_as_one(
             assert metrics[key] == requests
         worker_url = f"http://127.0.0.1:{metrics_env['WORKER_METRICS_PORT']}/metrics"
         finished = "dispatcher_tasks_finished_total{code=ok,model=echo,status=succeeded}"
-        # Tasks ran in the pool's child processes; the main process serves their samples.
+        # Every call ran on the worker's engine, in the process that serves /metrics.
         wait_until(lambda: scrape(worker_url).get(finished) == requests, 10, finished, 0.1)
     finally:
         worker.stop()
