@@ -204,10 +204,10 @@ class Settings(BaseSettings):
         8,
         ge=1,
         le=100_000,
-        description="Calls one worker process has open to one model server (origin) at once: "
-        "enough to keep a TorchServe busy without overflowing its job queue; raise it for a "
-        "server that batches hundreds of requests (docs/workers.md). While it is reached the "
-        "worker fetches nothing, leaving the work in Redis for other workers.",
+        description="Calls one worker process has open to one model of one model server at "
+        "once: enough to keep a TorchServe model's workers busy without filling its job queue; "
+        "raise it for a server that batches hundreds of requests (docs/workers.md). While it is "
+        "reached the worker fetches nothing, leaving the work in Redis for other workers.",
     )
     worker_heartbeat_interval: float = Field(
         5.0,

@@ -9,7 +9,7 @@ How a message gets here: Celery's consumer receives it on its own event loop (th
 and hands it to `submit` (worker/consumer.py, the task's strategy); the engine's thread runs its
 tasks (worker/messages.py) and, once every one has ended, calls the message's `done` so the
 consumer acks it. The consumer fetches no message while `has_room()` is False: while the process
-holds `WORKER_MAX_IN_FLIGHT` tasks, or any of its tasks waits for a slot (its model server's is
+holds `WORKER_MAX_IN_FLIGHT` tasks, or any of its tasks waits for a slot (its model's is
 full), the rest stay in Redis for other workers. At shutdown `drain` lets the running calls
 finish and starts no new one.
 """
@@ -139,7 +139,8 @@ class Engine:
         http = TorchServeClient(
             self.settings,
             self._transport,
-            max_per_origin=self.settings.worker_max_calls_per_backend,
+            # The slots bound the calls (per model and in all); this only bounds connections.
+            max_per_origin=self.settings.worker_max_in_flight,
         )
         self._runner = TaskRunner(self.settings, store, http)
 

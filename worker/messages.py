@@ -6,7 +6,7 @@ Per task nothing changes: it has its own record, START verdict, deliveries count
 outcome, and a redelivered message re-runs only the tasks whose records have not ended (START
 skips the others).
 
-A task is STARTed only once it holds a slot (its model server's and the process's, see
+A task is STARTed only once it holds a slot (its model's and the process's, see
 worker/slots.py): until then it is still `queued` (cancelable, counted in its queue's depth,
 expiring at its deadline). STARTs and outcomes are group-committed across everything the loop
 runs (worker/group_commit.py). The engine acks a message only after every one of its tasks has
@@ -72,15 +72,18 @@ class TaskRunner:
         self.outcomes: GroupCommit[Outcome, bool] = GroupCommit(store.finish)
         self.slots = Slots(settings.worker_max_in_flight)
         self._per_backend = settings.worker_max_calls_per_backend
-        self._backends: dict[str, Slots] = {}
+        self._backends: dict[tuple[str, str], Slots] = {}
         # False once the worker stops: a task still waiting for a slot is not started, and its
         # message stays unacknowledged (delivered again; START skips what did end).
         self.admitting = True
 
-    def backend_slots(self, origin: str) -> Slots:
-        slots = self._backends.get(origin)
+    def backend_slots(self, call: PredictionCall) -> Slots:
+        """The slots of the call's model on its server: each TorchServe model has its own
+        workers and job queue, so a slow model never holds the calls of a fast one."""
+        key = (call.origin, call.model_name)
+        slots = self._backends.get(key)
         if slots is None:
-            slots = self._backends[origin] = Slots(self._per_backend)
+            slots = self._backends[key] = Slots(self._per_backend)
         return slots
 
     @property
@@ -90,9 +93,9 @@ class TaskRunner:
     async def run(self, entry: TaskEntry, has_slots: Callable[[], None] = _nothing) -> bool:
         """True once the task ended or was skipped; False when the worker stopped before it
         could start (its message must not be acked). `has_slots()` once it holds its slots."""
-        # The model server's slot first: waiting for a slow server holds none of the process's.
+        # The model's slot first: waiting for a slow model holds none of the process's.
         async with (
-            self.backend_slots(entry.call.origin).hold(entry.rank),
+            self.backend_slots(entry.call).hold(entry.rank),
             self.slots.hold(entry.rank),
         ):
             has_slots()

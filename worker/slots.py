@@ -1,10 +1,11 @@
 """Slots on the worker's event loop: at most N holders at once, the lowest rank served first.
 
 The engine (worker/engine.py) bounds the calls of one process twice: in all
-(`WORKER_MAX_IN_FLIGHT`) and per model server (`WORKER_MAX_CALLS_PER_BACKEND`), so one slow server
-cannot hold every slot. Waiters are served by their priority's rank (shared/priorities.py), FIFO
-within a rank: a batch item never takes a free slot ahead of a sync caller's task. A released
-slot goes straight to the next waiter, so a newcomer cannot overtake the queue.
+(`WORKER_MAX_IN_FLIGHT`) and per model of a model server (`WORKER_MAX_CALLS_PER_BACKEND`), so one
+slow model cannot hold every slot. Waiters are served by their priority's rank
+(shared/priorities.py), FIFO within a rank: a batch item never takes a free slot ahead of a sync
+caller's task. A released slot goes straight to the next waiter, so a newcomer cannot overtake
+the queue.
 """
 
 from __future__ import annotations
