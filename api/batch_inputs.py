@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException
 
 from api.errors import describe_validation
 from api.inputs import decode_data_uri, fallback_type, too_large
-from api.targets import resolve_origin
+from api.targets import resolve_target
 from api.webhook_targets import check_webhook
+from shared.backends import Target
 from shared.errors import DispatchError, InvalidRequest
 from shared.models import PredictionRequest, WebhookEventType
 from shared.payloads import DEFAULT_MEDIA_TYPE, Part, Payload
@@ -67,7 +68,7 @@ class InvalidBatch(InvalidRequest):
 class BatchItem:
     custom_id: str
     request: PredictionRequest
-    origin: str
+    target: Target
     payload: Payload | None
     priority: Priority
 
@@ -172,12 +173,11 @@ async def _validate_items(
     refused = True  # every error so far is an allow-list's 403
     seen: set[str] = set()
     webhooks_checked: dict[str, DispatchError | None] = {}
-    default_origin = settings.default_origin
     for index, entry in enumerate(raw):
         custom_id = entry.get("custom_id") if isinstance(entry, dict) else None
         shown = custom_id if isinstance(custom_id, str) else None
         try:
-            item = _item(entry, custom_id, seen, settings, check_sizes, default_origin)
+            item = _item(entry, custom_id, seen, settings, check_sizes)
             if item.request.webhook is not None or item.request.webhook_events is not None:
                 await _check_item_webhook(item.request, settings, webhooks_checked)
         except DispatchError as error:
@@ -196,7 +196,6 @@ def _item(
     seen: set[str],
     settings: Settings,
     check_sizes: bool,
-    default_origin: str,
 ) -> BatchItem:
     if not isinstance(entry, dict):
         raise InvalidRequest("each request must be a JSON object with custom_id and model_name")
@@ -223,14 +222,13 @@ def _item(
         content_type = media_type or fallback_type(request) or DEFAULT_MEDIA_TYPE
         payload = Payload(data, [Part(content_type=content_type, size=len(data))], False)
     elif check_sizes:  # only a body over MAX_BODY_BYTES can hold an item over it
-        size = len(json.dumps(request.torchserve_body()))
+        size = len(
+            json.dumps(request.input if request.input is not None else request.torchserve_body())
+        )
         if size > settings.max_body_bytes:
             raise too_large(size, settings.max_body_bytes, "input")
-    if request.host is None and request.port is None and request.http_protocol is None:
-        origin = default_origin  # what resolve_origin answers, without parsing a URL per item
-    else:
-        origin = resolve_origin(request, settings)
-    return BatchItem(custom_id, request, origin, payload, request.priority or Priority.batch)
+    target = resolve_target(request, settings)
+    return BatchItem(custom_id, request, target, payload, request.priority or Priority.batch)
 
 
 async def _check_item_webhook(

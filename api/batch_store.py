@@ -136,7 +136,7 @@ class BatchStore:
             request, queue = item.request, queue_of(item.priority)
             deadline = now + self._timeout(item)
             ref, stored = item.payload.reference(task_id) if item.payload else (None, None)
-            call = call_fields(request, item.origin, deadline, now, item.priority, ref)
+            call = call_fields(request, item.target, deadline, now, item.priority, ref)
             calls[queue].append((task_id, json.dumps(call)))
             webhook, webhook_events = None, events
             if request.webhook:
@@ -146,7 +146,7 @@ class BatchStore:
             fields = NewTask(
                 model_name=request.model_name,
                 model_version=request.model_version,
-                origin=item.origin,
+                origin=item.target.origin,
                 deadline=deadline,
                 priority=item.priority,
                 webhook=webhook,

@@ -17,6 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from shared.backends import Target
 from shared.errors import IdempotencyKeyReused, InvalidIdempotencyKey
 from shared.models import PredictionRequest
 from shared.payloads import Payload
@@ -91,18 +92,18 @@ def parse_key(values: list[str]) -> str | None:
 
 
 async def claim(
-    key: str, owner: str, request: PredictionRequest, origin: str, payload: Payload | None
+    key: str, owner: str, request: PredictionRequest, target: Target, payload: Payload | None
 ) -> IdempotencyClaim:
     """The key's Redis name (per owner) and the request's fingerprint."""
     scoped = hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
     if payload is not None and len(payload.data) > _HASH_INLINE_BYTES:
-        fingerprint = await asyncio.to_thread(fingerprint_of, request, origin, payload)
+        fingerprint = await asyncio.to_thread(fingerprint_of, request, target, payload)
     else:
-        fingerprint = fingerprint_of(request, origin, payload)
+        fingerprint = fingerprint_of(request, target, payload)
     return IdempotencyClaim(idempotency_key(scoped), fingerprint)
 
 
-def fingerprint_of(request: PredictionRequest, origin: str, payload: Payload | None) -> str:
+def fingerprint_of(request: PredictionRequest, target: Target, payload: Payload | None) -> str:
     """sha256 over what decides the task's outcome and its webhooks (never the credentials).
 
     The payload's bytes and parts, or the JSON body TorchServe would receive (keys sorted: the
@@ -111,11 +112,13 @@ def fingerprint_of(request: PredictionRequest, origin: str, payload: Payload | N
     head = {
         "model_name": request.model_name,
         "model_version": request.model_version,
-        "origin": origin,
+        "origin": target.origin,
+        "backend": target.backend,
+        "operation": target.operation,
         "timeout": request.timeout,
         "webhook": request.webhook,
         "webhook_events": request.webhook_event_types() if request.webhook else None,
-        "body": request.torchserve_body() if payload is None else None,
+        "body": request.backend_body(target) if payload is None else None,
         "parts": [p.model_dump() for p in payload.parts] if payload is not None else None,
         "multipart": payload.multipart if payload is not None else None,
     }

@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError
 from api.errors import queue_refuses_writes
 from api.group_commit import Submit, SubmitGroups
 from api.idempotency import IdempotencyClaim, Replay
+from shared.backends import Target
 from shared.celery_app import task_headers
 from shared.errors import (
     DispatchError,
@@ -89,7 +90,7 @@ class ApiStore:
     async def submit(
         self,
         request: PredictionRequest,
-        origin: str,
+        target: Target,
         owner: str,
         task_id: str,
         payload: Payload | None = None,
@@ -108,11 +109,11 @@ class ApiStore:
         deadline = now + self.timeout_of(request)
         priority = request.priority or Priority.default
         ref, stored = payload.reference(task_id) if payload is not None else (None, None)
-        call = call_fields(request, origin, deadline, now, priority, ref)
+        call = call_fields(request, target, deadline, now, priority, ref)
         fields = NewTask(
             model_name=request.model_name,
             model_version=request.model_version,
-            origin=origin,
+            origin=target.origin,
             deadline=deadline,
             priority=priority,
             webhook=request.webhook,

@@ -1,21 +1,50 @@
-"""Which TorchServe a request goes to: the default, or an allow-listed one it names."""
+"""Which model server a request goes to: its backend, the operation, and for TorchServe the
+default origin or an allow-listed one the original proxy's `host`/`port`/`http_protocol` name."""
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from shared.errors import InvalidRequest, TargetNotAllowed
+from shared.backends import TORCHSERVE, Protocol, Target, default_target
+from shared.errors import InvalidRequest, TargetNotAllowed, UnknownBackend, UnsupportedOperation
 from shared.models import PredictionRequest
 from shared.settings import Settings, normalize_origin
 
 
+def resolve_target(request: PredictionRequest, settings: Settings) -> Target:
+    """The backend, origin and operation to call; 422 for an unknown backend or operation,
+    403 for a TorchServe target off the allow-list."""
+    name = request.backend or settings.default_backend
+    backend = settings.backend_map.get(name)
+    if backend is None:
+        raise UnknownBackend(
+            f"backend: {name[:64]!r} is not configured; configured: "
+            f"{', '.join(sorted(settings.backend_map))}"
+        )
+    operation = request.operation or backend.default_operation
+    if operation not in backend.operations:
+        raise UnsupportedOperation(
+            f"operation: {operation[:64]!r} is not an operation of backend {name!r} "
+            f"({backend.protocol.value}); use one of: {', '.join(backend.operations)}"
+        )
+    targeted = request.host is not None or request.port is not None
+    if not targeted and request.http_protocol is None:
+        if operation == backend.default_operation:
+            return default_target(backend)  # the common case: nothing to build
+        return Target(name, backend.protocol, backend.origin, operation)
+    if name != TORCHSERVE:
+        raise InvalidRequest(
+            f"host/port/http_protocol pick a TorchServe of the {TORCHSERVE!r} backend; leave "
+            f"them out with backend {name!r} (its URL is configured in BACKENDS)"
+        )
+    return Target(TORCHSERVE, Protocol.torchserve, resolve_origin(request, settings), operation)
+
+
 def resolve_origin(request: PredictionRequest, settings: Settings) -> str:
-    """The `scheme://host:port` to call; 403 unless it is on the allow-list.
+    """The TorchServe `scheme://host:port` to call; 403 unless it is on the allow-list.
 
     Fields the request leaves out come from TORCHSERVE_URL, as the original proxy's defaults did.
     """
-    if request.host is None and request.port is None and request.http_protocol is None:
-        return settings.default_origin  # the common case: nothing to parse
     default = urlsplit(settings.torchserve_url)
     scheme = request.http_protocol or default.scheme
     host = request.host or default.hostname or ""

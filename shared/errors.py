@@ -40,6 +40,18 @@ class InvalidRequest(DispatchError):
     code = "invalid_request"
 
 
+class UnknownBackend(InvalidRequest):
+    """`backend` names no configured backend (BACKENDS); the message lists the configured ones."""
+
+    code = "unknown_backend"
+
+
+class UnsupportedOperation(InvalidRequest):
+    """`operation` is not one of the backend's protocol (or the body does not fit it)."""
+
+    code = "unsupported_operation"
+
+
 class Unauthorized(DispatchError):
     """No API key, or not one of DISPATCHER_API_KEYS."""
 
@@ -193,33 +205,66 @@ class ModelRejectedInput(DispatchError):
     code = "model_rejected_input"
 
 
-class TorchServeUnavailable(DispatchError):
-    """TorchServe refused the connection or said 503 (no worker, queue full)."""
+class BackendUnavailable(DispatchError):
+    """The model server refused the connection, or said 503 or 429 after every retry.
+
+    `retry_after`: the seconds its Retry-After asked for, which the next attempt waits at least.
+    """
 
     status = 503
-    code = "torchserve_unavailable"
+    code = "backend_unavailable"
     retryable = True
 
+    def __init__(self, msg: str, *, retry_after: float | None = None) -> None:
+        super().__init__(msg)
+        self.retry_after = retry_after
 
-class TorchServeTimeout(DispatchError):
-    """TorchServe did not answer within the per-attempt read timeout."""
+
+class BackendTimeout(DispatchError):
+    """The model server did not answer within the per-attempt read timeout."""
 
     status = 504
-    code = "torchserve_timeout"
+    code = "backend_timeout"
     retryable = True
 
 
-class TorchServeAuthRejected(DispatchError):
-    """TorchServe refused the inference token (its InvalidKeyException)."""
+class BackendAuthRejected(DispatchError):
+    """The model server refused the backend's token (401/403, TorchServe's InvalidKeyException)."""
 
     status = 502
+    code = "backend_auth_rejected"
+
+
+class BackendFailed(DispatchError):
+    """The model server answered a 5xx other than 503 (or a redirect, or a body that is not its
+    protocol's): the model or the server broke."""
+
+    status = 502
+    code = "backend_error"
+
+
+# TorchServe's own codes, kept for the clients that match them; each is its backend error.
+class TorchServeUnavailable(BackendUnavailable):
+    """TorchServe refused the connection or said 503 (no worker, queue full)."""
+
+    code = "torchserve_unavailable"
+
+
+class TorchServeTimeout(BackendTimeout):
+    """TorchServe did not answer within the per-attempt read timeout."""
+
+    code = "torchserve_timeout"
+
+
+class TorchServeAuthRejected(BackendAuthRejected):
+    """TorchServe refused the inference token (its InvalidKeyException)."""
+
     code = "torchserve_auth_rejected"
 
 
-class TorchServeFailed(DispatchError):
+class TorchServeFailed(BackendFailed):
     """TorchServe answered 5xx other than 503: the model or the server broke."""
 
-    status = 502
     code = "torchserve_error"
 
 

@@ -18,6 +18,7 @@ from pydantic import (
     field_validator,
 )
 
+from shared.backends import TORCHSERVE, Protocol, Target
 from shared.payloads import PayloadRef
 from shared.priorities import Priority
 
@@ -85,6 +86,18 @@ class PredictionRequest(BaseModel):
         description="Instead of `input`: bytes as a data URI, `data:<media type>;base64,<...>`; "
         "TorchServe receives the decoded bytes as the raw body with that Content-Type.",
         examples=["data:image/png;base64,iVBORw0KGgo="],
+    )
+    backend: str | None = Field(
+        None,
+        description="The configured model server to call (`GET /backends` lists them); "
+        "default DEFAULT_BACKEND.",
+        examples=["torchserve"],
+    )
+    operation: str | None = Field(
+        None,
+        description="The call, per the backend's protocol: torchserve `predictions` (default), "
+        "`explanations`; oip `infer` (default), `generate`; openai `chat.completions` (default), "
+        "`completions`, `embeddings`.",
     )
     timeout: float | None = Field(
         None,
@@ -157,6 +170,15 @@ class PredictionRequest(BaseModel):
     def _lowercase_protocol(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    def backend_body(self, target: Target) -> Any:
+        """What the backend receives: TorchServe's body as the original proxy sent it; an OIP
+        request body unchanged; an OpenAI body with `model` set from `model_name`."""
+        if target.protocol is Protocol.torchserve:
+            return self.torchserve_body()
+        if target.protocol is Protocol.openai and isinstance(self.input, dict):
+            return {**self.input, "model": self.model_name}
+        return self.input
+
     def torchserve_body(self) -> Any:
         """What TorchServe receives: `input`, or exactly the original proxy's body without it."""
         if self.input is not None:
@@ -177,6 +199,10 @@ class PredictionCall(BaseModel):
     model_name: str
     model_version: str | None
     body: Any
+    # The backend's name (shared/backends.py) and the operation of its protocol: a worker looks
+    # the backend up in its own settings. Messages from before backends carry neither.
+    backend: str = TORCHSERVE
+    operation: str = "predictions"
     deadline: float  # epoch seconds
     # When the API accepted it (epoch seconds), for the queue-wait metrics.
     submitted_at: float
@@ -204,7 +230,7 @@ class PredictionCall(BaseModel):
 
 def call_fields(
     request: PredictionRequest,
-    origin: str,
+    target: Target,
     deadline: float,
     submitted_at: float,
     priority: Priority,
@@ -217,10 +243,12 @@ def call_fields(
     per item would be most of a 10,000-item batch's cost in the API.
     """
     return {
-        "origin": origin,
+        "origin": target.origin,
         "model_name": request.model_name,
         "model_version": request.model_version,
-        "body": request.torchserve_body() if payload is None else None,
+        "body": request.backend_body(target) if payload is None else None,
+        "backend": target.backend,
+        "operation": target.operation,
         "payload": payload.model_dump() if payload is not None else None,
         "deadline": deadline,
         "submitted_at": submitted_at,

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Annotated, Literal, Self
-from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from shared.backend_settings import BackendSettings
+from shared.backends import normalize_origin
+
+__all__ = ["Settings", "get_settings", "normalize_origin"]
 
 MIB = 1024 * 1024
 # A task's lease (its message's visibility timeout) is renewed every worker heartbeat
@@ -17,23 +21,6 @@ DEFAULT_VISIBILITY_TIMEOUT = 60
 # Longest a webhook event's retries may last: its record is kept 3 days (MIN_EVENT_TTL in
 # shared/redis_state/keys.py).
 WEBHOOK_MAX_SPAN = 2 * 86_400
-
-
-def normalize_origin(url: str) -> str:
-    """`scheme://host:port` of a URL, with the scheme's default port made explicit.
-
-    Allow-list checks compare these strings, so `http://h` and `http://h:80/` are one target.
-    """
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL with a host")
-    if parts.username or parts.password:
-        raise ValueError("TorchServe URLs must not carry credentials; use TORCHSERVE_TOKEN")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    host = parts.hostname.lower()
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}:{port}"
 
 
 # API_WORKERS: its own type, as devstack (make run) validates it without the other settings.
@@ -46,14 +33,17 @@ def _split_commas(value: object) -> object:
     return value
 
 
-class Settings(BaseSettings):
+class Settings(BackendSettings):
     """Every knob of the service, each described once, here.
 
     `scripts/gen_docs.py` renders these descriptions into docs/configuration.md and the comments
     of .env.example, and CI fails when either is stale, so a description is the documentation.
     """
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    # Inputs stay out of error messages: BACKENDS and REDIS_URL may hold secrets.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
@@ -64,26 +54,6 @@ class Settings(BaseSettings):
         gt=0,
         description="API-side Redis socket timeout (s): a Redis outage is a 503 within ~2 s "
         "instead of a hang.",
-    )
-
-    torchserve_url: str = Field(
-        "http://127.0.0.1:8080",
-        description="Default TorchServe inference endpoint (`http(s)://host:port`, no credentials "
-        "in it); always allowed.",
-    )
-    torchserve_allowed_targets: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Other TorchServe origins (`http://host:port`) a request may pick with "
-        "`host`/`port`/`http_protocol`; any other is a 403.",
-    )
-    torchserve_token: SecretStr | None = Field(
-        None, description="Inference token sent when the request carries no `token` (empty: none)."
-    )
-    torchserve_connect_timeout: float = Field(
-        2.0, gt=0, description="TorchServe connect timeout per attempt (s)."
-    )
-    torchserve_read_timeout: float = Field(
-        60.0, gt=0, description="TorchServe read timeout per attempt (s)."
     )
 
     dispatch_default_wait: float = Field(
@@ -280,7 +250,6 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "torchserve_allowed_targets",
         "dispatcher_api_keys",
         "webhook_allowed_origins",
         "webhook_secret",
@@ -290,17 +259,6 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
-
-    @field_validator("torchserve_url")
-    @classmethod
-    def _valid_torchserve_url(cls, value: str) -> str:
-        normalize_origin(value)
-        return value.rstrip("/")
-
-    @field_validator("torchserve_allowed_targets")
-    @classmethod
-    def _valid_targets(cls, value: list[str]) -> list[str]:
-        return [normalize_origin(item) for item in value]
 
     @field_validator("webhook_allowed_origins")
     @classmethod
@@ -357,14 +315,6 @@ class Settings(BaseSettings):
                 "always signed"
             )
         return self
-
-    @property
-    def default_origin(self) -> str:
-        return normalize_origin(self.torchserve_url)
-
-    @property
-    def allowed_origins(self) -> frozenset[str]:
-        return frozenset([self.default_origin, *self.torchserve_allowed_targets])
 
     @property
     def task_time_limit(self) -> float:

@@ -12,7 +12,7 @@ from api.errors import error_response
 from api.inputs import read_request
 from api.openapi import ERROR_RESPONSES
 from api.store import ApiStore, new_task_id
-from api.targets import resolve_origin
+from api.targets import resolve_target
 from api.waiting import Read, ResultWaiter, Watch
 from api.webhook_targets import check_webhook
 from shared.errors import DispatchError, QueueUnavailable
@@ -72,21 +72,21 @@ async def dispatch_model(http: Request) -> Response:
     request, payload = await read_request(http, settings.max_body_bytes)
     if request.priority is None:  # a caller who waits is interactive; one who polls is not
         request.priority = Priority.interactive if preference.seconds > 0 else Priority.default
-    origin = resolve_origin(request, settings)
+    target = resolve_target(request, settings)
     await check_webhook(request, settings)
-    claim = await idempotency.claim(key, owner, request, origin, payload) if key else None
+    claim = await idempotency.claim(key, owner, request, target, payload) if key else None
     task_id = new_task_id()
     try:
         if preference.seconds > 0:
             # Watching before the task exists: even a result that comes back at once is seen.
             async with waiter.watch(task_id) as watch:
-                view = await store.submit(request, origin, owner, task_id, payload, claim)
+                view = await store.submit(request, target, owner, task_id, payload, claim)
                 result = await _wait(
                     watch, view, preference.seconds, lambda: store.read_and_settle(task_id, owner)
                 )
         else:
             result = task_response(
-                await store.submit(request, origin, owner, task_id, payload, claim)
+                await store.submit(request, target, owner, task_id, payload, claim)
             )
     except idempotency.Replay as replay:
         result = await _replay(replay.task_id, store, waiter, owner, preference.seconds)

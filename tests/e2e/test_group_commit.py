@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from api.idempotency import IdempotencyClaim, Replay
 from api.store import ApiStore, new_task_id
 from devstack import CeleryWorker, RedisServer, wait_until
+from shared.backends import TORCHSERVE, default_target
 from shared.celery_app import TASK_PREDICT_MANY
 from shared.errors import QueueFull
 from shared.models import PredictionRequest, TaskStatus
@@ -67,9 +68,9 @@ def messages(client: redis.Redis, queue: str = QUEUE) -> list[list[dict[str, Any
 
 async def submit_all(store: ApiStore, requests: list[PredictionRequest], **kw: Any) -> list[Any]:
     """Submit concurrently, as concurrent HTTP requests would; each outcome or its exception."""
-    origin = store._settings.default_origin
+    target = default_target(store._settings.backend_map[TORCHSERVE])
     return await asyncio.gather(
-        *(store.submit(r, origin, "", new_task_id(), **kw) for r in requests),
+        *(store.submit(r, target, "", new_task_id(), **kw) for r in requests),
         return_exceptions=True,
     )
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from standardwebhooks import Webhook
 
 from api.idempotency import fingerprint_of, parse_key
+from shared.backends import TORCHSERVE, Protocol, Target
 from shared.errors import InvalidIdempotencyKey
 from shared.models import PredictionRequest
 from shared.payloads import Part, Payload
@@ -133,20 +134,26 @@ def test_malformed_idempotency_keys(header: str) -> None:
     assert parse_key([]) is None
 
 
+T1 = Target(TORCHSERVE, Protocol.torchserve, "http://t:1", "predictions")
+
+
 def test_fingerprint_covers_the_request_but_not_credentials_or_key_order() -> None:
     base = {"model_name": "m", "input": {"a": 1, "b": 2}}
-    fp = fingerprint_of(PredictionRequest.model_validate(base), "http://t:1", None)
+    fp = fingerprint_of(PredictionRequest.model_validate(base), T1, None)
     same = {"model_name": "m", "input": {"b": 2, "a": 1}, "token": "secret"}
-    assert fingerprint_of(PredictionRequest.model_validate(same), "http://t:1", None) == fp
+    assert fingerprint_of(PredictionRequest.model_validate(same), T1, None) == fp
     for changed in (
         {**base, "model_version": "2"},
         {**base, "timeout": 5},
         {**base, "webhook": "https://h/x"},
         {**base, "input": {"a": 1}},
     ):
-        assert fingerprint_of(PredictionRequest.model_validate(changed), "http://t:1", None) != fp
-    assert fingerprint_of(PredictionRequest.model_validate(base), "http://u:1", None) != fp
+        assert fingerprint_of(PredictionRequest.model_validate(changed), T1, None) != fp
+    other_origin = Target(TORCHSERVE, Protocol.torchserve, "http://u:1", "predictions")
+    assert fingerprint_of(PredictionRequest.model_validate(base), other_origin, None) != fp
+    explain = Target(TORCHSERVE, Protocol.torchserve, "http://t:1", "explanations")
+    assert fingerprint_of(PredictionRequest.model_validate(base), explain, None) != fp
     request = PredictionRequest.model_validate({"model_name": "m"})
     one = Payload(b"abc", [Part(content_type="image/png", size=3)], False)
     other = Payload(b"abd", [Part(content_type="image/png", size=3)], False)
-    assert fingerprint_of(request, "o", one) != fingerprint_of(request, "o", other)
+    assert fingerprint_of(request, T1, one) != fingerprint_of(request, T1, other)
