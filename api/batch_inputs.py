@@ -20,11 +20,12 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from api.backend_inputs import BytesCheck, check_body
 from api.errors import describe_validation
 from api.inputs import decode_data_uri, fallback_type, too_large
 from api.targets import resolve_target
 from api.webhook_targets import check_webhook
-from shared.backends import Target
+from shared.backends import Protocol, Target
 from shared.errors import DispatchError, InvalidRequest
 from shared.models import PredictionRequest, WebhookEventType
 from shared.payloads import DEFAULT_MEDIA_TYPE, Part, Payload
@@ -107,7 +108,12 @@ async def read_batch(http: Request, settings: Settings) -> BatchInput:
             f"({settings.batch_max_requests}); split the batch"
         )
     chosen = await _batch_webhook(webhook, events, settings)
-    items = await _validate_items(raw, settings, check_sizes=len(body) > settings.max_body_bytes)
+    items = await _validate_items(
+        raw,
+        settings,
+        check_sizes=len(body) > settings.max_body_bytes,
+        takes_bytes=http.app.state.probe.require_bytes,
+    )
     digest = hashlib.sha256(media.encode() + b"\0" + body)
     digest.update(json.dumps([webhook, chosen]).encode())
     task_events = tuple(e for e in chosen if e in TASK_EVENTS)
@@ -166,7 +172,7 @@ async def _batch_webhook(
 
 
 async def _validate_items(
-    raw: list[Any], settings: Settings, *, check_sizes: bool
+    raw: list[Any], settings: Settings, *, check_sizes: bool, takes_bytes: BytesCheck
 ) -> list[BatchItem]:
     items: list[BatchItem] = []
     errors: list[ItemError] = []
@@ -178,6 +184,8 @@ async def _validate_items(
         shown = custom_id if isinstance(custom_id, str) else None
         try:
             item = _item(entry, custom_id, seen, settings, check_sizes)
+            if item.payload is not None and item.target.protocol is Protocol.oip:
+                await takes_bytes(item.target)  # cached: one question per backend, not per item
             if item.request.webhook is not None or item.request.webhook_events is not None:
                 await _check_item_webhook(item.request, settings, webhooks_checked)
         except DispatchError as error:
@@ -228,6 +236,7 @@ def _item(
         if size > settings.max_body_bytes:
             raise too_large(size, settings.max_body_bytes, "input")
     target = resolve_target(request, settings)
+    check_body(request, target, has_bytes=payload is not None)
     return BatchItem(custom_id, request, target, payload, request.priority or Priority.batch)
 
 

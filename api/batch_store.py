@@ -42,7 +42,7 @@ from shared.redis_state.batch_scripts import (
     MarkBatchCanceling,
 )
 from shared.redis_state.keys import batch_idempotency_key, batch_key, task_key
-from shared.redis_state.record import NewTask, as_mapping
+from shared.redis_state.record import NewTask, as_mapping, recorded_operation
 from shared.settings import Settings
 
 # Items per batch_add_items / batch_cancel_items call: big enough to keep the calls few, small
@@ -147,6 +147,8 @@ class BatchStore:
                 model_name=request.model_name,
                 model_version=request.model_version,
                 origin=item.target.origin,
+                backend=item.target.backend,
+                operation=recorded_operation(item.target),
                 deadline=deadline,
                 priority=item.priority,
                 webhook=webhook,

@@ -12,6 +12,7 @@ from fastapi.telemetry import TelemetryConfig
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from api.backend_probe import BackendProbe
 from api.batch_store import BatchStore
 from api.docs import install_docs
 from api.errors import install_error_handlers
@@ -19,7 +20,7 @@ from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, install_metrics, release_process_metrics
 from api.openapi import install_openapi
 from api.request_id import RequestId
-from api.routes import batches, deliveries, dispatch, health, tasks
+from api.routes import backends, batches, deliveries, dispatch, health, tasks
 from api.store import ApiStore
 from api.waiting import ResultWaiter
 from shared import heap, tracing
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.batches = BatchStore(client, settings)
         app.state.waiter = waiter
         app.state.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        app.state.probe = BackendProbe(app.state.http, settings.backend_map)
         tracing.instrument_redis(client)
         tracing.instrument_httpx(app.state.http)
         await waiter.start()
@@ -92,7 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="model-dispatcher",
-        summary="Dependable TorchServe inference: sync or async, queued on Celery over Redis.",
+        summary="Dependable model inference (TorchServe, Open Inference Protocol, OpenAI-"
+        "compatible servers): sync or async, queued on Celery over Redis.",
         version="0.1.0",
         lifespan=lifespan,
         telemetry=NATIVE_TELEMETRY_OFF,
@@ -113,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(batches.router)
     app.include_router(deliveries.router)
     app.include_router(health.router)
+    app.include_router(backends.router)
     install_openapi(app, settings)
     install_docs(app, settings)
     install_metrics(app, settings)  # last: its middleware wraps the others

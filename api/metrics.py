@@ -51,7 +51,9 @@ HTTP_DURATION = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 TASKS_SUBMITTED = Counter(
-    "dispatcher_tasks_submitted", "Tasks accepted and enqueued.", ["model", "priority"]
+    "dispatcher_tasks_submitted",
+    "Tasks accepted and enqueued, by model, priority class and backend.",
+    ["model", "priority", "backend"],
 )
 SUBMIT_REJECTIONS = Counter(
     "dispatcher_submit_rejections",
@@ -156,20 +158,23 @@ def count_rejection(body: bytes) -> None:
 class ApiMetrics:
     """The observer the store and the waiter report to (api/main.py passes it to both).
 
-    `submitted`: an accepted submit (`dispatcher_tasks_submitted`); `started_waiting` and
+    `submitted`: an accepted submit (`dispatcher_tasks_submitted`: the backend label is a
+    configured backend's name, so its values are as bounded as the settings); `started_waiting` and
     `stopped_waiting`: `dispatcher_waiting_requests`, summed over API processes.
     """
 
     def __init__(self) -> None:
         self._models = ModelLabels()
-        # (model, priority) -> its child: labels() takes a lock and builds a key on every call.
-        self._submitted: dict[tuple[str, Priority], Any] = {}
+        # (model, priority, backend) -> its child: labels() takes a lock and builds a key on
+        # every call.
+        self._submitted: dict[tuple[str, Priority, str], Any] = {}
 
-    def submitted(self, model_name: str, priority: Priority) -> None:
-        child = self._submitted.get((model_name, priority))
+    def submitted(self, model_name: str, priority: Priority, backend: str) -> None:
+        key = (model_name, priority, backend)
+        child = self._submitted.get(key)
         if child is None:
-            child = TASKS_SUBMITTED.labels(self._models(model_name), priority.value)
-            self._submitted[(model_name, priority)] = child
+            child = TASKS_SUBMITTED.labels(self._models(model_name), priority.value, backend)
+            self._submitted[key] = child
         child.inc()
 
     def started_waiting(self) -> None:

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api import idempotency
+from api.backend_schema import backend_field, form_rules, json_rules, operation_field
 from api.batch_inputs import ALL_EVENTS, JSONL_TYPES, MAX_CUSTOM_ID, TASK_EVENTS
 from api.inputs import DATA_URI_PATTERN, END, MEDIA_TYPE_PATTERN, UNTYPED_DATA_URI_PATTERN
 from shared.models import PredictionRequest, TaskError
@@ -43,8 +44,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         422: "invalid request, Idempotency-Key reused for another request, or the model "
         "rejected the input",
         429: "queue full: retry after Retry-After seconds",
-        502: "TorchServe failed",
-        503: "TorchServe or the queue unavailable",
+        502: "the model server (backend) failed or refused its token",
+        503: "the model server or the queue unavailable",
         504: "timed out or expired",
     }.items()
 }
@@ -109,6 +110,8 @@ _RAW_TYPES = (
 _FORM_FIELDS = (
     "model_name",
     "model_version",
+    "backend",
+    "operation",
     "timeout",
     "priority",
     "input_media_type",
@@ -178,6 +181,9 @@ def _prediction_request(settings: Settings) -> dict[str, Any]:
     _branch(properties["timeout"], "number")["maximum"] = settings.dispatch_max_timeout
     _branch(properties["data"], "string")["pattern"] = DATA_URI_PATTERN
     _branch(properties["host"], "string")["pattern"] = HOST_PATTERN
+    # The backends this server has, and their operations (api/backend_schema.py).
+    properties["backend"]["anyOf"] = [backend_field(settings, form=False), _NULL]
+    properties["operation"]["anyOf"] = [operation_field(settings, form=False), _NULL]
     schema["allOf"] = [
         # `input` or `data`, never both (a null is no value).
         {"not": {"required": ["input", "data"], "properties": {"input": _SET, "data": _SET}}},
@@ -203,6 +209,8 @@ def _prediction_request(settings: Settings) -> dict[str, Any]:
                 },
             ]
         },
+        # Per backend: its operations, and the body its protocol takes.
+        json_rules(settings),
     ]
     return schema
 
@@ -230,6 +238,11 @@ def _form_field(name: str, field: dict[str, Any], settings: Settings) -> dict[st
     value = {**{k: v for k, v in field.items() if k not in ("anyOf", "default")}, **kept[0]}
     if name == "timeout":
         value["maximum"] = settings.dispatch_max_timeout
+    if name == "backend":  # bytes: a backend that takes them (an OIP one: if its server does)
+        value.update(backend_field(settings, form=True))
+        value.pop("examples", None)
+    if name == "operation":
+        value.update(operation_field(settings, form=True))
     return value
 
 
@@ -271,6 +284,7 @@ def _dispatch_extra(settings: Settings) -> dict[str, Any]:
             },
         },
         "dependentRequired": {"webhook_events": ["webhook"]},  # a form has no nulls
+        "allOf": [form_rules(settings)],  # a backend that takes bytes, an operation that does
     }
     raw = {**_BINARY, "description": "The payload as it is; the fields go in the query string."}
     query = [
@@ -281,7 +295,9 @@ def _dispatch_extra(settings: Settings) -> dict[str, Any]:
             "schema": form_fields[name],
             "description": "Raw-body form only (any Content-Type other than JSON or multipart)"
             + ("; required there." if name == "model_name" else "")
-            + ("; only with webhook." if name == "webhook_events" else "."),
+            + ("; only with webhook." if name == "webhook_events" else "")
+            + ("; an operation of that backend." if name == "operation" else "")
+            + ("" if name in ("webhook_events", "operation") else "."),
         }
         for name in _FORM_FIELDS
     ]

@@ -1,4 +1,4 @@
-"""What `/ready` checks: Redis answers, a worker lives and completes work, TorchServe answers."""
+"""What `/ready` checks: Redis answers, a worker lives and completes work, the backends answer."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import asyncio
 import time
 from typing import Any
 
-import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from redis.exceptions import RedisError, ResponseError
 
+from api.backend_probe import BackendProbe
+from shared.backends import Protocol
 from shared.errors import redis_write_refusal
 from shared.priorities import ALL_QUEUES
 from shared.redis_state.keys import (
@@ -27,13 +28,29 @@ from shared.settings import Settings
 STALL_SECONDS = 60.0
 CHECK_TIMEOUT = 2.0
 QUEUED_KEYS = [queued_key(queue) for queue in ALL_QUEUES]
+OWN_CHECKS = frozenset({"redis", "workers"})
+
+
+class BackendHealth(BaseModel):
+    """One configured backend's health, as `/ready` found it."""
+
+    protocol: Protocol
+    health: str = Field(description='"ok", or why not (naming the URL that failed).')
+    gates_readiness: bool = Field(
+        description="Whether its health decides `ready` (READY_BACKENDS, else DEFAULT_BACKEND)."
+    )
 
 
 class Readiness(BaseModel):
     """The verdict and, per dependency, "ok" or why not."""
 
     ready: bool
-    checks: dict[str, str]
+    checks: dict[str, str] = Field(
+        description="What decides `ready`: redis, workers and each gating backend by name."
+    )
+    backends: dict[str, BackendHealth] = Field(
+        default_factory=dict, description="Every configured backend, by name."
+    )
 
 
 async def _check_redis_and_workers(state: Any) -> dict[str, str]:
@@ -81,23 +98,26 @@ async def _refuses_writes(client: Any) -> str | None:
     return None
 
 
-async def _check_torchserve(http: httpx.AsyncClient, settings: Settings) -> str:
-    token = settings.torchserve_token
-    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
-    try:
-        response = await http.get(
-            settings.torchserve_url + "/ping", headers=headers, timeout=CHECK_TIMEOUT
-        )
-    except httpx.HTTPError as error:
-        return f"unreachable at {settings.default_origin} ({type(error).__name__})"
-    if response.status_code != 200:
-        return f"{settings.default_origin}/ping answered {response.status_code}"
-    return "ok"
+def _check_name(name: str) -> str:
+    """A gating backend's key in `checks`: its name (`torchserve`, as before backends), unless
+    that is the name of another check."""
+    return f"backend:{name}" if name in OWN_CHECKS else name
 
 
 async def check_readiness(state: Any) -> Readiness:
-    checks, torchserve = await asyncio.gather(
-        _check_redis_and_workers(state), _check_torchserve(state.http, state.settings)
-    )
-    checks["torchserve"] = torchserve
-    return Readiness(ready=all(value == "ok" for value in checks.values()), checks=checks)
+    """Redis and the workers, and every backend asked at once; only the gating backends
+    (READY_BACKENDS, else DEFAULT_BACKEND) can make the API unready."""
+    settings: Settings = state.settings
+    probe: BackendProbe = state.probe
+    gating = set(settings.ready_backends or [settings.default_backend])
+    checks, healths = await asyncio.gather(_check_redis_and_workers(state), probe.healths())
+    backends = {}
+    for name, backend in settings.backend_map.items():
+        gates = name in gating
+        backends[name] = BackendHealth(
+            protocol=backend.protocol, health=healths[name], gates_readiness=gates
+        )
+        if gates:
+            checks[_check_name(name)] = healths[name]
+    ready = all(value == "ok" for value in checks.values())
+    return Readiness(ready=ready, checks=checks, backends=backends)

@@ -38,7 +38,7 @@ from shared.payloads import Payload
 from shared.priorities import ALL_QUEUES, Priority, queue_of
 from shared.redis_state.keys import parse_depth, queued_key, task_key
 from shared.redis_state.outbox_scripts import RetryEvent
-from shared.redis_state.record import NewTask, as_mapping, decode_record
+from shared.redis_state.record import NewTask, as_mapping, decode_record, recorded_operation
 from shared.redis_state.task_scripts import CancelTask, SettleTask, SubmitTask, SubmitTasks
 from shared.settings import Settings
 
@@ -54,9 +54,9 @@ def new_task_id() -> str:
 
 
 class SubmitObserver(Protocol):
-    """Told of every accepted submit (api/metrics.py counts them by model and priority)."""
+    """Told of every accepted submit (api/metrics.py counts them by model, priority, backend)."""
 
-    def submitted(self, model_name: str, priority: Priority) -> None: ...
+    def submitted(self, model_name: str, priority: Priority, backend: str) -> None: ...
 
 
 class ApiStore:
@@ -114,6 +114,8 @@ class ApiStore:
             model_name=request.model_name,
             model_version=request.model_version,
             origin=target.origin,
+            backend=target.backend,
+            operation=recorded_operation(target),
             deadline=deadline,
             priority=priority,
             webhook=request.webhook,
@@ -139,7 +141,7 @@ class ApiStore:
                 "retry later"
             )
         if self._observer is not None:
-            self._observer.submitted(request.model_name, priority)
+            self._observer.submitted(request.model_name, priority, target.backend)
         return decode_record(task_id, as_mapping(fields))
 
     def timeout_of(self, request: PredictionRequest) -> float:

@@ -14,14 +14,15 @@ from shared.settings import Settings, normalize_origin
 def resolve_target(request: PredictionRequest, settings: Settings) -> Target:
     """The backend, origin and operation to call; 422 for an unknown backend or operation,
     403 for a TorchServe target off the allow-list."""
-    name = request.backend or settings.default_backend
+    # `is None`, not falsiness: an empty `backend=` in a form is a name no backend has.
+    name = settings.default_backend if request.backend is None else request.backend
     backend = settings.backend_map.get(name)
     if backend is None:
         raise UnknownBackend(
             f"backend: {name[:64]!r} is not configured; configured: "
             f"{', '.join(sorted(settings.backend_map))}"
         )
-    operation = request.operation or backend.default_operation
+    operation = backend.default_operation if request.operation is None else request.operation
     if operation not in backend.operations:
         raise UnsupportedOperation(
             f"operation: {operation[:64]!r} is not an operation of backend {name!r} "

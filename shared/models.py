@@ -50,10 +50,10 @@ class TaskStatus(str, Enum):
     """Where a task is in its life; the last four are terminal."""
 
     queued = "queued"  # accepted and waiting in the broker queue
-    running = "running"  # a worker is calling TorchServe
-    succeeded = "succeeded"  # TorchServe answered; prediction_value is stored
+    running = "running"  # a worker is calling the model server
+    succeeded = "succeeded"  # the model server answered; prediction_value is stored
     failed = "failed"  # ended with an error; error is stored
-    canceled = "canceled"  # canceled while queued; never reached TorchServe
+    canceled = "canceled"  # canceled while queued; never reached the model server
     expired = "expired"  # its deadline passed before a worker started it
 
     @property
@@ -275,6 +275,10 @@ class TaskView(BaseModel):
     status: TaskStatus
     model_name: str
     model_version: str | None = None
+    backend: str = Field(TORCHSERVE, description="The backend (model server) it was sent to.")
+    operation: str | None = Field(
+        None, description="Its backend's operation, when not the protocol's default."
+    )
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

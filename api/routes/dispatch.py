@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from api import idempotency
+from api.backend_inputs import check_backend_input
 from api.deps import DIRECT_DEPENDENCIES, DirectRoute, resolve
 from api.errors import error_response
 from api.inputs import read_request
@@ -15,6 +16,7 @@ from api.store import ApiStore, new_task_id
 from api.targets import resolve_target
 from api.waiting import Read, ResultWaiter, Watch
 from api.webhook_targets import check_webhook
+from shared.backends import Protocol
 from shared.errors import DispatchError, QueueUnavailable
 from shared.models import Accepted, TaskStatus, TaskView
 from shared.priorities import Priority
@@ -49,7 +51,7 @@ def task_response(view: TaskView) -> Response:
         202: {"model": Accepted, "description": "not finished yet: poll status_url"},
         **ERROR_RESPONSES,
     },
-    summary="Run a prediction on TorchServe, synchronously or not",
+    summary="Run a prediction on a model server, synchronously or not",
 )
 # The original service's path: answered here, not redirected (clients rarely re-POST a 307).
 @router.post("/dispatch_model/", include_in_schema=False)
@@ -73,6 +75,9 @@ async def dispatch_model(http: Request) -> Response:
     if request.priority is None:  # a caller who waits is interactive; one who polls is not
         request.priority = Priority.interactive if preference.seconds > 0 else Priority.default
     target = resolve_target(request, settings)
+    if target.protocol is not Protocol.torchserve:  # TorchServe takes any body: nothing to check
+        probe = http.app.state.probe
+        await check_backend_input(request, target, payload is not None, probe.require_bytes)
     await check_webhook(request, settings)
     claim = await idempotency.claim(key, owner, request, target, payload) if key else None
     task_id = new_task_id()

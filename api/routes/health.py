@@ -14,7 +14,7 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health")
 async def health() -> dict[str, str]:
-    """Liveness only: answers without touching Redis or TorchServe."""
+    """Liveness only: answers without touching Redis or any model server."""
     return {"status": "ok"}
 
 
@@ -27,6 +27,9 @@ async def health() -> dict[str, str]:
     },
 )
 async def ready(request: Request, _: OwnerDep) -> JSONResponse:
-    """200 when Redis, a live worker and TorchServe are reachable; else 503 with the reasons."""
+    """200 when Redis, a live worker and the gating backends (READY_BACKENDS, else
+    DEFAULT_BACKEND) are reachable; else 503 with the reasons. `backends` reports every
+    configured backend's health, gating or not: a queue keeps accepting work for a backend
+    that is briefly down (its tasks wait, or fail as their deadlines say)."""
     report = await check_readiness(request.app.state)
     return JSONResponse(report.model_dump(), status_code=200 if report.ready else 503)

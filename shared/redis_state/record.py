@@ -24,6 +24,7 @@ from enum import Enum
 from typing import Any
 
 from shared import fastjson
+from shared.backends import OPERATIONS, TORCHSERVE, Target
 from shared.errors import DispatchError
 from shared.models import TaskError, TaskStatus, TaskView
 from shared.priorities import Priority
@@ -40,7 +41,9 @@ class TaskField(str, Enum):
     created_at = "created_at"  # submit; epoch seconds
     deadline = "deadline"  # submit; epoch seconds
     owner = "owner"  # submit; the caller's name (api/auth.py), checked on every read
-    origin = "origin"  # submit; the TorchServe target
+    origin = "origin"  # submit; the model server's origin
+    backend = "backend"  # submit; the backend's name (absent in records from before backends)
+    operation = "operation"  # submit, when not the backend protocol's default operation
     priority = "priority"  # submit; Priority, hence its queue and depth counter
     webhook = "webhook"  # submit, with a webhook; read by lib.lua emit_event
     webhook_events = "webhook_events"  # submit, with a webhook: the subscribed types, ","-joined
@@ -69,6 +72,8 @@ class NewTask:
     webhook: str | None = None
     webhook_events: Sequence[str] = ()
     custom_id: str | None = None  # batch items only
+    backend: str = TORCHSERVE
+    operation: str | None = None  # None: its protocol's default (recorded_operation)
 
     def item_fields(self) -> list[str]:
         """Field, value, ... beyond the status, time and owner (batch_add_items writes those
@@ -77,8 +82,11 @@ class NewTask:
             TaskField.model_name.value, self.model_name,
             TaskField.model_version.value, self.model_version or "",
             TaskField.origin.value, self.origin,
+            TaskField.backend.value, self.backend,
             TaskField.deadline.value, repr(self.deadline),
         ]  # fmt: skip
+        if self.operation is not None:
+            fields += [TaskField.operation.value, self.operation]
         if self.custom_id is not None:
             fields += [TaskField.custom_id.value, self.custom_id]
         fields += [TaskField.priority.value, self.priority.value]
@@ -95,6 +103,11 @@ class NewTask:
             TaskField.owner.value, owner,
             *self.item_fields(),
         ]  # fmt: skip
+
+
+def recorded_operation(target: Target) -> str | None:
+    """The operation as a record keeps it: None for its protocol's default (most tasks)."""
+    return None if target.operation == OPERATIONS[target.protocol][0] else target.operation
 
 
 def as_mapping(fields: Sequence[str]) -> dict[str, str]:
@@ -115,6 +128,8 @@ def decode_record(task_id: str, fields: Mapping[str, str]) -> TaskView:
         status=TaskStatus(fields["status"]),
         model_name=fields["model_name"],
         model_version=fields.get("model_version") or None,
+        backend=fields.get("backend") or TORCHSERVE,
+        operation=fields.get("operation") or None,
         created_at=datetime.fromtimestamp(float(fields["created_at"]), UTC),
         started_at=_timestamp(fields.get("started_at")),
         finished_at=_timestamp(fields.get("finished_at")),

@@ -149,7 +149,11 @@ def test_prometheus_scrapes_the_api_and_a_worker(
     settles(requests, SUCCEEDED + UNKNOWN + 1)
     settles("sum(dispatcher_tasks_submitted_total)", SUCCEEDED + UNKNOWN)
     # Sync dispatches are the interactive class (shared/priorities.py).
-    settles('dispatcher_tasks_submitted_total{model="echo", priority="interactive"}', SUCCEEDED)
+    settles(
+        'dispatcher_tasks_submitted_total{model="echo", priority="interactive", '
+        'backend="torchserve"}',
+        SUCCEEDED,
+    )
     settles('dispatcher_submit_rejections_total{code="invalid_request"}', 1)
     settles('sum(dispatcher_task_total_seconds_count{model="echo"})', SUCCEEDED)
     settles('sum(dispatcher_torchserve_request_duration_seconds_count{outcome="ok"})', SUCCEEDED)
@@ -194,7 +198,8 @@ def test_queue_depth_counts_tasks_the_workers_prefetched(stack_factory: StackFac
         return metrics if depth == tasks - 2 and in_flight == 3 else None
 
     metrics = wait_until(held, 10, "the worker to hold its slots' tasks and one more", 0.1)
-    assert metrics["dispatcher_tasks_submitted_total{model=slow,priority=default}"] == tasks
+    key = "dispatcher_tasks_submitted_total{backend=torchserve,model=slow,priority=default}"
+    assert metrics[key] == tasks
 
 
 def test_api_processes_report_as_one_and_the_worker_serves_every_call(
@@ -237,7 +242,10 @@ def test_api_processes_report_as_one_and_the_worker_serves_every_call(
             metrics = scrape(url + "/metrics")
             key = "dispatcher_http_requests_total{method=POST,route=/dispatch_model,status=200}"
             assert metrics[key] == requests
-            key = "dispatcher_tasks_submitted_total{model=echo,priority=interactive}"
+            key = (
+                "dispatcher_tasks_submitted_total{backend=torchserve,model=echo,"
+                "priority=interactive}"
+            )
             assert metrics[key] == requests
         worker_url = f"http://127.0.0.1:{metrics_env['WORKER_METRICS_PORT']}/metrics"
         finished = "dispatcher_tasks_finished_total{code=ok,model=echo,status=succeeded}"

@@ -1,4 +1,5 @@
-"""Pure request rules: the wait preference, the target allow-list, the model name and the body."""
+"""Pure request rules: the wait preference, the target allow-list, the model name, the body, and
+the backend and operation a request resolves to."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 from pydantic import ValidationError
 
 from api.preferences import wait_preference
-from api.targets import resolve_origin
-from shared.errors import TargetNotAllowed
+from api.targets import resolve_origin, resolve_target
+from shared.backends import Protocol, Target
+from shared.errors import InvalidRequest, TargetNotAllowed, UnknownBackend, UnsupportedOperation
 from shared.models import PredictionRequest
 from shared.settings import Settings
 
@@ -123,3 +125,91 @@ def test_original_request_shape_gives_the_original_body() -> None:
     }
     assert "pw" not in repr(request)
     assert "tk" not in repr(request)
+
+
+# --- resolve_target: the backend and the operation -------------------------------------------
+
+BACKENDS = (
+    '{"mls": {"url": "http://127.0.0.1:9100/prefix", "protocol": "oip"}, '
+    '"llm": {"url": "http://127.0.0.1:9200/v1", "protocol": "openai", "token": "TOKEN-x"}, '
+    '"ts2": {"url": "http://10.0.0.9:8080", "protocol": "torchserve"}}'
+)
+
+
+def backends(**overrides: object) -> Settings:
+    return Settings(_env_file=None, backends=BACKENDS, **overrides)  # type: ignore[arg-type]
+
+
+def target_of(settings: Settings, **fields: object) -> Target:
+    return resolve_target(PredictionRequest.model_validate({"model_name": "m", **fields}), settings)
+
+
+def test_a_request_naming_no_backend_goes_to_the_default_with_its_default_operation() -> None:
+    assert target_of(backends()) == Target(
+        "torchserve", Protocol.torchserve, "http://127.0.0.1:8080", "predictions"
+    )
+    assert target_of(backends(default_backend="mls")) == Target(
+        "mls", Protocol.oip, "http://127.0.0.1:9100", "infer"
+    )
+
+
+MLS, LLM, TS = "http://127.0.0.1:9100", "http://127.0.0.1:9200", "http://127.0.0.1:8080"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"backend": "mls"}, ("mls", Protocol.oip, MLS, "infer")),
+        ({"backend": "mls", "operation": "generate"}, ("mls", Protocol.oip, MLS, "generate")),
+        (
+            {"backend": "llm", "operation": "embeddings"},
+            ("llm", Protocol.openai, LLM, "embeddings"),
+        ),
+        ({"backend": "llm"}, ("llm", Protocol.openai, LLM, "chat.completions")),
+        ({"operation": "explanations"}, ("torchserve", Protocol.torchserve, TS, "explanations")),
+        ({"backend": "ts2"}, ("ts2", Protocol.torchserve, "http://10.0.0.9:8080", "predictions")),
+    ],
+)
+def test_the_backend_and_operation_named(
+    fields: dict[str, object], expected: tuple[object, ...]
+) -> None:
+    assert target_of(backends(), **fields) == Target(*expected)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["nope", "", "TorchServe", "mls " * 40])
+def test_an_unknown_backend_is_422_listing_the_configured_ones(name: str) -> None:
+    with pytest.raises(UnknownBackend) as caught:
+        target_of(backends(), backend=name)
+    assert (caught.value.status, caught.value.code) == (422, "unknown_backend")
+    assert "configured: llm, mls, torchserve, ts2" in caught.value.msg
+    assert len(caught.value.msg) < 200  # a long name is cut, not echoed whole
+    assert "TOKEN" not in caught.value.msg
+
+
+@pytest.mark.parametrize(
+    ("backend", "operation", "listed"),
+    [
+        ("torchserve", "infer", "predictions, explanations"),
+        ("mls", "predictions", "infer, generate"),
+        ("llm", "chat", "chat.completions, completions, embeddings"),
+        ("llm", "", "chat.completions, completions, embeddings"),
+    ],
+)
+def test_an_operation_of_another_protocol_is_422_listing_the_backends(
+    backend: str, operation: str, listed: str
+) -> None:
+    with pytest.raises(UnsupportedOperation) as caught:
+        target_of(backends(), backend=backend, operation=operation)
+    assert caught.value.status == 422
+    assert f"use one of: {listed}" in caught.value.msg
+
+
+def test_torchserve_targets_are_for_torchserve_only() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        target_of(backends(), backend="mls", host="127.0.0.1", port=9100)
+    assert "host/port/http_protocol" in caught.value.msg
+    allowed = backends(torchserve_allowed_targets="http://10.0.0.5:8080")
+    assert target_of(allowed, host="10.0.0.5").origin == "http://10.0.0.5:8080"
+    assert target_of(allowed, host="10.0.0.5", operation="explanations").operation == (
+        "explanations"
+    )

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from shared.backends import Protocol, Target
 from shared.errors import TaskExpired
 from shared.models import TaskStatus
 from shared.priorities import Priority
@@ -22,6 +23,7 @@ from shared.redis_state.record import (
     decode_record,
     idempotency_record,
     parse_idempotency_record,
+    recorded_operation,
 )
 
 
@@ -42,9 +44,29 @@ def test_a_batch_item_carries_its_custom_id_and_no_webhook_without_one() -> None
     item = NewTask("m", "2.0", "o", 1.5, Priority.default, custom_id="row-1")
     fields = as_mapping(item.item_fields())
     assert fields == {
-        "model_name": "m", "model_version": "2.0", "origin": "o", "deadline": "1.5",
-        "custom_id": "row-1", "priority": "default",
+        "model_name": "m", "model_version": "2.0", "origin": "o", "backend": "torchserve",
+        "deadline": "1.5", "custom_id": "row-1", "priority": "default",
     }  # fmt: skip
+
+
+def test_a_record_keeps_its_backend_and_an_operation_other_than_the_default() -> None:
+    oip = Target("mls", Protocol.oip, "http://h:9", "generate")
+    new = NewTask(
+        "m", None, oip.origin, 9.0, Priority.default, backend="mls",
+        operation=recorded_operation(oip),
+    )  # fmt: skip
+    view = decode_record("t", as_mapping(new.fields(1.0, "o")))
+    assert (view.backend, view.operation) == ("mls", "generate")
+    default = Target("mls", Protocol.oip, "http://h:9", "infer")
+    assert recorded_operation(default) is None
+    plain = as_mapping(NewTask("m", None, "o", 9.0, Priority.default).fields(1.0, "o"))
+    assert "operation" not in plain
+    # A record from before backends names none: it went to TorchServe.
+    del plain["backend"]
+    assert (decode_record("t", plain).backend, decode_record("t", plain).operation) == (
+        "torchserve",
+        None,
+    )
 
 
 def test_outcomes_encode_answers_and_errors() -> None:
