@@ -1,0 +1,1 @@
+"""Real model servers for the backend tests: venvs from committed locks, start, stop, calls."""
