@@ -33,7 +33,15 @@ from ._errors import (
     UnexpectedResponse,
     WaitTimeout,
 )
-from ._models import BatchInfo, BatchResult, Binary, RequestCounts, TaskInfo, decode_data_uri
+from ._models import (
+    BackendInfo,
+    BatchInfo,
+    BatchResult,
+    Binary,
+    RequestCounts,
+    TaskInfo,
+    decode_data_uri,
+)
 from ._retry import RetryPolicy
 from ._wire import VERSION as __version__  # noqa: N811  (a constant, by convention lowercase)
 
@@ -41,6 +49,7 @@ __all__ = [
     "AsyncBatch",
     "AsyncDispatcher",
     "AsyncTask",
+    "BackendInfo",
     "Batch",
     "BatchInfo",
     "BatchNotFound",

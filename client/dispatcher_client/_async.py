@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import httpx
 
 from . import _flows as flows
-from ._models import BatchInfo, BatchResult, TaskInfo
+from ._models import BackendInfo, BatchInfo, BatchResult, TaskInfo
 from ._retry import RetryPolicy
 from ._wire import Call, Dispatch, Flow, Sleep, build_request, client_headers
 
@@ -51,12 +51,16 @@ class AsyncDispatcher:
         data: bytes | None = None,
         content_type: str | None = None,
         version: str | None = None,
+        backend: str | None = None,
+        operation: str | None = None,
         wait: float | None = None,
         timeout: float | None = None,  # noqa: ASYNC109  (the task's deadline on the server)
         **fields: Any,
     ) -> Any:
         """See `Dispatcher.predict`."""
-        request = Dispatch(model_name, input, data, content_type, version, timeout, fields)
+        request = Dispatch(
+            model_name, input, data, content_type, version, timeout, fields, backend, operation
+        )
         return await self._run(flows.predict(request, wait, self.retry))
 
     async def submit(
@@ -67,11 +71,15 @@ class AsyncDispatcher:
         data: bytes | None = None,
         content_type: str | None = None,
         version: str | None = None,
+        backend: str | None = None,
+        operation: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109  (the task's deadline on the server)
         **fields: Any,
     ) -> AsyncTask:
         """See `Dispatcher.submit`."""
-        request = Dispatch(model_name, input, data, content_type, version, timeout, fields)
+        request = Dispatch(
+            model_name, input, data, content_type, version, timeout, fields, backend, operation
+        )
         return AsyncTask(self, await self._run(flows.submit(request, self.retry)))
 
     def task(self, task_id: str) -> AsyncTask:
@@ -88,6 +96,13 @@ class AsyncDispatcher:
         options = {"webhook": webhook, "webhook_events": list(webhook_events or [])}
         info = await self._run(flows.batch(requests, options, self.retry))
         return AsyncBatch(self, info.batch_id, info)
+
+    # --- discovery ------------------------------------------------------------------------------
+
+    async def backends(self) -> list[BackendInfo]:
+        """The model servers the service is configured with: name, protocol, health, the
+        operations and the models each reports (what `backend=` and `operation=` may name)."""
+        return await self._run(flows.backends(self.retry))
 
     def get_batch(self, batch_id: str) -> AsyncBatch:
         return AsyncBatch(self, batch_id)

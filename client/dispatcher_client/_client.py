@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import httpx
 
 from . import _flows as flows
-from ._models import BatchInfo, BatchResult, TaskInfo
+from ._models import BackendInfo, BatchInfo, BatchResult, TaskInfo
 from ._retry import RetryPolicy
 from ._wire import Call, Dispatch, Flow, Sleep, build_request, client_headers
 
@@ -55,6 +55,8 @@ class Dispatcher:
         data: bytes | None = None,
         content_type: str | None = None,
         version: str | None = None,
+        backend: str | None = None,
+        operation: str | None = None,
         wait: float | None = None,
         timeout: float | None = None,
         **fields: Any,
@@ -64,10 +66,16 @@ class Dispatcher:
         `input` is sent as JSON; `data` (bytes, with `content_type`) as the raw body. `wait`
         bounds how long to wait for the answer (None: until the task ends; then `WaitTimeout`,
         whose `task_id` you can re-attach to); `timeout` is the task's deadline on the server.
+        `backend` names a configured model server (`backends()` lists them; None: the server's
+        default) and `operation` the call on it (torchserve `predictions`/`explanations`, oip
+        `infer`/`generate`, openai `chat.completions`/`completions`/`embeddings`; None: the
+        protocol's default); `input` is then that protocol's own request body.
         Other request fields (`webhook`, `priority`, `input_media_type`...) go in `fields`.
         Failures raise the `DispatcherError` subclass of their code.
         """
-        request = Dispatch(model_name, input, data, content_type, version, timeout, fields)
+        request = Dispatch(
+            model_name, input, data, content_type, version, timeout, fields, backend, operation
+        )
         return self._run(flows.predict(request, wait, self.retry))
 
     def submit(
@@ -78,11 +86,15 @@ class Dispatcher:
         data: bytes | None = None,
         content_type: str | None = None,
         version: str | None = None,
+        backend: str | None = None,
+        operation: str | None = None,
         timeout: float | None = None,
         **fields: Any,
     ) -> Task:
         """Enqueue a prediction without waiting: a `Task` to follow, wait for or cancel."""
-        request = Dispatch(model_name, input, data, content_type, version, timeout, fields)
+        request = Dispatch(
+            model_name, input, data, content_type, version, timeout, fields, backend, operation
+        )
         return Task(self, self._run(flows.submit(request, self.retry)))
 
     def task(self, task_id: str) -> Task:
@@ -100,10 +112,18 @@ class Dispatcher:
     ) -> Batch:
         """Submit many predictions at once: each request is a dict with `custom_id`,
         `model_name` and `input` or `data` (bytes with `content_type`, or a data URI), plus any
-        other dispatch field. The whole batch is validated before anything runs."""
+        other dispatch field (`backend`, `operation`...). The whole batch is validated before
+        anything runs."""
         options = {"webhook": webhook, "webhook_events": list(webhook_events or [])}
         info = self._run(flows.batch(requests, options, self.retry))
         return Batch(self, info.batch_id, info)
+
+    # --- discovery ------------------------------------------------------------------------------
+
+    def backends(self) -> list[BackendInfo]:
+        """The model servers the service is configured with: name, protocol, health, the
+        operations and the models each reports (what `backend=` and `operation=` may name)."""
+        return self._run(flows.backends(self.retry))
 
     def get_batch(self, batch_id: str) -> Batch:
         """Re-attach to a batch submitted earlier."""

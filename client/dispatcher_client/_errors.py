@@ -57,7 +57,13 @@ class InvalidRequest(DispatcherError):
     """400/422: the request is malformed (the message names the field), or its
     Idempotency-Key was used before for another request."""
 
-    codes = ("invalid_request", "invalid_idempotency_key", "idempotency_key_reused")
+    codes = (
+        "invalid_request",
+        "invalid_idempotency_key",
+        "idempotency_key_reused",
+        "unknown_backend",
+        "unsupported_operation",
+    )
 
 
 class Unauthorized(DispatcherError):
@@ -135,20 +141,32 @@ class QueueFull(DispatcherError):
 class ModelFailed(DispatcherError):
     """502: TorchServe or the model's handler failed, or refused the token."""
 
-    codes = ("torchserve_error", "torchserve_auth_rejected")
+    codes = (
+        "torchserve_error",
+        "torchserve_auth_rejected",
+        "backend_error",
+        "backend_auth_rejected",
+    )
 
 
 class ServiceUnavailable(DispatcherError):
     """503: TorchServe or the queue is unavailable, or the task's worker or payload was lost."""
 
-    codes = ("torchserve_unavailable", "queue_unavailable", "worker_lost", "payload_lost")
+    codes = (
+        "torchserve_unavailable",
+        "backend_unavailable",
+        "backend_not_configured",
+        "queue_unavailable",
+        "worker_lost",
+        "payload_lost",
+    )
 
 
 class TaskTimeout(DispatcherError):
     """504: the model did not answer in time, the task ran past its `timeout`, or it expired
     before a worker started it."""
 
-    codes = ("torchserve_timeout", "deadline_exceeded", "expired")
+    codes = ("torchserve_timeout", "backend_timeout", "deadline_exceeded", "expired")
 
 
 class WaitTimeout(DispatcherError):

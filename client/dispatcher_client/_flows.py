@@ -12,7 +12,7 @@ from urllib.parse import quote
 import httpx
 
 from ._errors import TaskCanceled, UnexpectedResponse, WaitTimeout, error_for
-from ._models import BatchInfo, BatchResult, Binary, TaskInfo
+from ._models import BackendInfo, BatchInfo, BatchResult, Binary, TaskInfo
 from ._retry import RetryPolicy
 from ._wire import (
     JSON_TYPE,
@@ -87,6 +87,15 @@ def submit(request: Dispatch, policy: RetryPolicy) -> Flow[str]:
     """Enqueue without waiting; the task's id."""
     response = yield from send(request.call(new_idempotency_key(), "respond-async"), policy)
     return _task_id(read_json(response))
+
+
+def backends(policy: RetryPolicy) -> Flow[list[BackendInfo]]:
+    """`GET /backends`: the server's configured model servers."""
+    body = read_json((yield from send(Call("GET", "/backends"), policy)))
+    listed = body.get("backends") if isinstance(body, Mapping) else None
+    if not isinstance(listed, list):
+        raise UnexpectedResponse("GET /backends: no backends list", code="unexpected_response")
+    return [BackendInfo.from_json(item) for item in listed]
 
 
 def status(task_id: str, policy: RetryPolicy, wait: float = 0.0) -> Flow[TaskInfo]:

@@ -88,6 +88,8 @@ class TaskInfo:
     status: str
     model_name: str | None = None
     model_version: str | None = None
+    backend: str | None = None
+    operation: str | None = None  # None: the backend protocol's default
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -111,6 +113,8 @@ class TaskInfo:
             status=_str(body, "status"),
             model_name=body.get("model_name"),
             model_version=body.get("model_version"),
+            backend=body.get("backend"),
+            operation=body.get("operation"),
             created_at=_time(body.get("created_at")),
             started_at=_time(body.get("started_at")),
             finished_at=_time(body.get("finished_at")),
@@ -203,5 +207,40 @@ class BatchResult:
             status=_str(body, "status"),
             value=value,
             error=_error(error, task_id),
+            raw=body,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """One entry of `GET /backends`: a model server requests may name with `backend=`."""
+
+    name: str
+    protocol: str
+    origin: str
+    default: bool
+    health: str  # "ok", or why not
+    operations: tuple[str, ...] = ()
+    models: tuple[str, ...] | None = None  # None: its protocol cannot list them, or it failed
+    takes_bytes: bool | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def healthy(self) -> bool:
+        return self.health == "ok"
+
+    @classmethod
+    def from_json(cls, body: Any) -> BackendInfo:
+        body = _object(body, "backend")
+        models = body.get("models")
+        return cls(
+            name=_str(body, "name"),
+            protocol=_str(body, "protocol"),
+            origin=str(body.get("origin", "")),
+            default=bool(body.get("default", False)),
+            health=str(body.get("health", "")),
+            operations=tuple(str(op) for op in body.get("operations") or ()),
+            models=tuple(str(m) for m in models) if isinstance(models, list) else None,
+            takes_bytes=body.get("takes_bytes"),
             raw=body,
         )

@@ -108,6 +108,8 @@ class Dispatch:
     version: str | None = None
     timeout: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    backend: str | None = None  # a configured backend (GET /backends); None: the default
+    operation: str | None = None  # one of the backend's protocol; None: its default
 
     def __post_init__(self) -> None:
         if self.data is not None and self.input is not None:
@@ -124,6 +126,10 @@ class Dispatch:
             fields["model_version"] = self.version
         if self.timeout is not None:
             fields["timeout"] = self.timeout
+        if self.backend is not None:
+            fields["backend"] = self.backend
+        if self.operation is not None:
+            fields["operation"] = self.operation
         content_type = self.content_type or "application/octet-stream"
         if self.data is None or _media(content_type) in _STRUCTURED_TYPES:
             if self.data is not None:
