@@ -191,6 +191,21 @@ def test_unknown_task_is_task_not_found(client: Dispatcher) -> None:
         client.task(str(uuid.uuid4())).status()
 
 
+def test_backend_and_operation_and_the_backends_listed(client: Dispatcher) -> None:
+    assert client.predict("echo", {"b": 1}, backend="torchserve") == {"b": 1}
+    task = client.submit("echo", {"b": 2}, backend="torchserve", operation="predictions")
+    assert task.result(timeout=30) == {"b": 2}
+    assert task.status().backend == "torchserve"
+    with pytest.raises(dc.InvalidRequest) as raised:
+        client.predict("echo", 1, backend="nope")
+    assert raised.value.code == "unknown_backend"
+    with pytest.raises(dc.InvalidRequest) as raised:
+        client.predict("echo", 1, operation="infer")
+    assert raised.value.code == "unsupported_operation"
+    [torchserve] = client.backends()
+    assert (torchserve.name, torchserve.default, torchserve.healthy) == ("torchserve", True, True)
+
+
 # --- async ---------------------------------------------------------------------------------------
 
 

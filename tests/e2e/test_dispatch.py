@@ -61,6 +61,24 @@ def test_async_then_poll(client: httpx.Client) -> None:
     assert polled["started_at"] is not None
 
 
+def test_a_task_names_its_backend_and_the_backends_are_listed(client: httpx.Client) -> None:
+    body = {"model_name": "echo", "input": {"n": 2}}
+    done = dispatch(client, body).json()
+    assert (done["backend"], done["operation"]) == ("torchserve", None)
+    explained = dispatch(client, {**body, "backend": "torchserve", "operation": "explanations"})
+    task = client.get(f"/tasks/{explained.json()['task_id']}").json()
+    assert (task["backend"], task["operation"]) == ("torchserve", "explanations")
+    [torchserve] = client.get("/backends").json()["backends"]
+    assert (torchserve["name"], torchserve["health"], torchserve["default"]) == (
+        "torchserve",
+        "ok",
+        True,
+    )
+    ready = client.get("/ready").json()
+    assert ready["checks"]["torchserve"] == "ok"
+    assert ready["backends"]["torchserve"]["gates_readiness"] is True
+
+
 def test_wait_query_zero_is_async(client: httpx.Client) -> None:
     response = dispatch(client, {"model_name": "echo", "input": 1}, params={"wait": 0})
     assert response.status_code == 202

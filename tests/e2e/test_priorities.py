@@ -86,8 +86,8 @@ def test_each_form_lands_in_its_class_queue_and_429_is_per_class(
         assert f'dispatcher_queue_depth{{queue="{queue}"}} {expected}.0' in metrics
     for priority, expected in (("interactive", 3), ("default", 3), ("batch", 2)):
         line = (
-            f'dispatcher_tasks_submitted_total{{model="echo",priority="{priority}",'
-            'backend="torchserve"}'
+            'dispatcher_tasks_submitted_total{backend="torchserve",model="echo",'
+            f'priority="{priority}"}}'
         )
         assert f"{line} {expected}.0" in metrics, metrics
 

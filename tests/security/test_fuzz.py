@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from devstack import RedisServer
+from tests.security.fuzz_hooks import FUZZ_BACKENDS
 from tests.support.stack import StackFactory
 
 pytestmark = pytest.mark.e2e
@@ -76,6 +77,8 @@ def test_schemathesis_finds_nothing(
         "DISPATCH_DEFAULT_WAIT": "0",
         "DISPATCH_MAX_WAIT": "0",
         "DISPATCHER_API_KEYS": KEY,
+        # Every protocol's rules in the document and the server (api/backend_schema.py).
+        "BACKENDS": json.dumps(FUZZ_BACKENDS),
     }
     stack = stack_factory.start(workers=1, env=env)
     report_dir = tmp_path / "schemathesis"
