@@ -42,6 +42,7 @@ PACKAGES = (
     "api",
     "api/routes",
     "worker",
+    "worker/backends",
     "worker/kombu_patches",
     "shared",
     "shared/redis_state",

@@ -243,6 +243,15 @@ class BackendFailed(DispatchError):
     code = "backend_error"
 
 
+class BackendNotConfigured(DispatchError):
+    """A message names a backend (or an operation of it) that the worker's own settings lack:
+    the API's and the workers' BACKENDS differ, as mid-rollout. Not the request's fault (the API
+    accepted it), and a worker never calls a server its own settings do not name."""
+
+    status = 503
+    code = "backend_not_configured"
+
+
 # TorchServe's own codes, kept for the clients that match them; each is its backend error.
 class TorchServeUnavailable(BackendUnavailable):
     """TorchServe refused the connection or said 503 (no worker, queue full)."""

@@ -145,10 +145,14 @@ def bind_task(task_id: str, model: str) -> None:
 
 
 @contextmanager
-def task_context(task_id: str, model: str, request_id: str | None) -> Iterator[None]:
-    """A worker's task: its log lines carry task_id, model and request_id, and its TorchServe
-    call sends the request id; all unbound afterwards (pool threads run many tasks)."""
+def task_context(
+    task_id: str, model: str, request_id: str | None, backend: str | None = None
+) -> Iterator[None]:
+    """A worker's task: its log lines carry task_id, model, backend and request_id, and its
+    backend call sends the request id; all unbound afterwards (one loop runs many tasks)."""
     context: dict[str, Any] = {"task_id": task_id, "model": model}
+    if backend is not None:
+        context["backend"] = backend
     if request_id is not None:
         context["request_id"] = request_id
     token = _request_id.set(request_id)

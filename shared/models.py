@@ -225,7 +225,10 @@ class PredictionCall(BaseModel):
         return "/" + "/".join(quote(part, safe="") for part in parts)
 
     def __repr__(self) -> str:
-        return f"PredictionCall({self.origin}{self.path})"
+        if self.backend == TORCHSERVE and self.operation == "predictions":
+            return f"PredictionCall({self.origin}{self.path})"
+        version = f"/{self.model_version}" if self.model_version else ""
+        return f"PredictionCall({self.backend} {self.operation} {self.model_name}{version})"
 
 
 def call_fields(

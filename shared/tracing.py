@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -159,17 +159,21 @@ class ClientSpan:
 _NO_SPAN = nullcontext(ClientSpan())
 
 
-def client_span(method: str, url: str) -> AbstractContextManager[ClientSpan]:
+def client_span(
+    method: str, url: str, extra: Mapping[str, str] | None = None
+) -> AbstractContextManager[ClientSpan]:
     """A CLIENT span around one HTTP call, a child of the current span, named like the httpx
     instrumentation's (the method), whose `traceparent` the caller sends: the model server's
-    spans, and its logs, join the task's trace."""
+    spans, and its logs, join the task's trace. `extra`: more attributes (the backend's name)."""
     if _state is None:
         return _NO_SPAN
-    return _client_span(_state.tracer, method, url)
+    return _client_span(_state.tracer, method, url, extra or {})
 
 
 @contextmanager
-def _client_span(tracer: Tracer, method: str, url: str) -> Iterator[ClientSpan]:
+def _client_span(
+    tracer: Tracer, method: str, url: str, extra: Mapping[str, str]
+) -> Iterator[ClientSpan]:
     from opentelemetry.propagate import inject as otel_inject
     from opentelemetry.trace import SpanKind
 
@@ -186,6 +190,7 @@ def _client_span(tracer: Tracer, method: str, url: str) -> Iterator[ClientSpan]:
     }
     if parts.port is not None:
         attributes["server.port"] = parts.port
+    attributes.update(extra)
     with tracer.start_as_current_span(method, kind=SpanKind.CLIENT, attributes=attributes) as span:
         carrier: dict[str, str] = {}
         otel_inject(carrier)

@@ -1,12 +1,10 @@
-"""Celery workers: take prediction tasks off Redis, call TorchServe, store the outcome."""
+"""Celery workers: take prediction tasks off Redis, call their model servers, store the outcome."""
 
+from worker.backends import Caller
 from worker.store import StartVerdict, WorkerStore
-from worker.torchserve import TorchServeClient, error_for_response, parse_body
 
 __all__ = [
+    "Caller",
     "StartVerdict",
-    "TorchServeClient",
     "WorkerStore",
-    "error_for_response",
-    "parse_body",
 ]

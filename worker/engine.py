@@ -28,9 +28,9 @@ import uvloop
 from shared import tracing
 from shared.settings import Settings
 from worker import store as stores
+from worker.backends import Caller
 from worker.http_client import Transport
 from worker.messages import TaskEntry, TaskRunner
-from worker.torchserve import TorchServeClient
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Engine:
         client = stores.connect(self.settings)
         tracing.instrument_redis(client)
         store = stores.WorkerStore(self.settings, client, self._worker)
-        http = TorchServeClient(
+        http = Caller(
             self.settings,
             self._transport,
             # The slots bound the calls (per model and in all); this only bounds connections.

@@ -82,6 +82,7 @@ class Transport(Protocol):
         body: bytes = b"",
         *,
         read_timeout: float | None = None,
+        connect_timeout: float | None = None,
     ) -> Reply: ...
 
     async def aclose(self) -> None: ...
@@ -257,11 +258,13 @@ class Pool:
         body: bytes = b"",
         *,
         read_timeout: float | None = None,
+        connect_timeout: float | None = None,
     ) -> Response:
         """Send one request and return once the answer's status and headers are in.
 
         Waits at most the read timeout for one of the origin's `max_per_origin` slots; the
-        returned response holds its slot until it is read to its end or closed.
+        returned response holds its slot until it is read to its end or closed. The timeouts
+        default to the pool's; a caller passes its backend's (one pool serves every backend).
         """
         origin, target = Origin.of(url)
         head = _head(method, target, origin, headers, len(body))
@@ -272,7 +275,7 @@ class Pool:
         await _acquire(slot, origin, timeout)
         try:
             for _ in range(2):
-                connection = self._take(origin) or await self._connect(origin)
+                connection = self._take(origin) or await self._connect(origin, connect_timeout)
                 try:
                     return await self._exchange(connection, origin, head + body, timeout, slot)
                 except _StaleConnection:
@@ -314,17 +317,16 @@ class Pool:
             connection.close()
         return None
 
-    async def _connect(self, origin: Origin) -> Connection:
+    async def _connect(self, origin: Origin, seconds: float | None) -> Connection:
         tls = None
         if origin.scheme == "https":
             tls = self._tls = self._tls or ssl.create_default_context()
+        seconds = self.connect_timeout if seconds is None else seconds
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(seconds):
                 reader, writer = await asyncio.open_connection(origin.host, origin.port, ssl=tls)
         except TimeoutError:
-            raise ConnectTimeout(
-                f"no connection to {origin} in {self.connect_timeout:g} s"
-            ) from None
+            raise ConnectTimeout(f"no connection to {origin} in {seconds:g} s") from None
         except OSError as error:
             raise ConnectError(f"cannot connect to {origin} ({error.strerror or error})") from None
         return Connection(reader, writer)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import tracing
+from shared.backends import TORCHSERVE
 from shared.celery_app import REQUEST_ID_HEADER
 from shared.errors import DispatchError, WorkerLost
 from shared.logs import task_context
@@ -29,10 +30,10 @@ from shared.priorities import Priority
 from shared.redis_state.record import Outcome
 from shared.settings import Settings
 from worker import task_metrics as metrics
+from worker.backends import Caller
 from worker.group_commit import GroupCommit
 from worker.slots import Slots
 from worker.store import StartVerdict, WorkerStore
-from worker.torchserve import TorchServeClient
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +66,30 @@ def _nothing() -> None:
 class TaskRunner:
     """Runs the tasks of every message one worker process holds (one per process, one loop)."""
 
-    def __init__(self, settings: Settings, store: WorkerStore, client: TorchServeClient) -> None:
+    def __init__(self, settings: Settings, store: WorkerStore, client: Caller) -> None:
         self.store = store
         self.client = client
         self.starts: GroupCommit[str, tuple[StartVerdict, int]] = GroupCommit(store.start)
         self.outcomes: GroupCommit[Outcome, bool] = GroupCommit(store.finish)
         self.slots = Slots(settings.worker_max_in_flight)
         self._per_backend = settings.worker_max_calls_per_backend
-        self._backends: dict[tuple[str, str], Slots] = {}
+        self._backends: dict[tuple[str, str, str], Slots] = {}
         # False once the worker stops: a task still waiting for a slot is not started, and its
         # message stays unacknowledged (delivered again; START skips what did end).
         self.admitting = True
 
     def backend_slots(self, call: PredictionCall) -> Slots:
-        """The slots of the call's model on its server: each TorchServe model has its own
-        workers and job queue, so a slow model never holds the calls of a fast one."""
-        key = (call.origin, call.model_name)
+        """The slots of the call's model on its server: each model has its own workers and
+        queue (TorchServe's workers and job queue, a vLLM's batch), so a slow model never holds
+        the calls of a fast one. Keyed by backend, origin (`torchserve` may call allow-listed
+        ones) and model; the cap is the backend's `max_calls`, else the setting's."""
+        backend = self.client.backend(call)
+        origin = call.origin if backend is None or backend.name == TORCHSERVE else backend.origin
+        key = (call.backend, origin, call.model_name)
         slots = self._backends.get(key)
         if slots is None:
-            slots = self._backends[key] = Slots(self._per_backend)
+            cap = (backend.max_calls if backend else None) or self._per_backend
+            slots = self._backends[key] = Slots(cap)
         return slots
 
     @property
@@ -108,11 +114,17 @@ class TaskRunner:
         task_id, call = entry.task_id, entry.call
         # Its log lines carry the ids; its trace continues the API's (traceparent in the headers).
         with (
-            task_context(task_id, call.model_name, entry.headers.get(REQUEST_ID_HEADER)),
+            task_context(
+                task_id, call.model_name, entry.headers.get(REQUEST_ID_HEADER), call.backend
+            ),
             tracing.task_span(
                 TASK_SPAN,
                 entry.headers,
-                {"dispatcher.task_id": task_id, "model": call.model_name},
+                {
+                    "dispatcher.task_id": task_id,
+                    "model": call.model_name,
+                    "dispatcher.backend": call.backend,
+                },
             ),
         ):
             verdict, deliveries = await self.starts.call(task_id)

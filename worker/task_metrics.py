@@ -1,8 +1,14 @@
 """The worker's Prometheus metrics, served by each worker on WORKER_METRICS_PORT (0: off).
 
-worker/messages.py reports each delivery's outcome (`TaskObservation`), worker/torchserve.py each
-TorchServe attempt (`torchserve_request`) and retry (`count_retry`). Every call runs in the
-worker's main process (its engine), which serves them.
+worker/messages.py reports each delivery's outcome (`TaskObservation`), worker/backends/caller.py
+each attempt to call a backend (`backend_request`) and each retry (`count_retry`). Every call
+runs in the worker's main process (its engine), which serves them. Each series has a `backend`
+label (the configured backend's name) beside its `model` label.
+
+`dispatcher_backend_request_duration_seconds` and `dispatcher_backend_retries_total` are every
+backend's; the TorchServe-only names they replace (`dispatcher_torchserve_*`) are still reported
+for the calls to TorchServe backends, with their old labels, so dashboards and alerts written
+against them keep working.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutdown
 from prometheus_client import Counter, Histogram, start_http_server
 
+from shared.backends import Backend, Protocol
 from shared.errors import DispatchError, ModelNotFound
 from shared.models import PredictionCall
 from shared.prometheus import (
@@ -32,48 +39,63 @@ TASKS_FINISHED = Counter(
     "dispatcher_tasks_finished",
     "Task deliveries by outcome: status succeeded/failed/expired/skipped, code the error code "
     "(ok on success; duplicate/missing for a skipped copy).",
-    ["model", "status", "code"],
+    ["backend", "model", "status", "code"],
 )
 QUEUE_WAIT = Histogram(
     "dispatcher_task_queue_wait_seconds",
     "Submission to the start of the run (s), by priority class.",
-    ["model", "priority"],
+    ["backend", "model", "priority"],
     buckets=LATENCY_BUCKETS,
 )
 TASK_RUN = Histogram(
     "dispatcher_task_run_seconds",
     "Start of the run to its end, retries included (s).",
-    ["model"],
+    ["backend", "model"],
     buckets=LATENCY_BUCKETS,
 )
 TASK_TOTAL = Histogram(
     "dispatcher_task_total_seconds",
     "Submission to the end of the run (s), by priority class.",
-    ["model", "priority"],
+    ["backend", "model", "priority"],
     buckets=LATENCY_BUCKETS,
+)
+BACKEND_DURATION = Histogram(
+    "dispatcher_backend_request_duration_seconds",
+    "One attempt to call a backend (s); outcome is ok or the attempt's error code.",
+    ["backend", "model", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+BACKEND_RETRIES = Counter(
+    "dispatcher_backend_retries",
+    "Backend attempts retried, by the code of the error that caused the retry.",
+    ["backend", "model", "code"],
 )
 TORCHSERVE_DURATION = Histogram(
     "dispatcher_torchserve_request_duration_seconds",
-    "One TorchServe attempt (s); outcome is ok or the attempt's error code.",
+    "One TorchServe attempt (s); outcome is ok or the attempt's error code. Superseded by "
+    "dispatcher_backend_request_duration_seconds (every backend).",
     ["model", "outcome"],
     buckets=LATENCY_BUCKETS,
 )
 TORCHSERVE_RETRIES = Counter(
     "dispatcher_torchserve_retries",
-    "TorchServe attempts retried, by the code of the error that caused the retry.",
+    "TorchServe attempts retried, by the code of the error that caused the retry. Superseded "
+    "by dispatcher_backend_retries_total (every backend).",
     ["model", "code"],
 )
 REDELIVERIES = Counter(
     "dispatcher_redeliveries",
     "Deliveries of a task after its first (its worker was lost), counted when they start.",
-    ["model"],
+    ["backend", "model"],
 )
 
 _models = ModelLabels()
+# Backends are configured, so few; a message naming one this worker lacks still gets a label.
+_backends = ModelLabels(limit=64)
 
 
 def model_label(model: str, code: str = "ok") -> str:
-    """The model's label; a model TorchServe does not have never takes one of the bounded slots."""
+    """The model's label; a model its server does not have never takes one of the bounded slots."""
     return UNKNOWN_MODEL if code == ModelNotFound.code else _models(model)
 
 
@@ -81,6 +103,7 @@ class TaskObservation:
     """One delivery of a task, from START to its outcome; `TaskRunner._run_one` reports it once."""
 
     def __init__(self, call: PredictionCall, deliveries: int) -> None:
+        self.backend = _backends(call.backend)
         self.model = call.model_name
         self.submitted_at = call.submitted_at
         self.priority = call.priority.value
@@ -89,14 +112,15 @@ class TaskObservation:
 
     def finished(self, status: str, code: str = "ok") -> None:
         now = time.time()
-        model = model_label(self.model, code)
-        TASKS_FINISHED.labels(model, status, code).inc()
+        backend, model = self.backend, model_label(self.model, code)
+        TASKS_FINISHED.labels(backend, model, status, code).inc()
         if self.deliveries > 1:
-            REDELIVERIES.labels(model).inc()
-        TASK_RUN.labels(model).observe(now - self.started_at)
+            REDELIVERIES.labels(backend, model).inc()
+        TASK_RUN.labels(backend, model).observe(now - self.started_at)
         waited = max(0.0, self.started_at - self.submitted_at)
-        QUEUE_WAIT.labels(model, self.priority).observe(waited)
-        TASK_TOTAL.labels(model, self.priority).observe(max(0.0, now - self.submitted_at))
+        QUEUE_WAIT.labels(backend, model, self.priority).observe(waited)
+        total = max(0.0, now - self.submitted_at)
+        TASK_TOTAL.labels(backend, model, self.priority).observe(total)
 
     def skipped(self, missing: bool = False) -> None:
         """START ran nothing. Its `deliveries` tell why (shared/redis_state/lua/task_start.lua): 0
@@ -105,7 +129,7 @@ class TaskObservation:
         worker was lost."""
         if self.deliveries == 0:
             code = "missing" if missing else "duplicate"
-            TASKS_FINISHED.labels(model_label(self.model), "skipped", code).inc()
+            TASKS_FINISHED.labels(self.backend, model_label(self.model), "skipped", code).inc()
         elif self.deliveries == 1:
             self.finished("expired", "expired")
         else:
@@ -113,8 +137,8 @@ class TaskObservation:
 
 
 @contextmanager
-def torchserve_request(model: str) -> Iterator[None]:
-    """Time one TorchServe attempt; its outcome is `ok` or the code of the error it raised."""
+def backend_request(backend: Backend, model: str) -> Iterator[None]:
+    """Time one attempt; its outcome is `ok` or the code of the error it raised."""
     started = time.perf_counter()
     outcome = "internal_error"
     try:
@@ -125,11 +149,17 @@ def torchserve_request(model: str) -> Iterator[None]:
         raise
     finally:
         elapsed = time.perf_counter() - started
-        TORCHSERVE_DURATION.labels(model_label(model, outcome), outcome).observe(elapsed)
+        label = model_label(model, outcome)
+        BACKEND_DURATION.labels(_backends(backend.name), label, outcome).observe(elapsed)
+        if backend.protocol is Protocol.torchserve:
+            TORCHSERVE_DURATION.labels(label, outcome).observe(elapsed)
 
 
-def count_retry(model: str, code: str) -> None:
-    TORCHSERVE_RETRIES.labels(model_label(model, code), code).inc()
+def count_retry(backend: Backend, model: str, code: str) -> None:
+    label = model_label(model, code)
+    BACKEND_RETRIES.labels(_backends(backend.name), label, code).inc()
+    if backend.protocol is Protocol.torchserve:
+        TORCHSERVE_RETRIES.labels(label, code).inc()
 
 
 # --- serving (main process) -------------------------------------------------------------------

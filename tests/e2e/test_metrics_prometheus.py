@@ -157,6 +157,8 @@ def test_prometheus_scrapes_the_api_and_a_worker(
     settles('dispatcher_submit_rejections_total{code="invalid_request"}', 1)
     settles('sum(dispatcher_task_total_seconds_count{model="echo"})', SUCCEEDED)
     settles('sum(dispatcher_torchserve_request_duration_seconds_count{outcome="ok"})', SUCCEEDED)
+    ok_calls = 'backend="torchserve", outcome="ok"'
+    settles(f"sum(dispatcher_backend_request_duration_seconds_count{{{ok_calls}}})", SUCCEEDED)
     settles("dispatcher_workers_alive", 1)
     settles('dispatcher_queue_depth{queue="dispatch"}', 0)
     settles("dispatcher_redis_up", 1)
@@ -248,7 +250,10 @@ def test_api_processes_report_as_one_and_the_worker_serves_every_call(
             )
             assert metrics[key] == requests
         worker_url = f"http://127.0.0.1:{metrics_env['WORKER_METRICS_PORT']}/metrics"
-        finished = "dispatcher_tasks_finished_total{code=ok,model=echo,status=succeeded}"
+        finished = (
+            "dispatcher_tasks_finished_total{backend=torchserve,code=ok,model=echo,"
+            "status=succeeded}"
+        )
         # Every call ran on the worker's engine, in the process that serves /metrics.
         wait_until(lambda: scrape(worker_url).get(finished) == requests, 10, finished, 0.1)
     finally:

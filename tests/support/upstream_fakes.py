@@ -1,6 +1,7 @@
-"""A scripted model server for the worker's TorchServe client: a fake `Transport`
-(worker/http_client.py) that records each request and answers what a handler returns, or
-raises the http_client error the handler raises. No sockets: the real pool has its own tests."""
+"""A scripted model server for the worker's backend clients (worker/backends/): a fake
+`Transport` (worker/http_client.py) that records each request and answers what a handler
+returns, or raises the http_client error the handler raises. No sockets: the real pool has its
+own tests."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class Sent:
     headers: dict[str, str]
     body: bytes
     read_timeout: float | None
+    connect_timeout: float | None = None
 
 
 @dataclass
@@ -70,8 +72,10 @@ class FakeUpstream:
         body: bytes = b"",
         *,
         read_timeout: float | None = None,
+        connect_timeout: float | None = None,
     ) -> Canned:
-        sent = Sent(method, url, {k.lower(): v for k, v in headers}, body, read_timeout)
+        lowered = {k.lower(): v for k, v in headers}
+        sent = Sent(method, url, lowered, body, read_timeout, connect_timeout)
         self.sent.append(sent)
         canned = self.handler(sent)
         self.answers.append(canned)

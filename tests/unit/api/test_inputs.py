@@ -19,7 +19,8 @@ from shared.payloads import Part, Payload, PayloadRef, encode_multipart, multipa
 from shared.priorities import Priority
 from shared.settings import Settings
 from tests.support.upstream_fakes import Canned, FakeUpstream
-from worker.torchserve import TorchServeClient, parse_answer
+from worker.backends import Caller
+from worker.backends.base import parse_answer
 
 ORIGIN = "http://127.0.0.1:8080"
 
@@ -170,7 +171,7 @@ def test_client_sends_raw_and_multipart_payloads_and_keeps_binary_answers() -> N
     upstream = FakeUpstream(lambda _: Canned(200, b"\x00\xff", {"content-type": "audio/wav"}))
     seen = upstream.sent
     settings = Settings(_env_file=None, torchserve_url=ORIGIN)  # type: ignore[call-arg]
-    client = TorchServeClient(settings, upstream)
+    client = Caller(settings, upstream)
     raw = PayloadRef(parts=(Part(content_type="image/png", size=3),), multipart=False)
     answer = asyncio.run(client.predict_answer(_call(raw), b"abc"))
     assert (seen[0].body, seen[0].headers["content-type"]) == (b"abc", "image/png")

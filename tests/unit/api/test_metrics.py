@@ -25,9 +25,10 @@ from shared.prometheus import OTHER_MODEL, UNKNOWN_MODEL, ModelLabels
 from shared.settings import Settings
 from tests.support.upstream_fakes import FakeUpstream, answer
 from worker import task_metrics as worker_metrics
-from worker.torchserve import TorchServeClient
+from worker.backends import Caller
 
 KEY = "metrics-test-key-1"
+TS = "torchserve"  # the backend label of calls to TORCHSERVE_URL
 
 
 def value(name: str, **labels: str) -> float:
@@ -163,17 +164,23 @@ def call(model: str, submitted_ago: float = 2.0) -> PredictionCall:
     )
 
 
+def ts_value(name: str, **labels: str) -> float:
+    """A worker metric's value for calls to the `torchserve` backend."""
+    return value(name, backend=TS, **labels)
+
+
 def test_task_outcomes_and_durations() -> None:
     model = f"m-{uuid.uuid4().hex[:8]}"
     observed = worker_metrics.TaskObservation(call(model, submitted_ago=2.0), deliveries=2)
     observed.finished("succeeded")
-    assert value("dispatcher_tasks_finished_total", model=model, status="succeeded", code="ok") == 1
-    assert value("dispatcher_redeliveries_total", model=model) == 1
+    finished = "dispatcher_tasks_finished_total"
+    assert ts_value(finished, model=model, status="succeeded", code="ok") == 1
+    assert ts_value("dispatcher_redeliveries_total", model=model) == 1
     # A call without a priority (from an older API) was in the default class's queue.
-    waited = value("dispatcher_task_queue_wait_seconds_sum", model=model, priority="default")
+    waited = ts_value("dispatcher_task_queue_wait_seconds_sum", model=model, priority="default")
     assert waited >= 2.0
-    assert value("dispatcher_task_total_seconds_count", model=model, priority="default") == 1
-    assert value("dispatcher_task_run_seconds_sum", model=model) < 1.0
+    assert ts_value("dispatcher_task_total_seconds_count", model=model, priority="default") == 1
+    assert ts_value("dispatcher_task_run_seconds_sum", model=model) < 1.0
 
     for deliveries, status, code in [
         (0, "skipped", "duplicate"),
@@ -181,15 +188,12 @@ def test_task_outcomes_and_durations() -> None:
         (3, "failed", "deadline_exceeded"),
     ]:
         worker_metrics.TaskObservation(call(model), deliveries).skipped()
-        assert value("dispatcher_tasks_finished_total", model=model, status=status, code=code) == 1
+        assert ts_value(finished, model=model, status=status, code=code) == 1
 
-    missing = value("dispatcher_tasks_finished_total", model=UNKNOWN_MODEL, status="failed",
-                    code=ModelNotFound.code)  # fmt: skip
+    labels = {"model": UNKNOWN_MODEL, "status": "failed", "code": ModelNotFound.code}
+    missing = ts_value(finished, **labels)
     worker_metrics.TaskObservation(call("no-such-model"), 1).finished("failed", ModelNotFound.code)
-    assert value(
-        "dispatcher_tasks_finished_total", model=UNKNOWN_MODEL, status="failed",
-        code=ModelNotFound.code,
-    ) == missing + 1  # fmt: skip
+    assert ts_value(finished, **labels) == missing + 1
 
 
 def test_torchserve_attempts_and_retries() -> None:
@@ -200,14 +204,19 @@ def test_torchserve_attempts_and_retries() -> None:
     async def no_sleep(_: float) -> None:
         pass
 
-    client = TorchServeClient(Settings(_env_file=None), FakeUpstream(lambda _: next(answers)),
-                              sleep=no_sleep)  # fmt: skip
+    client = Caller(Settings(_env_file=None), FakeUpstream(lambda _: next(answers)), no_sleep)
     assert asyncio.run(client.predict(call(model))) == {"ok": True}
     unavailable = TorchServeUnavailable.code
     assert value("dispatcher_torchserve_retries_total", model=model, code=unavailable) == 1
     durations = "dispatcher_torchserve_request_duration_seconds_count"
     assert value(durations, model=model, outcome=unavailable) == 1
     assert value(durations, model=model, outcome="ok") == 1
+    # The names of every backend, with the backend's name (the TorchServe ones above stay).
+    retries = "dispatcher_backend_retries_total"
+    assert value(retries, backend=TS, model=model, code=unavailable) == 1
+    durations = "dispatcher_backend_request_duration_seconds_count"
+    assert value(durations, backend=TS, model=model, outcome=unavailable) == 1
+    assert value(durations, backend=TS, model=model, outcome="ok") == 1
 
 
 def test_worker_metrics_can_be_turned_off() -> None:
@@ -227,6 +236,7 @@ def test_worker_serves_metrics_and_survives_a_taken_port() -> None:
         text = httpx.get(url, timeout=5).text
         assert "# TYPE dispatcher_tasks_finished_total counter" in text
         assert "# TYPE dispatcher_torchserve_request_duration_seconds histogram" in text
+        assert "# TYPE dispatcher_backend_request_duration_seconds histogram" in text
     finally:
         server.shutdown()
         server.server_close()

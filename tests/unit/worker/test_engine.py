@@ -40,6 +40,7 @@ class GatedUpstream:
     async def request(
         self, method: str, url: str, headers: Iterable[tuple[str, str]] = (),
         body: bytes = b"", *, read_timeout: float | None = None,
+        connect_timeout: float | None = None,
     ) -> Canned:  # fmt: skip
         self.in_flight += 1
         try:

@@ -31,8 +31,8 @@ from shared.settings import Settings
 from tests.support.upstream_fakes import Canned, FakeUpstream, Handler, Sent, answer, error_json
 from tests.unit.worker.test_http_client import Server, running
 from tests.unit.worker.test_http_client import answer as raw_answer
+from worker.backends import Caller
 from worker.http_client import ConnectError, ProtocolError, ReadTimeout
-from worker.torchserve import TorchServeClient
 
 ORIGIN = "http://127.0.0.1:8080"
 
@@ -41,19 +41,17 @@ def settings(origin: str = ORIGIN, **overrides: object) -> Settings:
     return Settings(_env_file=None, torchserve_url=origin, **overrides)  # type: ignore[arg-type]
 
 
-def make_client(
-    handler: Handler, **overrides: object
-) -> tuple[TorchServeClient, FakeUpstream, list[float]]:
+def make_client(handler: Handler, **overrides: object) -> tuple[Caller, FakeUpstream, list[float]]:
     sleeps: list[float] = []
 
     async def sleep(delay: float) -> None:
         sleeps.append(delay)
 
     upstream = FakeUpstream(handler)
-    return TorchServeClient(settings(ORIGIN, **overrides), upstream, sleep=sleep), upstream, sleeps
+    return Caller(settings(ORIGIN, **overrides), upstream, sleep=sleep), upstream, sleeps
 
 
-def predict(client: TorchServeClient, prediction: PredictionCall) -> Any:
+def predict(client: Caller, prediction: PredictionCall) -> Any:
     return asyncio.run(client.predict(prediction))
 
 
@@ -297,7 +295,7 @@ def test_built_before_the_loop_its_own_pool_keeps_one_connection_across_calls() 
         await writer.drain()
         return True
 
-    async def scenario(client: TorchServeClient, server: Server) -> list[Any]:
+    async def scenario(client: Caller, server: Server) -> list[Any]:
         try:
             first = await client.predict(call(origin=server.url))
             second = await client.predict(call(origin=server.url, token="t"))
@@ -307,7 +305,7 @@ def test_built_before_the_loop_its_own_pool_keeps_one_connection_across_calls() 
 
     async def main() -> tuple[list[Any], Server]:
         async with running(routes) as server:
-            client = TorchServeClient(settings(server.url, retry_backoff_initial=0.01))
+            client = Caller(settings(server.url, retry_backoff_initial=0.01))
             return await scenario(client, server), server
 
     results, server = asyncio.run(main())
@@ -325,7 +323,7 @@ def test_with_its_real_pool_a_refused_connection_is_unavailable() -> None:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         origin = f"http://127.0.0.1:{unused.getsockname()[1]}"
-    client = TorchServeClient(settings(origin, retry_max_attempts=1))
+    client = Caller(settings(origin, retry_max_attempts=1))
 
     async def scenario() -> None:
         try:
