@@ -16,6 +16,7 @@ import codecs
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -177,10 +178,12 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def error_text(content: bytes) -> str:
+def error_text(content: bytes, redact: Callable[[str], str] = str) -> str:
     """The message of an error body in the shapes OIP and OpenAI-compatible servers send:
     `{"error": "..."}` (OIP, TGI), `{"error": {"message", "type", "code"}}` (OpenAI),
-    `{"object": "error", "message": ...}` (vLLM), FastAPI's `{"detail": ...}`; else the text."""
+    `{"object": "error", "message": ...}` (vLLM), FastAPI's `{"detail": ...}`; else the text.
+    `redact` runs on the whole text before it is cut to MESSAGE_CHARS: cut first, a secret
+    straddling the cut would keep its first characters, which no longer match it."""
     body = parse_body(content)
     if isinstance(body, dict):
         error = body.get("error")
@@ -188,12 +191,12 @@ def error_text(content: bytes) -> str:
             error = error.get("message", error)
         for found in (error, body.get("message"), body.get("detail")):
             if found:
-                return _compact(found)
-        return _compact(body)
-    return _compact(body)
+                return _compact(found, redact)
+        return _compact(body, redact)
+    return _compact(body, redact)
 
 
-def _compact(value: Any) -> str:
+def _compact(value: Any, redact: Callable[[str], str]) -> str:
     if isinstance(value, list) and all(isinstance(item, dict) for item in value):
         # FastAPI's validation errors: `loc: msg` each, the body part that was wrong first.
         value = "; ".join(
@@ -201,7 +204,7 @@ def _compact(value: Any) -> str:
             for item in value
         )
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return text.strip()[:MESSAGE_CHARS]
+    return redact(text.strip())[:MESSAGE_CHARS]
 
 
 def status_error(
@@ -209,7 +212,7 @@ def status_error(
 ) -> DispatchError:
     """The error tree's answer to an OIP or OpenAI error status (TorchServe has its own)."""
     where = client.where(client.backend.origin)
-    message = client.redact(error_text(content))
+    message = error_text(content, client.redact)
     said = f": {message}" if message else ""
     if status in (401, 403):
         return BackendAuthRejected(

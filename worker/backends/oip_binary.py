@@ -77,13 +77,18 @@ def binary_response(content: bytes, header_length: int) -> dict[str, Any]:
     response = fastjson.loads(content[:header_length])
     if not isinstance(response, dict):
         raise ValueError("the header is not an inference response (a JSON object)")
+    outputs = response.get("outputs") or []
+    if not isinstance(outputs, list):  # iterated as it is, a number would raise TypeError
+        raise ValueError("the response's outputs are not a list")
     offset = header_length
-    for output in response.get("outputs") or ():
+    for output in outputs:
         parameters = output.get("parameters") if isinstance(output, dict) else None
         if not isinstance(parameters, dict) or "binary_data_size" not in parameters:
             continue  # a JSON output among binary ones
         size = parameters.pop("binary_data_size")
-        if not isinstance(size, int) or size < 0 or offset + size > len(content):
+        # JSON's true is an int to Python: it is no size.
+        bad = not isinstance(size, int) or isinstance(size, bool) or size < 0
+        if bad or offset + size > len(content):
             raise ValueError(f"output {output.get('name')!r}: binary_data_size past the body")
         output["data"] = tensor_data(str(output.get("datatype")), content[offset : offset + size])
         offset += size

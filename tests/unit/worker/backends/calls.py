@@ -8,9 +8,10 @@ import json
 import time
 from typing import Any
 
+from shared.errors import DispatchError
 from shared.models import PredictionCall
 from shared.settings import Settings
-from tests.support.upstream_fakes import Canned, FakeUpstream, Handler
+from tests.support.upstream_fakes import Canned, FakeUpstream, Handler, Sent
 from worker.backends import Answer, Caller
 
 OIP_ORIGIN = "http://127.0.0.1:9100"
@@ -73,3 +74,50 @@ def json_answer(status: int, value: Any, **headers: str) -> Canned:
     return Canned(
         status, json.dumps(value).encode(), {"content-type": "application/json", **headers}
     )
+
+
+def with_bytes(
+    backend: str, operation: str, *parts: dict[str, Any], multipart: bool = False,
+    **overrides: object,
+) -> PredictionCall:  # fmt: skip
+    """A call whose input is bytes: `parts` as the API's PayloadRef lists them (name, size...)."""
+    payload = {"parts": list(parts), "multipart": multipart}
+    return call(backend, operation, body=None, payload=payload, **overrides)
+
+
+def sequence(*answers: Canned) -> Handler:
+    """A handler giving `answers` one per request, in order (a request more fails the test)."""
+    pending = list(answers)
+
+    def handler(_: Sent) -> Canned:
+        assert pending, "more requests than scripted answers"
+        return pending.pop(0)
+
+    return handler
+
+
+def no_request(_: Sent) -> Canned:
+    """A handler for calls that must be refused before anything is sent."""
+    raise AssertionError("no request may be sent")
+
+
+def failure(
+    caller: Caller, prediction: PredictionCall, payload: bytes | None = None
+) -> DispatchError:
+    """The DispatchError the call raised; the test fails if it succeeded or raised another."""
+    try:
+        run(caller, prediction, payload)
+    except DispatchError as error:
+        return error
+    raise AssertionError("the call succeeded")
+
+
+def binary_answer(header: dict[str, Any], *tails: bytes, length: str | None = None) -> Canned:
+    """An OIP answer with binary outputs: the JSON header, then `tails` back to back;
+    `length`: an Inference-Header-Content-Length other than the header's."""
+    head = json.dumps(header).encode()
+    headers = {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(head)) if length is None else length,
+    }
+    return Canned(200, head + b"".join(tails), headers)
