@@ -43,6 +43,9 @@ class Plan:
     long_calls: int
     long_call_seconds: float
     long_calls_budget: float
+    # (12) an OIP backend (MLServer, one process): wrk connections per side; seconds per side
+    # are `wrk_seconds`, sequential requests `latency_requests`.
+    oip_connections: int
     # The dispatcher's Celery workers for the tiny-model and burst scenarios (and the peer's).
     workers: int
     concurrency: int
@@ -93,6 +96,9 @@ FULL = Plan(
     long_calls=1_000,
     long_call_seconds=5.0,
     long_calls_budget=90.0,
+    # As many as the dispatcher's workers call one model with at once (2 workers x
+    # WORKER_MAX_CALLS_PER_BACKEND 8): more only queue, in Redis or in MLServer's one process.
+    oip_connections=16,
     workers=2,
     concurrency=8,
     pool="threads",

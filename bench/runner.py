@@ -22,6 +22,7 @@ from bench.scenarios import (
     latency,
     long_calls,
     mixed,
+    oip,
     scale,
     submit,
     throughput,
@@ -38,6 +39,8 @@ SCENARIOS: list[Callable[[Context], None]] = [
     mixed.run,
     scale.run,
     cpu_model.run,
+    # Stops the shared workers: the scenarios after it start their own or none.
+    oip.run,
     long_calls.run,
     submit.run,
     # After the one-process submit rate it compares with; stops its API before the check below.
@@ -51,7 +54,8 @@ def describe_stack(plan: Plan) -> str:
         f"TorchServe 0.12 (echo: 1 worker; slow20: {plan.slow_workers} workers, "
         f"{plan.scale_torchserve_workers} for the scale scenario; cpu10: 2 workers; "
         f"job_queue_size {JOB_QUEUE_SIZE}); a stand-in model server for the long calls "
-        f"(devstack/upstream.py); dispatcher: 1 API process (uvicorn), {plan.workers} Celery "
+        f"(devstack/upstream.py); MLServer 1.7.1 (sklearn iris, 1 process) as the OIP "
+        f"backend; dispatcher: 1 API process (uvicorn), {plan.workers} Celery "
         f"workers "
         f"({plan.pool} x {plan.concurrency}), plus one worker reserved for interactive work in "
         f"the mixed-load scenario and a second API of {plan.api_processes} processes in the "
