@@ -8,6 +8,8 @@ scripts/bootstrap.sh installs the CLI where it runs as root.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import subprocess
@@ -52,6 +54,9 @@ from tests.support.packaging import (
 from tests.support.stack import require_tool
 
 # === docker-compose.yml ========================================================================
+
+# Settings docker-compose.yml names without a value: compose passes them on from the shell or .env.
+PASSED_ON = {"BACKENDS", "DEFAULT_BACKEND", "READY_BACKENDS"}
 
 
 def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
@@ -175,7 +180,12 @@ def test_api_and_worker_get_the_same_real_settings() -> None:
     unknown = set(env) - SETTINGS_ENV_NAMES
     assert not unknown, f"not Settings fields (typo? renamed?): {sorted(unknown)}"
     assert {"REDIS_URL", "TORCHSERVE_URL"} <= set(env)
-    settings = Settings(_env_file=None, **{name.lower(): value for name, value in env.items()})
+    # The backends (whose JSON holds their tokens) are passed on from the shell or .env, never
+    # written here: names without a value.
+    passed_on = {name for name, value in api["environment"].items() if value is None}
+    assert passed_on == PASSED_ON, passed_on
+    set_here = {name: value for name, value in env.items() if name not in passed_on}
+    settings = Settings(_env_file=None, **{name.lower(): value for name, value in set_here.items()})
     redis = urlsplit(settings.redis_url)
     assert redis.hostname == "redis", "REDIS_URL must name the compose service"
     assert (redis.port or 6379) == 6379
@@ -188,6 +198,47 @@ def test_api_and_worker_get_the_same_real_settings() -> None:
         spec = entry if isinstance(entry, dict) else {"path": entry}
         assert spec.get("required") is False or (REPO / spec["path"]).is_file()
         assert spec["path"] != ".env.example", "the example holds defaults, not deployment values"
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_backends_reach_the_api_and_workers_from_the_environment(tmp_path: Path) -> None:
+    """As Compose resolves the file: BACKENDS from an env file (a `$` in its token kept), the
+    shell's value before the file's, and nothing set when neither has it."""
+    cli = compose_cli()
+    require_tool(cli is not None, "no Docker Compose v2 CLI (scripts/bootstrap.sh installs one)")
+    assert cli is not None
+    backends = '{"llm": {"url": "http://vllm:8000/v1", "protocol": "openai", "token": "a$b"}}'
+    env_file = tmp_path / "backends.env"
+    env_file.write_text(f"BACKENDS='{backends}'\nDEFAULT_BACKEND=llm\n")
+
+    def resolved(env_path: Path, **shell: str) -> dict[str, dict[str, Any]]:
+        argv = [*cli, "-f", str(COMPOSE_FILE), "--project-directory", str(REPO)]
+        result = subprocess.run(
+            [*argv, "--env-file", str(env_path), "config", "--format", "json"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **shell},
+        )
+        assert result.returncode == 0, result.stderr
+        found: dict[str, dict[str, Any]] = json.loads(result.stdout)["services"]
+        return found
+
+    for name, svc in resolved(env_file).items():
+        if name in ("api", "worker", "worker-interactive", "webhooks"):
+            env = svc["environment"]
+            # `$$` is Compose's spelling of a literal `$` in its output.
+            assert env["BACKENDS"].replace("$$", "$") == backends, name
+            assert env["DEFAULT_BACKEND"] == "llm", name
+            assert env["READY_BACKENDS"] is None, name
+    shell = resolved(env_file, DEFAULT_BACKEND="torchserve")["api"]["environment"]
+    assert shell["DEFAULT_BACKEND"] == "torchserve"
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    unset = resolved(empty)["api"]["environment"]
+    assert {name: unset[name] for name in PASSED_ON} == dict.fromkeys(PASSED_ON)
 
 
 def test_only_the_api_is_published() -> None:

@@ -239,12 +239,16 @@ def test_settings_point_at_the_services() -> None:
     resource("Service", "redis")
     torchserve = resource("Service", "torchserve")
     assert config.torchserve_url == f"http://torchserve:{torchserve['spec']['ports'][0]['port']}"
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "worker-interactive"):
         env_from = container("Deployment", name)["envFrom"]
         assert {"configMapRef": {"name": "dispatcher-settings"}} in env_from
         secrets = [ref["secretRef"] for ref in env_from if "secretRef" in ref]
         assert secrets == [{"name": "dispatcher-secrets", "optional": True}]
+        # The last source wins: the Secret's BACKENDS (with tokens) replaces the ConfigMap's.
+        assert "secretRef" in env_from[-1], f"{name}: the Secret must come after the ConfigMap"
     assert not [d for d in resources() if d["kind"] == "Secret"], "no secrets in the repository"
+    data = resource("ConfigMap", "dispatcher-settings")["data"]
+    assert "token" not in data["BACKENDS"], "a backend's token belongs in dispatcher-secrets"
 
 
 def test_prometheus_scrape_annotations_name_real_ports() -> None:

@@ -34,7 +34,7 @@ def needs_promtool() -> None:
 
 
 # Grafana's template variables, replaced by values PromQL accepts.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".*"}
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".*", "$backend": ".*"}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -69,15 +69,79 @@ def test_alerts_cover_the_operational_questions() -> None:
         "DispatcherModelFailureRatio": "dispatcher_tasks_finished_total",
         "DispatcherNoLiveWorkers": "dispatcher_workers_alive",
         "DispatcherSlowTasks": "dispatcher_task_total_seconds_bucket",
+        "DispatcherBackendFailing": "dispatcher_backend_request_duration_seconds_count",
     }
     for alert, metric in watched.items():
         assert metric in rules[alert]["expr"], alert
     assert "by (model" in rules["DispatcherModelFailureRatio"]["expr"]
     assert "0.95" in rules["DispatcherSlowTasks"]["expr"]
+    assert "by (backend)" in rules["DispatcherBackendFailing"]["expr"]
     for rule in rules.values():
         assert rule["labels"]["severity"] in {"warning", "critical"}
         assert rule["annotations"]["summary"]
     assert not unknown_metrics(rule["expr"] for rule in rules.values())
+
+
+# Two backends called for 40 minutes: `mls` fails a third of its attempts (refused, timed out),
+# over two worker replicas; `llm` is refused half its input by the model, which is the callers'
+# fault, not the server's, and so no alert.
+BACKEND_SERIES = {
+    'outcome="ok", backend="mls", instance="w1"': "0+30x40",
+    'outcome="ok", backend="mls", instance="w2"': "0+30x40",
+    'outcome="backend_unavailable", backend="mls", instance="w1"': "0+20x40",
+    'outcome="backend_timeout", backend="mls", instance="w2"': "0+10x40",
+    'outcome="ok", backend="llm", instance="w1"': "0+100x40",
+    'outcome="model_rejected_input", backend="llm", instance="w1"': "0+100x40",
+}
+
+
+@pytest.mark.usefixtures("needs_promtool")
+def test_backend_alert_fires_on_server_failures_only(tmp_path: Path) -> None:
+    """DispatcherBackendFailing (promtool test rules): the backend whose server fails, once the
+    alert has been pending its 10 minutes; never the one whose callers send bad input."""
+    metric = "dispatcher_backend_request_duration_seconds_count"
+    series = [
+        {"series": f'{metric}{{{labels}, model="m"}}', "values": values}
+        for labels, values in BACKEND_SERIES.items()
+    ]
+    firing = {
+        "exp_labels": {"severity": "warning", "backend": "mls"},
+        "exp_annotations": {
+            "summary": "Backend mls: 33.33% of call attempts fail",
+            "description": (
+                f'See {metric}{{backend="mls"}} by outcome and dispatcher_backend_retries_total '
+                "by code, and GET /backends for its health: backend_unavailable or "
+                "backend_timeout point at the server or the network, backend_auth_rejected at "
+                "its token in BACKENDS, backend_error at the model."
+            ),
+        },
+    }
+    alert = "DispatcherBackendFailing"
+    spec = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "8m", "alertname": alert, "exp_alerts": []},  # pending
+                    {"eval_time": "25m", "alertname": alert, "exp_alerts": [firing]},
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "backend_alert_test.yml"
+    path.write_text(yaml.safe_dump(spec))
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # And it has teeth: the same test with the failures counted as the model's fails.
+    quiet = spec["tests"][0]["input_series"]
+    for entry in quiet:
+        entry["series"] = entry["series"].replace("backend_unavailable", "model_not_found")
+        entry["series"] = entry["series"].replace("backend_timeout", "model_rejected_input")
+    path.write_text(yaml.safe_dump(spec))
+    assert promtool("test", "rules", str(path)).returncode != 0
 
 
 def dashboard_queries() -> list[str]:
@@ -121,7 +185,7 @@ def test_dashboard_is_provisionable() -> None:
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     variables = {item["name"] for item in dashboard["templating"]["list"]}
-    assert {"datasource", "model"} <= variables
+    assert {"datasource", "model", "backend"} <= variables
     for panel in dashboard["panels"]:
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24, panel["title"]
