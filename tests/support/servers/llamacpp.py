@@ -105,8 +105,12 @@ def gguf(venv: Venv) -> Path:
 
 
 @contextmanager
-def running(venv: Venv, root: Path, *, embedding: bool = False) -> Iterator[RunningServer]:
-    """`python -m llama_cpp.server` on the GGUF model; `embedding`: the /v1/embeddings instance."""
+def running(
+    venv: Venv, root: Path, *, embedding: bool = False, api_key: str | None = None
+) -> Iterator[RunningServer]:
+    """`python -m llama_cpp.server` on the GGUF model; `embedding`: the /v1/embeddings instance;
+    `api_key`: every /v1 route then wants it as `Authorization: Bearer` (so readiness asks the
+    open /openapi.json: the model is loaded before the server listens)."""
     port = free_port()
     argv: list[str | Path] = [
         venv.python, "-m", "llama_cpp.server",
@@ -116,13 +120,16 @@ def running(venv: Venv, root: Path, *, embedding: bool = False) -> Iterator[Runn
     ]  # fmt: skip
     if embedding:
         argv += ["--embedding", "True"]
+    if api_key is not None:
+        argv += ["--api_key", api_key]
+    kind = "llama.cpp-embedding" if embedding else "llama.cpp"
     with serving(
-        "llama.cpp-embedding" if embedding else "llama.cpp",
+        f"{kind}-keyed" if api_key is not None else kind,
         argv,
         workdir=root,
         env=clean_env(venv, root),
         base_url=f"http://{HOST}:{port}",
-        ready_paths=["/v1/models"],
+        ready_paths=["/v1/models"] if api_key is None else ["/openapi.json"],
         model_name=MODEL_ALIAS,
         timeout=120.0,
     ) as server:
