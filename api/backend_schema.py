@@ -21,7 +21,7 @@ from shared.settings import Settings
 NULL = {"type": "null"}
 SET = {"not": NULL}
 # What the other protocols leave to TorchServe: its targets are TorchServe's own.
-_TORCHSERVE_ONLY = ("host", "port", "http_protocol")
+_TORCHSERVE_ONLY = ("host", "port", "http_protocol", "token", "username", "password")
 
 
 def _chosen(name: str, value: str, default: bool, form: bool) -> dict[str, Any]:
@@ -61,6 +61,8 @@ def _json_backend(backend: Backend, default: bool) -> dict[str, Any]:
     }
     if backend.protocol is not Protocol.torchserve:
         branch["properties"] = {**branch["properties"], **dict.fromkeys(_TORCHSERVE_ONLY, NULL)}
+    if backend.protocol is Protocol.openai:  # its API has no model versions
+        branch["properties"]["model_version"] = NULL
     return branch
 
 

@@ -28,6 +28,8 @@ def resolve_target(request: PredictionRequest, settings: Settings) -> Target:
             f"operation: {operation[:64]!r} is not an operation of backend {name!r} "
             f"({backend.protocol.value}); use one of: {', '.join(backend.operations)}"
         )
+    if backend.protocol is not Protocol.torchserve:
+        _refuse_torchserve_fields(request, name, backend.protocol)
     targeted = request.host is not None or request.port is not None
     if not targeted and request.http_protocol is None:
         if operation == backend.default_operation:
@@ -39,6 +41,25 @@ def resolve_target(request: PredictionRequest, settings: Settings) -> Target:
             f"them out with backend {name!r} (its URL is configured in BACKENDS)"
         )
     return Target(TORCHSERVE, Protocol.torchserve, resolve_origin(request, settings), operation)
+
+
+# A request's own credentials are TorchServe's (the original proxy sent them on): any other
+# backend's come from BACKENDS alone, so a request naming some would be silently ignored.
+CREDENTIAL_FIELDS = ("token", "username", "password")
+
+
+def _refuse_torchserve_fields(request: PredictionRequest, name: str, protocol: Protocol) -> None:
+    given = [field for field in CREDENTIAL_FIELDS if getattr(request, field) is not None]
+    if given:
+        raise InvalidRequest(
+            f"{'/'.join(given)}: a request's credentials go to TorchServe backends only; leave "
+            f"them out with backend {name!r} (its token is configured in BACKENDS)"
+        )
+    if protocol is Protocol.openai and request.model_version is not None:
+        raise InvalidRequest(
+            f"model_version: backend {name!r} (openai) has no model versions; name the model "
+            "in model_name alone"
+        )
 
 
 def resolve_origin(request: PredictionRequest, settings: Settings) -> str:

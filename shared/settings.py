@@ -82,8 +82,9 @@ class Settings(BackendSettings):
         10,
         ge=1,
         le=20,
-        description="TorchServe attempts per task for a 503, a refused connection or a timeout "
-        "(the defaults give a 9-18 s window, enough for a TorchServe restart).",
+        description="Attempts per task at its backend for a 503 or 429, a refused connection or "
+        "a timeout (the defaults give a 9-18 s window, enough for a TorchServe restart; a "
+        "Retry-After is waited at least).",
     )
     retry_backoff_initial: float = Field(
         0.2,

@@ -34,6 +34,7 @@ from worker.backends.base import (
     encode_json,
     parse_answer,
     parse_body,
+    retry_after,
 )
 from worker.http_client import Reply
 
@@ -49,11 +50,16 @@ def _torchserve_message(content: bytes) -> tuple[str, str]:
 
 
 def error_for_response(
-    status: int, content: bytes, origin: str, model: str, token_hint: str = DEFAULT_TOKEN_HINT
+    status: int,
+    content: bytes,
+    where: str,
+    model: str,
+    token_hint: str = DEFAULT_TOKEN_HINT,
+    delay: float | None = None,
 ) -> DispatchError:
-    """Map a non-200 TorchServe answer (its status and body) to the error the caller sees."""
+    """Map a non-200 TorchServe answer (its status and body) to the error the caller sees;
+    `where` names the server, `delay` is what a 503's Retry-After asked for."""
     kind, message = _torchserve_message(content)
-    where = f"TorchServe at {origin}"
     if kind == "InvalidKeyException":
         return TorchServeAuthRejected(f"{where} rejected the inference token: {token_hint}")
     if status == 404:
@@ -63,7 +69,7 @@ def error_for_response(
         return TorchServeFailed(f"the model {model!r} failed on {where}: {message}")
     if status == 503:
         return TorchServeUnavailable(
-            f"{where} is overloaded or has no worker for {model!r}: {message}"
+            f"{where} is overloaded or has no worker for {model!r}: {message}", retry_after=delay
         )
     if 400 <= status < 500:
         return ModelRejectedInput(
@@ -96,7 +102,10 @@ class TorchServe(BackendClient):
     timeout: ClassVar[type[TorchServeTimeout]] = TorchServeTimeout
 
     def where(self, origin: str) -> str:
-        return f"TorchServe at {origin}"
+        """`torchserve` keeps the original proxy's wording; another names its backend."""
+        if self.backend.name == TORCHSERVE:
+            return f"TorchServe at {origin}"
+        return super().where(origin)
 
     def succeeded(self, status: int) -> bool:
         return status == 200
@@ -122,7 +131,8 @@ class TorchServe(BackendClient):
         hint = DEFAULT_TOKEN_HINT
         if self.backend.name != TORCHSERVE:
             hint = f"send a valid `token` or set the token of {self.backend.name!r} in BACKENDS"
-        return error_for_response(status, content, origin, call.model_name, hint)
+        delay = retry_after(reply.header("retry-after"))
+        return error_for_response(status, content, self.where(origin), call.model_name, hint, delay)
 
     @staticmethod
     def _body(call: PredictionCall, payload: bytes | None) -> tuple[bytes, Headers]:

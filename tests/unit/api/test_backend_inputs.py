@@ -118,6 +118,10 @@ CASES: list[tuple[dict[str, Any], bool]] = [
     (with_input("mls", OIP, port=9100), False),
     (with_input("mls", OIP, http_protocol="http"), False),
     (with_input("mls", OIP, host=None, port=None), True),
+    (with_input("mls", OIP, token="t"), False),  # its token is the configured one
+    (with_input("mls", OIP, username="u", password="p"), False),
+    (with_input("mls", OIP, token=None), True),
+    (with_input("mls", OIP, model_version="v1"), True),
     (with_input("mls", OIP, operation="predictions"), False),
     # OIP generate.
     (with_input("mls", {"text_input": "hi"}, operation="generate"), True),
@@ -144,6 +148,10 @@ CASES: list[tuple[dict[str, Any], bool]] = [
     (with_input("llm", CHAT, operation="infer"), False),
     (with_input("llm", "hello"), False),
     (with_input("llm", CHAT, host="h"), False),
+    (with_input("llm", CHAT, token="t"), False),
+    (with_input("llm", CHAT, model_version="v1"), False),  # OpenAI has no versions
+    (with_input("llm", CHAT, model_version=None), True),
+    (with_input("torchserve", {"x": 1}, token="t", model_version="1.0"), True),
     ({"model_name": "m", "backend": "llm"}, False),
     ({"model_name": "m", "backend": "llm", "data": URI}, False),
 ]

@@ -213,3 +213,17 @@ def test_torchserve_targets_are_for_torchserve_only() -> None:
     assert target_of(allowed, host="10.0.0.5", operation="explanations").operation == (
         "explanations"
     )
+
+
+def test_a_requests_credentials_and_versions_are_refused_where_they_would_be_ignored() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        target_of(backends(), backend="mls", token="secret-value")
+    assert caught.value.msg.startswith("token: ")
+    assert "secret-value" not in caught.value.msg
+    with pytest.raises(InvalidRequest) as caught:
+        target_of(backends(), backend="mls", username="u", password="p")
+    assert caught.value.msg.startswith("username/password: ")
+    with pytest.raises(InvalidRequest) as caught:
+        target_of(backends(), backend="llm", model_version="2")
+    assert caught.value.msg.startswith("model_version: ")
+    assert target_of(backends(), token="t").backend == "torchserve"  # TorchServe's, as ever

@@ -29,6 +29,7 @@ from shared.logs import task_context
 from shared.models import PredictionCall
 from shared.settings import Settings
 from tests.support.upstream_fakes import Canned, FakeUpstream, Handler, Sent, answer, error_json
+from tests.unit.worker.backends import calls
 from tests.unit.worker.test_http_client import Server, running
 from tests.unit.worker.test_http_client import answer as raw_answer
 from worker.backends import Caller
@@ -378,3 +379,19 @@ def test_untraced_nothing_is_added_to_the_request() -> None:
     client, upstream, _ = make_client(lambda _: answer(200, 1))
     predict(client, call())
     assert "traceparent" not in upstream.sent[0].headers
+
+
+def test_a_configured_torchserve_is_named_in_its_errors_and_its_retry_after_waited() -> None:
+    backends = {**calls.BACKENDS, "ts2": {"url": "http://127.0.0.1:9300", "protocol": "torchserve"}}
+    busy = error_json(503, "ServiceUnavailableException", "busy")
+    busy.headers["retry-after"] = "4"
+    missing = answer(404, {"code": 404, "type": "ModelNotFoundException", "message": ""})
+    replies = iter([busy, missing])
+    caller, upstream, sleeps = calls.make_caller(lambda _: next(replies), backends=backends)
+    with pytest.raises(ModelNotFound) as caught:
+        calls.run(caller, calls.call("ts2", "predictions", body={"x": 1}))
+    where = "backend 'ts2' (torchserve) at http://127.0.0.1:9300"
+    assert caught.value.msg == f"{where} has no model 'iris'"
+    assert len(sleeps) == 1
+    assert sleeps[0] >= 4  # its Retry-After; the backoff alone would be about 0.01 s
+    assert [sent.url for sent in upstream.sent] == ["http://127.0.0.1:9300/predictions/iris"] * 2
