@@ -243,6 +243,15 @@ class BackendFailed(DispatchError):
     code = "backend_error"
 
 
+class StreamBroken(BackendFailed):
+    """A streamed answer ended wrong after its 200 went out: cut short, closed without its
+    protocol's end (OpenAI's `[DONE]` or a finish reason), or framed in a way its protocol does
+    not allow (a chunk that is not JSON, an event over the size limit). The chunks already
+    received stay readable; the task fails, since its final result would be incomplete."""
+
+    code = "stream_broken"
+
+
 class BackendNotConfigured(DispatchError):
     """A message names a backend (or an operation of it) that the worker's own settings lack:
     the API's and the workers' BACKENDS differ, as mid-rollout. Not the request's fault (the API
