@@ -134,6 +134,22 @@ class Settings(BackendSettings):
         description="Largest payload (bytes) as TorchServe will receive it (decoded for data "
         "URIs; the multipart encoding for file parts): TorchServe's own `max_request_size`.",
     )
+    stream_max_entries: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Most output chunks one attempt of a streamed task may append to its stream; "
+        "one more fails the task with a clear error (per attempt, like `STREAM_MAX_BYTES`).",
+    )
+    stream_max_bytes: int = Field(
+        16 * MIB,
+        ge=1,
+        le=256 * MIB,
+        description="Most bytes of output one attempt of a streamed task may append to its "
+        "stream (16 MiB); one more fails the task with a clear error and the chunks already "
+        "sent stay readable. Per attempt, so a task redelivered after its worker died can "
+        "stream in full again: a stream holds at most `MAX_DELIVERIES` times this.",
+    )
     dispatcher_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="API keys; when set, every request but `/health` needs one (empty: no "

@@ -97,6 +97,16 @@ LAST_FINISHED_KEY = _key(
 )
 WRITE_PROBE_KEY = _key(NAMESPACE + "ready_probe", "", "string",
     "whether Redis accepts writes", "/ready (plain SET)", "nobody", "60 s")
+STREAM_KEY_PREFIX = _key(
+    NAMESPACE + "stream:", "<task id>", "stream",
+    "a streamed task's events: output chunks, restart marks, its error or done (streams.py)",
+    "stream_append", "the API's stream hub (stream_reader.py), streams.read_after",
+    "RESULT_TTL from its last append")
+HUB_WAKE_KEY_PREFIX = _key(
+    NAMESPACE + "stream_hub:", "<hub id>", "stream",
+    "wake-ups of one API process's stream hub, whose blocking XREAD also reads this key",
+    "stream_reader.py (plain XADD MAXLEN 1, when its subscribers change)",
+    "that hub's own XREAD", "60 s from the last wake-up; deleted when the hub closes")
 FINISHED_CHANNEL = _key(
     NAMESPACE + "finished", "", "pub/sub channel",
     "an ended task's record (or its id alone, published.py), an ended batch's hash",
@@ -139,6 +149,8 @@ batch_idempotency_key = BATCH_IDEMPOTENCY_KEY_PREFIX.__add__  # (the same, for P
 batch_key = BATCH_KEY_PREFIX.__add__  # (batch id)
 event_key = EVENT_KEY_PREFIX.__add__  # (event id)
 log_key = LOG_KEY_PREFIX.__add__  # (task id)
+stream_key = STREAM_KEY_PREFIX.__add__  # (task id)
+hub_wake_key = HUB_WAKE_KEY_PREFIX.__add__  # (hub id)
 
 
 def parse_depth(raw: str | bytes | None) -> int:
