@@ -10,8 +10,11 @@ written to Redis. TorchServe takes any JSON value and any bytes, so its requests
   bytes (a raw body, multipart file parts, a data URI), on a server that takes the binary tensor
   data extension (api/backend_probe.py asks it). `generate`: `input` is a JSON object.
 - OpenAI `chat.completions`: `{"messages": [{"role": ...}, ...], ...}`; `completions`:
-  `{"prompt": ...}`; `embeddings`: `{"input": ...}`. JSON only, never bytes; `stream: true` is
-  refused until streaming exists (issue 18).
+  `{"prompt": ...}`; `embeddings`: `{"input": ...}`. JSON only, never bytes. `input.stream: true`
+  is a 422 that points to the request's own `stream` field: the dispatcher, not the client,
+  sets the body's `stream` (from that field), since it must read the answer as a stream.
+- `stream: true` (the request's field, issue 18) needs an operation that can stream
+  (`STREAMING_OPERATIONS`); asking it of one that cannot (embeddings) is a 422.
 - Every protocol but TorchServe needs `input` (or bytes, for OIP): the original proxy's fields
   that stand in for it (`max_model_page`...) build a body only TorchServe understands.
 
@@ -35,8 +38,20 @@ OIP_DATATYPES = (
     "FP16", "FP32", "FP64", "BYTES", "BF16",
 )  # fmt: skip
 _DATATYPES = frozenset(OIP_DATATYPES)
-STREAMING_REFUSED = (
-    "input.stream: streaming answers are not supported yet; leave stream out or set it to false"
+INPUT_STREAM_REFUSED = (
+    'input.stream: set the request\'s own stream field instead ("stream": true next to '
+    "input, a form field or ?stream=true); the dispatcher sets the backend's"
+)
+# The operations whose answer can arrive in parts: TorchServe's intermediate responses, OIP's
+# infer_stream/generate_stream, OpenAI's SSE chunks. Embeddings come whole.
+STREAMING_OPERATIONS = frozenset(
+    {
+        (Protocol.torchserve, "predictions"),
+        (Protocol.oip, "infer"),
+        (Protocol.oip, "generate"),
+        (Protocol.openai, "chat.completions"),
+        (Protocol.openai, "completions"),
+    }
 )
 # What each operation's body looks like, for the messages.
 _SHAPES = {
@@ -63,6 +78,15 @@ async def check_backend_input(
     check_body(request, target, has_bytes)
     if has_bytes:
         await takes_bytes(target)
+
+
+def check_stream(target: Target) -> None:
+    """422 unless the target's operation can stream (asked with `stream: true`)."""
+    if (target.protocol, target.operation) not in STREAMING_OPERATIONS:
+        raise UnsupportedOperation(
+            f"stream: {target.operation} of backend {target.backend!r} "
+            f"({target.protocol.value}) answers whole and cannot stream; leave stream out"
+        )
 
 
 def check_body(request: PredictionRequest, target: Target, has_bytes: bool) -> None:
@@ -180,7 +204,7 @@ def _dimension(value: object) -> bool:
 
 def _openai(body: dict[str, Any], operation: str) -> None:
     if body.get("stream") is True:
-        raise UnsupportedOperation(STREAMING_REFUSED)
+        raise UnsupportedOperation(INPUT_STREAM_REFUSED)
     if operation == "chat.completions":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -237,7 +261,8 @@ _OIP_INFER = {
         },
     },
 }
-# `stream: true` is refused; any other value (false, absent) is the server's to judge.
+# `input.stream: true` is refused (the request's `stream` asks for it); any other value (false,
+# absent) is the server's to judge.
 _NOT_STREAMING = {"not": {"required": ["stream"], "properties": {"stream": {"const": True}}}}
 _OPENAI: dict[str, dict[str, Any]] = {
     "chat.completions": {

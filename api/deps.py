@@ -30,6 +30,7 @@ from api.batch_store import BatchStore
 from api.preferences import WaitPreference, wait_preference
 from api.store import ApiStore
 from api.waiting import ResultWaiter
+from shared.redis_state.stream_reader import StreamHub
 from shared.settings import Settings
 
 T = TypeVar("T")
@@ -54,6 +55,8 @@ SettingsDep = Annotated[Settings, Depends(_app_state("settings", Settings))]
 StoreDep = Annotated[ApiStore, Depends(_app_state("store", ApiStore))]
 BatchStoreDep = Annotated[BatchStore, Depends(_app_state("batches", BatchStore))]
 WaiterDep = Annotated[ResultWaiter, Depends(_app_state("waiter", ResultWaiter))]
+# The process's one reader of task streams (shared/redis_state/stream_reader.py).
+HubDep = Annotated[StreamHub, Depends(_app_state("hub", StreamHub))]
 
 
 async def _owner(

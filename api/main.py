@@ -20,11 +20,12 @@ from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, install_metrics, release_process_metrics
 from api.openapi import install_openapi
 from api.request_id import RequestId
-from api.routes import backends, batches, deliveries, dispatch, health, tasks
+from api.routes import backends, batches, deliveries, dispatch, health, streams, tasks
 from api.store import ApiStore
 from api.waiting import ResultWaiter
 from shared import heap, tracing
 from shared.logs import configure_logging
+from shared.redis_state.stream_reader import DEFAULT_BLOCK_MS, SOCKET_MARGIN, StreamHub
 from shared.settings import Settings, get_settings
 
 # Requests share this many Redis connections and wait for a free one rather than open more:
@@ -56,6 +57,19 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+def hub_reader(settings: Settings) -> aioredis.Redis:
+    """The stream hub's own connection: one blocking XREAD at a time, so it is never shared
+    with requests; its socket outlasts the block (a block is not an outage), and a dead Redis
+    still fails the connect within a second (the hub retries by itself)."""
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=DEFAULT_BLOCK_MS / 1000 + SOCKET_MARGIN + settings.redis_socket_timeout,
+        socket_connect_timeout=min(1.0, settings.redis_socket_timeout),
+        client_name="dispatcher-stream-hub",
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     # Here, not in uvicorn's command line: every way of starting the app (Docker, devstack,
@@ -82,11 +96,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.probe = BackendProbe(app.state.http, settings.backend_map)
         tracing.instrument_redis(client)
         tracing.instrument_httpx(app.state.http)
+        reader = hub_reader(settings)
+        # Its wake-ups go through the pool: one short command now and then.
+        app.state.hub = StreamHub(reader, client, block_ms=DEFAULT_BLOCK_MS)
         await waiter.start()
+        app.state.hub.start()
         heap.freeze_startup_heap()  # everything start-up built lives until exit
         try:
             yield
         finally:
+            await app.state.hub.close()  # ends every open stream response (clients reconnect)
+            await reader.aclose()
             await waiter.stop()
             await app.state.http.aclose()
             await client.aclose()
@@ -113,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestId)  # outside the others: their answers carry the id too
     app.include_router(dispatch.router)
     app.include_router(tasks.router)
+    app.include_router(streams.router)
     app.include_router(batches.router)
     app.include_router(deliveries.router)
     app.include_router(health.router)

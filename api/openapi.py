@@ -114,6 +114,7 @@ _FORM_FIELDS = (
     "operation",
     "timeout",
     "priority",
+    "stream",
     "input_media_type",
     "webhook",
     "webhook_events",

@@ -109,6 +109,13 @@ class PredictionRequest(BaseModel):
         description="The queue it waits in: `interactive` (default of a sync dispatch), "
         "`default` (of `Prefer: respond-async`) or `batch` (of batch items).",
     )
+    stream: bool = Field(
+        False,
+        description="Stream the output as the model produces it: read it from `stream_url` "
+        "(`GET /tasks/{task_id}/stream`, Server-Sent Events) while the task runs. Not for an "
+        "operation that cannot stream (embeddings: 422); for OpenAI-compatible backends this, "
+        "not `input.stream`, asks for it.",
+    )
     # The original proxy's fields, accepted unchanged.
     host: Annotated[str, Field(pattern=HOST_PATTERN)] | None = None
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
@@ -210,6 +217,9 @@ class PredictionCall(BaseModel):
     priority: Priority
     # Bytes instead of the JSON `body` (shared/payloads.py): inline, or a claim-check key.
     payload: PayloadRef | None = None
+    # Whether the backend is asked for a streamed answer, each chunk appended to the task's
+    # stream as it arrives (worker/backends/stream_call.py). Older messages lack it: False.
+    stream: bool = False
     # Credentials travel only inside the broker message, never into records, logs or errors.
     token: str | None = Field(None, repr=False)
     username: str | None = Field(None, repr=False)
@@ -256,6 +266,7 @@ def call_fields(
         "deadline": deadline,
         "submitted_at": submitted_at,
         "priority": priority.value,
+        "stream": request.stream,
         "token": request.token.get_secret_value() if request.token else None,
         "username": request.username,
         "password": request.password.get_secret_value() if request.password else None,
@@ -304,6 +315,9 @@ class Accepted(BaseModel):
     task_id: str
     status: TaskStatus
     status_url: str
+    stream_url: str | None = Field(
+        None, description="Where the task's output streams (asked with `stream: true`)."
+    )
 
 
 def utcnow() -> datetime:

@@ -16,10 +16,11 @@ cookies, proxies, HTTP/2, decompression (model servers answer identity; requests
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -115,7 +116,7 @@ class _Message:
     """What httptools reports of one response, as its callbacks arrive."""
 
     headers: list[tuple[str, str]] = field(default_factory=list)
-    chunks: deque[bytes] = field(default_factory=deque)
+    chunks: deque[bytes | None] = field(default_factory=deque)  # None: a chunk's end
     headers_done: bool = False
     complete: bool = False
     keep_alive: bool = False
@@ -128,7 +129,11 @@ class _Message:
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
+        if body:
+            self.chunks.append(body)
+
+    def on_chunk_complete(self) -> None:
+        self.chunks.append(None)
 
     def on_message_complete(self) -> None:
         # Asked now: once the message is complete the parser resets and always says no.
@@ -158,7 +163,7 @@ class Connection:
 
 
 class Response:
-    """Status and headers at once; the body with `read()` or chunk by chunk with `chunks()`.
+    """Status and headers at once; the body with `read()`, `chunks()` or `pieces()` (streamed).
 
     The connection goes back to the pool once the body is read to its end (or is closed if the
     body is abandoned), and only then is its slot of the origin's cap free: the cap bounds open
@@ -183,6 +188,14 @@ class Response:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (a chunked answer's chunks, or what each read got)."""
+        async with contextlib.aclosing(self.pieces()) as pieces:
+            async for piece in pieces:
+                if piece:
+                    yield piece
+
+    async def pieces(self) -> AsyncGenerator[bytes | None, None]:
+        """The body as it arrives, None at each HTTP/1.1 chunk's end (TorchServe's outputs are
+        framed so). The read timeout bounds each read, not the body; a cut is ProtocolError."""
         message = self._message
         try:
             while True:

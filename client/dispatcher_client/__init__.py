@@ -7,11 +7,12 @@
 
 `AsyncDispatcher` is the same API for asyncio. Failures raise a `DispatcherError` subclass per
 error code family; 429/503 and dropped connections are retried under one `Idempotency-Key`, so a
-retry never runs a prediction twice.
+retry never runs a prediction twice. `stream()` yields a task's events as the model produces
+them and resumes by itself after a dropped connection.
 """
 
-from ._async import AsyncBatch, AsyncDispatcher, AsyncTask
-from ._client import Batch, Dispatcher, Task
+from ._async import AsyncBatch, AsyncDispatcher, AsyncEventStream, AsyncTask
+from ._client import Batch, Dispatcher, EventStream, Task
 from ._errors import (
     BatchNotFound,
     Conflict,
@@ -43,11 +44,13 @@ from ._models import (
     decode_data_uri,
 )
 from ._retry import RetryPolicy
+from ._stream import StreamEvent
 from ._wire import VERSION as __version__  # noqa: N811  (a constant, by convention lowercase)
 
 __all__ = [
     "AsyncBatch",
     "AsyncDispatcher",
+    "AsyncEventStream",
     "AsyncTask",
     "BackendInfo",
     "Batch",
@@ -58,6 +61,7 @@ __all__ = [
     "Conflict",
     "Dispatcher",
     "DispatcherError",
+    "EventStream",
     "Forbidden",
     "InvalidRequest",
     "ModelFailed",
@@ -69,6 +73,7 @@ __all__ = [
     "RequestCounts",
     "RetryPolicy",
     "ServiceUnavailable",
+    "StreamEvent",
     "Task",
     "TaskCanceled",
     "TaskInfo",

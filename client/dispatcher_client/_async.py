@@ -4,7 +4,7 @@ AsyncClient and asyncio.sleep."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -13,6 +13,7 @@ import httpx
 from . import _flows as flows
 from ._models import BackendInfo, BatchInfo, BatchResult, TaskInfo
 from ._retry import RetryPolicy
+from ._stream import StreamEvent, StreamSession
 from ._wire import Call, Dispatch, Flow, Sleep, build_request, client_headers
 
 T = TypeVar("T")
@@ -84,6 +85,36 @@ class AsyncDispatcher:
 
     def task(self, task_id: str) -> AsyncTask:
         return AsyncTask(self, task_id)
+
+    async def stream(
+        self,
+        model_name: str | None = None,
+        input: Any = None,
+        *,
+        task_id: str | None = None,
+        last_event_id: str | None = None,
+        raise_on_error: bool = False,
+        data: bytes | None = None,
+        content_type: str | None = None,
+        version: str | None = None,
+        backend: str | None = None,
+        operation: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109  (the task's deadline on the server)
+        **fields: Any,
+    ) -> AsyncEventStream:
+        """See `Dispatcher.stream`: `async for event in await client.stream(...)` (awaiting
+        submits the prediction, so its errors raise there)."""
+        if (model_name is None) == (task_id is None):
+            raise ValueError("pass either model_name (a new prediction) or task_id, not both")
+        if task_id is None:
+            assert model_name is not None
+            extra = {**fields, "stream": True}
+            request = Dispatch(
+                model_name, input, data, content_type, version, timeout, extra, backend, operation
+            )
+            task_id = await self._run(flows.submit(request, self.retry))
+        session = StreamSession(task_id, self.retry, last_event_id)
+        return AsyncEventStream(self, session, raise_on_error)
 
     async def batch(
         self,
@@ -168,8 +199,96 @@ class AsyncTask:
     async def cancel(self) -> TaskInfo:
         return await self._client._run(flows.cancel(self.task_id, self._client.retry))
 
+    async def stream(
+        self, *, last_event_id: str | None = None, raise_on_error: bool = False
+    ) -> AsyncEventStream:
+        return await self._client.stream(
+            task_id=self.task_id, last_event_id=last_event_id, raise_on_error=raise_on_error
+        )
+
     def __repr__(self) -> str:
         return f"AsyncTask({self.task_id!r})"
+
+
+class AsyncEventStream:
+    """A task's events (see `EventStream`): `async for`, or `async with` it to close early."""
+
+    def __init__(
+        self, client: AsyncDispatcher, session: StreamSession, raise_on_error: bool
+    ) -> None:
+        self._client = client
+        self._session = session
+        self._raise = raise_on_error
+        self._events = self._run()
+
+    @property
+    def task_id(self) -> str:
+        return self._session.task_id
+
+    @property
+    def last_event_id(self) -> str:
+        return self._session.last_event_id
+
+    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    async def __aenter__(self) -> AsyncEventStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _run(self) -> AsyncGenerator[StreamEvent, None]:
+        """The connections in turn (an async generator cannot `yield from`: one loop)."""
+        session = self._session
+        while not session.finished:
+            response = await self._open()
+            if not isinstance(response, httpx.Response):
+                await asyncio.sleep(response)
+                continue
+            delay: float | None = None
+            try:
+                async for chunk in response.aiter_bytes():
+                    for event in session.feed(chunk):
+                        if self._raise:
+                            event.raise_for_error()
+                        yield event
+                    if session.finished:
+                        break
+                else:
+                    delay = session.ended()
+            except httpx.TransportError as error:
+                delay = session.dropped(error)
+            finally:
+                await response.aclose()
+            if delay is not None:
+                await asyncio.sleep(delay)
+
+    async def _open(self) -> httpx.Response | float:
+        """An event stream to read, or the delay before connecting again."""
+        session, http = self._session, self._client._http
+        request = build_request(http, session.call(), self._client._timeout)
+        try:
+            response = await http.send(request, stream=True)
+        except httpx.TransportError as error:
+            return session.dropped(error)
+        delay: float | None = 0.0
+        try:
+            if not response.is_success:
+                await response.aread()
+            delay = session.opened(response)
+            return response if delay is None else delay
+        except httpx.TransportError as error:
+            return session.dropped(error)
+        finally:
+            if delay is not None:
+                await response.aclose()
 
 
 class AsyncBatch:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -12,6 +12,7 @@ import httpx
 from . import _flows as flows
 from ._models import BackendInfo, BatchInfo, BatchResult, TaskInfo
 from ._retry import RetryPolicy
+from ._stream import StreamEvent, StreamSession
 from ._wire import Call, Dispatch, Flow, Sleep, build_request, client_headers
 
 T = TypeVar("T")
@@ -100,6 +101,42 @@ class Dispatcher:
     def task(self, task_id: str) -> Task:
         """Re-attach to a task submitted earlier (e.g. after a `WaitTimeout`)."""
         return Task(self, task_id)
+
+    def stream(
+        self,
+        model_name: str | None = None,
+        input: Any = None,
+        *,
+        task_id: str | None = None,
+        last_event_id: str | None = None,
+        raise_on_error: bool = False,
+        data: bytes | None = None,
+        content_type: str | None = None,
+        version: str | None = None,
+        backend: str | None = None,
+        operation: str | None = None,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> EventStream:
+        """Submit a prediction with `stream: true` (the arguments of `submit`) or, with
+        `task_id=`, follow a task submitted earlier; iterate the result for its `StreamEvent`s.
+
+        The submission happens now (errors raise here); the stream is read as you iterate and
+        reconnects by itself with `Last-Event-ID` (see `_stream.py`), so every event comes once.
+        It ends after the `done` or `error` event. `raise_on_error=True` raises the task's
+        error (and `TaskCanceled` for a canceled task's `done`) instead of yielding it.
+        `last_event_id` resumes after an event seen elsewhere.
+        """
+        if (model_name is None) == (task_id is None):
+            raise ValueError("pass either model_name (a new prediction) or task_id, not both")
+        if task_id is None:
+            assert model_name is not None
+            extra = {**fields, "stream": True}
+            request = Dispatch(
+                model_name, input, data, content_type, version, timeout, extra, backend, operation
+            )
+            task_id = self._run(flows.submit(request, self.retry))
+        return EventStream(self, StreamSession(task_id, self.retry, last_event_id), raise_on_error)
 
     # --- batches --------------------------------------------------------------------------------
 
@@ -196,8 +233,85 @@ class Task:
         """Cancel: a queued task never runs; a running one finishes (`cancel_requested`)."""
         return self._client._run(flows.cancel(self.task_id, self._client.retry))
 
+    def stream(
+        self, *, last_event_id: str | None = None, raise_on_error: bool = False
+    ) -> EventStream:
+        """The task's events (see `Dispatcher.stream`); the task must have been submitted with
+        `stream=True`."""
+        return self._client.stream(
+            task_id=self.task_id, last_event_id=last_event_id, raise_on_error=raise_on_error
+        )
+
     def __repr__(self) -> str:
         return f"Task({self.task_id!r})"
+
+
+class EventStream:
+    """A task's events as they come: `for event in client.stream(...)`, or `with` it to close
+    the connection early. `task_id` is the task; `last_event_id` where a resume would start."""
+
+    def __init__(self, client: Dispatcher, session: StreamSession, raise_on_error: bool) -> None:
+        self._client = client
+        self._session = session
+        self._raise = raise_on_error
+        self._events = self._run()
+
+    @property
+    def task_id(self) -> str:
+        return self._session.task_id
+
+    @property
+    def last_event_id(self) -> str:
+        return self._session.last_event_id
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        return self
+
+    def __next__(self) -> StreamEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Stop reading: the open connection is closed (the task itself goes on)."""
+        self._events.close()
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self) -> Generator[StreamEvent, None, None]:
+        while not self._session.finished:
+            delay = yield from self._connection()
+            if delay is not None:
+                time.sleep(delay)
+
+    def _connection(self) -> Generator[StreamEvent, None, float | None]:
+        """One connection's events; then None (the stream ended) or the delay to reconnect."""
+        session, http = self._session, self._client._http
+        request = build_request(http, session.call(), self._client._timeout)
+        try:
+            response = http.send(request, stream=True)
+        except httpx.TransportError as error:
+            return session.dropped(error)
+        try:
+            if not response.is_success:
+                response.read()
+            delay = session.opened(response)
+            if delay is not None:
+                return delay
+            for chunk in response.iter_bytes():
+                for event in session.feed(chunk):
+                    if self._raise:
+                        event.raise_for_error()
+                    yield event
+                if session.finished:
+                    return None
+        except httpx.TransportError as error:
+            return session.dropped(error)
+        finally:
+            response.close()
+        return session.ended()
 
 
 class Batch:

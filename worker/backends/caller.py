@@ -11,7 +11,9 @@ the answer (base.BackendClient); everything else is here, the same for every pro
   backoff, up to RETRY_MAX_ATTEMPTS attempts; a `Retry-After` it came with is waited at least,
   and no retry starts that could not finish before the deadline;
 - every attempt is a CLIENT span whose `traceparent` is sent, carries the task's `X-Request-ID`,
-  and is timed in the backend request histogram (task_metrics.py).
+  and is timed in the backend request histogram (task_metrics.py);
+- a streamed call (`call.stream`) reads a 2xx body as it arrives (stream_call.py), each output
+  sent to the sink given, and is retried only while it has sent none.
 
 Redirects are never followed (a redirect could point anywhere: no SSRF through a model server),
 and no cookie carries over from one task's call to another's. One Caller per worker process,
@@ -38,6 +40,7 @@ from worker import task_metrics as metrics
 from worker.backends.base import Answer, BackendClient, Request
 from worker.backends.oip import OpenInference
 from worker.backends.openai import OpenAI
+from worker.backends.stream_call import OutputSink, StreamedCall
 from worker.backends.torchserve import TorchServe
 from worker.http_client import ConnectError, HttpError, Pool, ReadTimeout, Transport
 
@@ -116,22 +119,28 @@ class Caller:
         """The parsed prediction of a JSON call, or a DispatchError after bounded retries."""
         return (await self.predict_answer(call)).value
 
-    async def predict_answer(self, call: PredictionCall, payload: bytes | None = None) -> Answer:
+    async def predict_answer(
+        self, call: PredictionCall, payload: bytes | None = None, sink: OutputSink | None = None
+    ) -> Answer:
         """The answer, or a DispatchError after bounded retries.
 
         `payload`: the bytes of `call.payload` (read from the message or the claim check);
-        without it the call's JSON `body` is sent.
+        without it the call's JSON `body` is sent. `sink`: where a streamed call's outputs go
+        (none: they are dropped, the answer is the same).
         """
         client = self.client(call)
         request = client.request(call, payload)
+        stream = StreamedCall(client, call, sink) if call.stream else None
         attempt = 1
         while True:
             try:
                 with metrics.backend_request(client.backend, call.model_name):
-                    return await self._attempt(client, call, request)
+                    return await self._attempt(client, call, request, stream)
             except DispatchError as error:
                 delay = self._delay(attempt, error)
                 if not error.retryable or attempt >= self._settings.retry_max_attempts:
+                    raise
+                if stream is not None and stream.sent:  # see stream_call.py: never sent twice
                     raise
                 if time.time() + delay + MIN_ATTEMPT_SECONDS >= call.deadline:
                     raise self._past_deadline(request, error) from error
@@ -161,8 +170,9 @@ class Caller:
         return DeadlineExceeded(f"deadline passed while retrying {request.origin}: {error.msg}")
 
     async def _attempt(
-        self, client: BackendClient, call: PredictionCall, request: Request
-    ) -> Answer:
+        self, client: BackendClient, call: PredictionCall, request: Request,
+        stream: StreamedCall | None = None,
+    ) -> Answer:  # fmt: skip
         where = client.where(request.origin)
         remaining = call.deadline - time.time()
         if remaining <= 0:
@@ -180,6 +190,9 @@ class Caller:
                     request.method, request.url, headers, request.body,
                     read_timeout=read_timeout, connect_timeout=client.backend.connect_timeout,
                 )  # fmt: skip
+                if stream is not None and client.succeeded(reply.status):
+                    span.answered(reply.status)
+                    return await stream.read(reply, where, read_timeout)  # its own errors
                 try:
                     content = await reply.read()
                 finally:

@@ -6,6 +6,11 @@ extension). Bytes go to `infer` as BYTES tensors with the binary tensor data ext
 (oip_binary.py). The answer is the inference response as the server sent it, binary outputs
 turned into JSON. Errors (`{"error": "..."}`, FastAPI's `{"detail": ...}`) map by status
 (base.status_error).
+
+A streamed call (`call.stream`) goes to `.../infer_stream` or `.../generate_stream` (MLServer;
+Triton's REST API has the latter), with a JSON body only: bytes are sent to `infer` alone, as
+binary tensors, which no streaming endpoint is documented to take. Its answer is read as SSE
+(stream_oip.py).
 """
 
 from __future__ import annotations
@@ -43,7 +48,11 @@ class OpenInference(BackendClient):
 
     def request(self, call: PredictionCall, payload: bytes | None) -> Request:
         origin = self.backend.origin
-        url = self.url(f"{model_path(call)}/{call.operation}")
+        url = self.url(f"{model_path(call)}/{call.operation}{'_stream' if call.stream else ''}")
+        if call.payload is not None and call.stream:
+            raise UnsupportedOperation(
+                f"{self.where(origin)}: a streamed call takes a JSON body, not bytes"
+            )
         if call.payload is not None and payload is not None:
             if call.operation != "infer":
                 raise UnsupportedOperation(

@@ -7,11 +7,16 @@ Each operation posts the JSON body as the message carries it (its `model` set fr
 completion (or embedding) object as the server sent it. Errors come as OpenAI's
 `{"error": {"message", "type", "code"}}` or the older flat `{"object": "error", "message"}`
 (vLLM) and map by status (base.status_error).
+
+A streamed call (`call.stream`) sends `"stream": true` and `"stream_options": {"include_usage":
+true}` (so the assembled answer has its usage, as the non-streamed one does) and is read as SSE
+(stream_openai.py). Embeddings do not stream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from shared.errors import DispatchError, UnsupportedOperation
 from shared.models import PredictionCall
@@ -31,6 +36,8 @@ PATHS: Mapping[str, str] = {
     "completions": "/v1/completions",
     "embeddings": "/v1/embeddings",
 }
+# The operations whose answers stream (stream_openai.py assembles their final result).
+STREAMED = frozenset({"chat.completions", "completions"})
 
 
 class OpenAI(BackendClient):
@@ -45,10 +52,24 @@ class OpenAI(BackendClient):
         body = call.body
         if isinstance(body, dict) and body.get("model") != call.model_name:
             body = {**body, "model": call.model_name}
+        if call.stream:
+            body = self._streamed(call, body)
         headers = [("Content-Type", "application/json")]
         if self.backend.token is not None:
             headers.insert(0, bearer(self.backend.token.get_secret_value()))
         return Request(origin, self.url(PATHS[call.operation]), encode_json(body), tuple(headers))
+
+    def _streamed(self, call: PredictionCall, body: Any) -> dict[str, Any]:
+        """The body of a streamed call: what it asked, with the stream (and its usage) asked
+        for; a stream_options it sent is kept."""
+        where = self.where(self.backend.origin)
+        if call.operation not in STREAMED:
+            raise UnsupportedOperation(f"{where}: `{call.operation}` does not stream")
+        if not isinstance(body, dict):
+            raise UnsupportedOperation(f"{where}: a streamed call takes a JSON object body")
+        options = body.get("stream_options")
+        options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return {**body, "stream": True, "stream_options": options}
 
     def answer(self, content: bytes, reply: Reply) -> Answer:
         return parse_answer(content, reply.header("content-type"))

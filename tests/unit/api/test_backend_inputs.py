@@ -222,7 +222,7 @@ def test_bytes_forms_say_which_backends_take_bytes(
         ({"backend": "mls", "input": tensor(shape=[-1])}, ["input.inputs[0].shape", "[1, 3]"]),
         ({"backend": "mls", "input": tensor(name=DROP)}, ["input.inputs[0].name", "required"]),
         ({"backend": "llm", "input": {"messages": []}}, ["input.messages", "non-empty"]),
-        ({"backend": "llm", "input": {**CHAT, "stream": True}}, ["streaming", "not supported"]),
+        ({"backend": "llm", "input": {**CHAT, "stream": True}}, ["input.stream", "stream field"]),
         ({"backend": "llm", "data": URI}, ["data:", "'llm' (openai) takes JSON"]),
         ({"backend": "mls", "operation": "x"}, ["operation: 'x'", "infer, generate"]),
         ({"backend": "nope"}, ["backend: 'nope' is not configured", "llm, mls, torchserve"]),

@@ -41,6 +41,7 @@ def test_call_fields_are_exactly_a_prediction_calls() -> None:
         "token": "tok",
         "username": "alice",
         "password": "pw",
+        "stream": False,
     }
 
 
