@@ -20,7 +20,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from api.backend_inputs import BytesCheck, check_body
+from api.backend_inputs import BytesCheck, check_body, check_stream
 from api.errors import describe_validation
 from api.inputs import decode_data_uri, fallback_type, too_large
 from api.targets import resolve_target
@@ -237,6 +237,8 @@ def _item(
             raise too_large(size, settings.max_body_bytes, "input")
     target = resolve_target(request, settings)
     check_body(request, target, has_bytes=payload is not None)
+    if request.stream:
+        check_stream(target)
     return BatchItem(custom_id, request, target, payload, request.priority or Priority.batch)
 
 

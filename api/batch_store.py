@@ -154,6 +154,7 @@ class BatchStore:
                 webhook=webhook,
                 webhook_events=webhook_events,
                 custom_id=item.custom_id,
+                stream=request.stream,
             ).item_fields()
             items.append(BatchItemRecord(index, queue, fields, stored))
         per_message = self._settings.message_max_tasks

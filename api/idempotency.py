@@ -122,6 +122,8 @@ def fingerprint_of(request: PredictionRequest, target: Target, payload: Payload 
         "parts": [p.model_dump() for p in payload.parts] if payload is not None else None,
         "multipart": payload.multipart if payload is not None else None,
     }
+    if request.stream:  # only when asked, so fingerprints kept from before streams still match
+        head["stream"] = True
     digest = hashlib.sha256(json.dumps(head, sort_keys=True, separators=(",", ":")).encode())
     if payload is not None:
         digest.update(b"\0")

@@ -120,6 +120,7 @@ class ApiStore:
             priority=priority,
             webhook=request.webhook,
             webhook_events=request.webhook_event_types() if request.webhook else (),
+            stream=request.stream,
         ).fields(now, owner)
         submit = Submit(
             new=SubmitTask(
@@ -217,12 +218,14 @@ class ApiStore:
                 f"task {task_id} already ended as {view.status.value}; there is nothing to cancel"
             )
         canceled = TaskCanceled("the task was canceled before a worker started it")
+        stopped = TaskCanceled("the task was canceled while its output streamed; its call stopped")
         outcome = await _write(
             self._cancel(
                 task_id,
                 now=time.time(),
                 ttl=self._settings.result_ttl,
                 error=canceled.body(task_id).model_dump_json(),
+                running_error=stopped.body(task_id).model_dump_json(),
             ),
             "the task was not canceled",
         )

@@ -28,12 +28,14 @@ from shared.logs import task_context
 from shared.models import PredictionCall
 from shared.priorities import Priority
 from shared.redis_state.record import Outcome
+from shared.redis_state.stream_scripts import AppendToStream, StreamLimits
 from shared.settings import Settings
 from worker import task_metrics as metrics
 from worker.backends import Caller
 from worker.group_commit import GroupCommit
 from worker.slots import Slots
 from worker.store import StartVerdict, WorkerStore
+from worker.stream_writer import StreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class TaskRunner:
         self.slots = Slots(settings.worker_max_in_flight)
         self._per_backend = settings.worker_max_calls_per_backend
         self._backends: dict[tuple[str, str, str], Slots] = {}
+        self._append = AppendToStream(store.redis)  # a streamed task's outputs
+        self._stream_limits = StreamLimits.of(settings)
         # False once the worker stops: a task still waiting for a slot is not started, and its
         # message stays unacknowledged (delivered again; START skips what did end).
         self.admitting = True
@@ -138,16 +142,24 @@ class TaskRunner:
                 log.info("task %s skipped: %s", task_id, verdict.value)
                 observed.skipped(missing=verdict is StartVerdict.missing)
             else:
-                outcome, status, code = await self._predict(task_id, call)
+                outcome, status, code = await self._predict(task_id, call, deliveries)
                 await self.outcomes.call(outcome)
                 observed.finished(status, code)
 
-    async def _predict(self, task_id: str, call: PredictionCall) -> tuple[Outcome, str, str]:
+    async def _predict(
+        self, task_id: str, call: PredictionCall, deliveries: int
+    ) -> tuple[Outcome, str, str]:
         try:
             # A claim-checked payload is read only now: a redelivered copy of a finished task
             # (its key deleted) never gets here.
             payload = await self.store.payload(call.payload) if call.payload else None
-            answer = await self.client.predict_answer(call, payload)
+            # A streamed task's outputs go to its stream as they come; its ending (error or
+            # done) is written with its outcome, by the script that stores it (lib.lua).
+            writer = None
+            if call.stream:
+                writer = StreamWriter(self._append, task_id, deliveries, self._stream_limits)
+                await writer.begin()
+            answer = await self.client.predict_answer(call, payload, writer)
         except DispatchError as error:
             log.info("task %s %r failed: %s (%d)", task_id, call, error.code, error.status)
             return Outcome.failed(task_id, error), "failed", error.code

@@ -10,11 +10,12 @@ and writes in one step:
 - a cap refused (STREAM_MAX_ENTRIES, STREAM_MAX_BYTES): nothing was written, and the writer
   stops for good (a later, smaller chunk could fit, and the stream would have a hole). It
   raises StreamBroken naming the setting and its value (never the data), which ends the call
-  and fails the task; the chunks already appended stay readable, and the error event (`error`
-  below) still fits, since the ending is not capped.
+  and fails the task; the chunks already appended stay readable, and the error event still
+  fits, since the ending is not capped.
 - `ended` (the stream holds its error or done: the task was canceled, or another delivery
-  ended it) or `stale` (a newer delivery of the task writes the stream): this delivery's output
-  is no longer wanted; the writer raises, which ends the call and closes its upstream
+  ended it; every ending of a streamed task writes it, lib.lua end_stream) or `stale` (a newer
+  delivery of the task writes the stream): this delivery's output is no longer wanted; the
+  writer raises, which ends the call and closes its upstream
   connection.
 
 Each entry's data is the output as JSON text (compact, UTF-8): an object as itself, a text
@@ -77,15 +78,6 @@ class StreamWriter:
             self.sent += 1
             return
         raise self._stop(self._refused(appended.outcome))
-
-    async def error(self, error: DispatchError) -> Appended:
-        """End the stream with the task's error body (`error` events are not capped)."""
-        body = error.body(self.task_id).model_dump_json()
-        return await self._write(StreamKind.error, body)
-
-    async def done(self, view: str) -> Appended:
-        """End the stream with the final task view (JSON text, as `GET /tasks/{id}` shows it)."""
-        return await self._write(StreamKind.done, view)
 
     async def _write(self, kind: StreamKind, data: str) -> Appended:
         try:

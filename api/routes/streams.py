@@ -8,15 +8,17 @@ or `?last_event_id=` resumes exactly after that event; the header wins over the 
 a browser keeps the first URL but sends the newest id. A client that comes after the end reads
 the whole history the same way.
 
-Two endings a plain reader of the stream would never see, answered here:
+A streamed task's stream ends in the same step as its record (lib.lua end_stream): `error`
+with its error body, or `done` with no data, for which the task view is read from the record
+and sent. Two endings a plain reader of the stream would never see, answered here:
 - An EventSource reconnects whenever a response ends, `done` or not. One whose Last-Event-ID is
   already the stream's `error` or `done` gets 204, which tells it to stop (WHATWG HTML).
 - A task that ended with no stream at all: one that never ran (canceled while queued, expired)
   or was not streamed. Its end (from the finished channel, api/waiting.py) gives one event from
   its record, `error` for a failed task, `done` (the task view) otherwise, with the id
-  `SYNTHETIC_ID`; a reconnect with it gets the 204. A streamed task's worker may end the record
-  a moment before it appends its `done`, so within `END_GRACE_SECONDS` of the end the stream's
-  own ending is waited for first.
+  `SYNTHETIC_ID`; a reconnect with it gets the 204. The hub may read a streamed task's ending a
+  moment after the finished channel told its end, so within `END_GRACE_SECONDS` of the end the
+  stream's own ending is waited for first.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
@@ -39,7 +41,13 @@ from api.waiting import ResultWaiter
 from shared.errors import InvalidRequest
 from shared.models import TaskStatus, TaskView
 from shared.redis_state.stream_reader import StreamHub, Subscription
-from shared.redis_state.streams import StreamEvent, id_order, parse_event_id, read_last
+from shared.redis_state.streams import (
+    StreamEvent,
+    StreamKind,
+    id_order,
+    parse_event_id,
+    read_last,
+)
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -162,7 +170,7 @@ async def _events(
             ended = asyncio.ensure_future(
                 watch.until_terminal(view, math.inf, lambda: reader.read(task_id))
             )
-        follow = _Follow(subscription, ended)
+        follow = _Follow(subscription, ended, lambda: reader.read(task_id))
         stack.callback(follow.close)
         while (chunk := await follow.chunk()) is not None:
             yield chunk
@@ -172,9 +180,15 @@ class _Follow:
     """One response's reading: the stream's next event and, while the task has no stream, the
     task's end; each `chunk()` is what to send next (None: nothing more)."""
 
-    def __init__(self, subscription: Subscription, ended: asyncio.Future[TaskView] | None) -> None:
+    def __init__(
+        self,
+        subscription: Subscription,
+        ended: asyncio.Future[TaskView] | None,
+        read: Callable[[], Awaitable[TaskView]],
+    ) -> None:
         self._subscription = subscription
         self._ended = ended
+        self._read = read
         self._following = asyncio.ensure_future(subscription.next())
         self._over = False
 
@@ -189,7 +203,7 @@ class _Follow:
             if not done:
                 return sse.KEEPALIVE
             if self._following in done:
-                return self._event()
+                return await self._event()
             assert self._ended is not None
             final, self._ended = self._ended.result(), None
             if not await _stream_ends_soon(self._following, final):
@@ -197,7 +211,7 @@ class _Follow:
                 return _final_event(final)
         return None
 
-    def _event(self) -> bytes | None:
+    async def _event(self) -> bytes | None:
         try:
             event = self._following.result()
         except StopAsyncIteration:
@@ -205,6 +219,10 @@ class _Follow:
             return None
         if event.terminal:
             self._over = True
+            if event.kind is StreamKind.done and not event.data:
+                # lib.lua end_stream leaves the final view to the API: the record it ended.
+                view = await self._read()
+                return sse.encode(event.kind.value, view.model_dump_json(), event.id)
         else:
             if self._ended is not None:  # the stream exists: its writer ends it
                 self._ended.cancel()

@@ -63,6 +63,8 @@ def raw_answer(value: Any, content_type: str | None) -> Response:
 
 @router.delete("/{task_id}", response_model=TaskView, responses=ERROR_RESPONSES)
 async def cancel_task(task_id: TaskId, store: StoreDep, owner: OwnerDep) -> TaskView:
-    """Cancel a queued task (it never reaches TorchServe); a running one gets `cancel_requested`
-    and still stores its result; a finished one answers 409."""
+    """Cancel a queued task (it never reaches its model server); a running one gets
+    `cancel_requested` and still stores its result, except a streamed one (`stream: true`),
+    which is canceled at once: its stream ends with `done` and its worker closes the call to the
+    model server at the next chunk. A finished one answers 409."""
     return await store.cancel(task_id, owner)

@@ -100,8 +100,9 @@ WRITE_PROBE_KEY = _key(NAMESPACE + "ready_probe", "", "string",
 STREAM_KEY_PREFIX = _key(
     NAMESPACE + "stream:", "<task id>", "stream",
     "a streamed task's events: output chunks, restart marks, its error or done (streams.py)",
-    "stream_append", "the API's stream hub (stream_reader.py), streams.read_after",
-    "RESULT_TTL from its last append")
+    "stream_append; its error or done: every ending (lib.lua end_stream)",
+    "the API's stream hub (stream_reader.py), streams.read_after",
+    "RESULT_TTL from its last append; its record's from its ending")
 HUB_WAKE_KEY_PREFIX = _key(
     NAMESPACE + "stream_hub:", "<hub id>", "stream",
     "wake-ups of one API process's stream hub, whose blocking XREAD also reads this key",
@@ -167,6 +168,7 @@ LUA_KEYS: dict[str, str] = {
     "event": EVENT_KEY_PREFIX,
     "due": DUE_KEY,
     "finished": FINISHED_CHANNEL,
+    "stream": STREAM_KEY_PREFIX,
 }
 
 

@@ -58,6 +58,7 @@ class TaskField(str, Enum):
     error = "error"  # an ending other than success: TaskError's JSON
     cancel_requested = "cancel_requested"  # task_cancel of a running task: "1"
     webhook_event = "webhook_event"  # lib.lua emit_event: the latest event's id
+    stream = "stream"  # submit, for `stream: true`: "1"; lib.lua end_task then ends its stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,7 @@ class NewTask:
     custom_id: str | None = None  # batch items only
     backend: str = TORCHSERVE
     operation: str | None = None  # None: its protocol's default (recorded_operation)
+    stream: bool = False  # `stream: true`: its ending is appended to its stream (lib.lua)
 
     def item_fields(self) -> list[str]:
         """Field, value, ... beyond the status, time and owner (batch_add_items writes those
@@ -93,6 +95,8 @@ class NewTask:
         if self.webhook:  # read by the transition scripts, which emit the events
             fields += [TaskField.webhook.value, self.webhook]
             fields += [TaskField.webhook_events.value, ",".join(self.webhook_events)]
+        if self.stream:
+            fields += [TaskField.stream.value, "1"]
         return fields
 
     def fields(self, created_at: float, owner: str) -> list[str]:

@@ -75,14 +75,18 @@ class SubmitTasks(AsyncWrapper):
 
 
 class CancelTask(AsyncWrapper):
-    """task_cancel: cancels a queued task, flags a running one."""
+    """task_cancel: cancels a queued (or running streamed) task, flags a running one."""
 
     name = "task_cancel"
 
-    async def __call__(self, task_id: str, *, now: float, ttl: int, error: str) -> str:
-        """`error`: the cancel's error body (JSON, with the task id). The status after the call:
+    async def __call__(
+        self, task_id: str, *, now: float, ttl: int, error: str, running_error: str = ""
+    ) -> str:
+        """`error`: the cancel's error body (JSON, with the task id); `running_error`: the one
+        of a running streamed task (`error` when empty). The status after the call:
         'canceled', 'cancel_requested', the terminal one it had, or 'missing'."""
-        return text(await self._script(keys=[task_key(task_id)], args=[now, ttl, task_id, error]))
+        args: list[str | float] = [now, ttl, task_id, error, running_error or error]
+        return text(await self._script(keys=[task_key(task_id)], args=args))
 
 
 class SettleTask(AsyncWrapper):

@@ -107,14 +107,40 @@ local function publish_record(key, task_id)
   end
 end
 
+-- The streamed task of record `key` ended in `status`: its stream (created if it has none yet,
+-- e.g. a task canceled while queued) ends with `error` (a failed task: its error body) or `done`
+-- (data '': the API sends the final task view, read from the record, which this same step
+-- ended). The entry carries the last attempt and counts, as stream_append's entries do, and
+-- after it stream_append writes nothing more: a worker still running a canceled task learns it
+-- at its next chunk and closes its upstream call. The stream then lives as long as the record.
+local function end_stream(key, task_id, status)
+  if redis.call('HGET', key, 'stream') ~= '1' then return end
+  local skey = K.stream .. task_id
+  local attempt, seq, size = redis.call('HGET', key, 'deliveries') or '0', '0', '0'
+  local last = redis.call('XREVRANGE', skey, '+', '-', 'COUNT', 1)[1]
+  if last then
+    local fields = {}
+    for i = 1, #last[2], 2 do fields[last[2][i]] = last[2][i + 1] end
+    if fields.kind == 'done' or fields.kind == 'error' then return end
+    attempt, seq, size = fields.attempt, fields.seq, fields.bytes
+  end
+  local kind, data = 'done', ''
+  if status == 'failed' then kind, data = 'error', redis.call('HGET', key, 'error') or '' end
+  redis.call('XADD', skey, '*', 'kind', kind, 'attempt', attempt, 'data', data, 'seq', seq,
+    'bytes', size)
+  redis.call('EXPIRE', skey, redis.call('TTL', key))
+end
+
 -- The task of record `key` ends: from `old` into the terminal status `new` at `now`, with the
 -- fields that follow `ttl` (name, value, ...: its result or error), kept `ttl` seconds. Its
--- counters, webhook event, payload and publish follow from here, in every script that ends one.
+-- counters, webhook event, stream, payload and publish follow from here, in every script that
+-- ends one.
 local function end_task(key, task_id, old, new, now, ttl, ...)
   redis.call('HSET', key, 'status', new, 'finished_at', now, ...)
   redis.call('EXPIRE', key, ttl)
   moved(key, old, new, now)
   emit_webhook(key, task_id, new, now, ttl)
+  end_stream(key, task_id, new)
   publish_record(key, task_id)
 end
 

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from api import sse
 from api.main import create_app
+from api.routes.streams import SYNTHETIC_ID
 from devstack.processes import free_port
 from devstack.redis import RedisServer
 from shared.redis_state.keys import TASK_KEY_PREFIX
@@ -238,10 +239,16 @@ def test_keep_alive_comments_while_the_stream_is_idle(
     assert after_output[-1]["event"] == "done"
 
 
-def test_a_task_that_ends_without_a_stream_gets_one_final_event(config: Settings, run: Any) -> None:
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_task_canceled_while_queued_gets_one_final_event(
+    config: Settings, run: Any, streamed: bool
+) -> None:
+    """Not streamed: one event from the record (SYNTHETIC_ID). Streamed: its cancel wrote the
+    stream's `done` (lib.lua end_stream), whose view the API reads from the record."""
+
     async def main() -> tuple[str, list[dict[str, str]], int, list[dict[str, str]]]:
         async with api(config) as client:
-            task_id = await submit(client)  # no worker runs: it stays queued, streamless
+            task_id = await submit(client, stream=streamed)  # no worker runs: it stays queued
             url = f"/tasks/{task_id}/stream"
             reading = asyncio.create_task(client.get(url, headers=AUTH))
             await asyncio.sleep(0.3)
@@ -254,10 +261,11 @@ def test_a_task_that_ends_without_a_stream_gets_one_final_event(config: Settings
         return task_id, waiting, again.status_code, late
 
     task_id, waiting, again, late = run(main())
-    for events in (waiting, late):
-        assert [(e["event"], e["id"]) for e in events] == [("done", "0-1")]
-        view = json.loads(events[0]["data"])
-        assert (view["task_id"], view["status"]) == (task_id, "canceled")
+    assert waiting == late
+    assert [e["event"] for e in waiting] == ["done"]
+    assert (waiting[0]["id"] == SYNTHETIC_ID) is not streamed
+    view = json.loads(waiting[0]["data"])
+    assert (view["task_id"], view["status"]) == (task_id, "canceled")
     assert again == 204
 
 

@@ -115,7 +115,9 @@ def test_a_cap_stops_the_writer_for_good_and_the_error_still_ends_the_stream(
         with pytest.raises(StreamBroken) as again:  # smaller, it would fit: still refused
             await write.output("")
         assert again.value is caught.value
-        ended = await write.error(caught.value)
+        # The ending (lib.lua end_stream's, here appended as it would be) is not capped.
+        body = caught.value.body("t1").model_dump_json()
+        ended = await AppendToStream(client)("t1", ERROR, body, attempt=1, limits=limits)
         assert ended.outcome is AppendOutcome.appended
         return await events(client)
 
@@ -129,7 +131,8 @@ def test_an_ended_stream_stops_the_call(on_redis: OnRedis) -> None:
     async def scenario(client: aioredis.Redis) -> list[StreamEvent]:
         write = writer(client)
         await write.output("a")
-        assert (await write.done('{"status":"canceled"}')).outcome is AppendOutcome.appended
+        done = await AppendToStream(client)("t1", DONE, "", attempt=1, limits=LIMITS)
+        assert done.outcome is AppendOutcome.appended
         with pytest.raises(StreamBroken) as caught:
             await write.output("b")
         assert "had already ended" in caught.value.msg
