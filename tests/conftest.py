@@ -24,6 +24,7 @@ from shared.settings import Settings
 from tests.support.stack import (
     LOADED_AT_START,
     SLOW_WORKERS,
+    STREAMING_WORKERS,
     TEST_MODELS,
     TEST_MODELS_DIR,
     StackFactory,
@@ -98,6 +99,7 @@ def torchserve(
     with server:
         server.register("versioned_v2.mar")
         server.scale("slow", SLOW_WORKERS)
+        server.scale("streaming", STREAMING_WORKERS)
         yield server
 
 

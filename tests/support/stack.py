@@ -18,7 +18,9 @@ import pytest
 from devstack import RedisServer, Stack, TorchServe, start_stack
 
 TEST_MODELS_DIR = Path(__file__).parent / "models"
-TEST_MODELS = ("slow", "failing", "rejecting", "counting", "digest", "mirror", "headers")
+TEST_MODELS = (
+    "slow", "failing", "rejecting", "counting", "digest", "mirror", "headers", "streaming",
+)  # fmt: skip
 LOADED_AT_START = (
     "echo.mar",
     "linear.mar",
@@ -30,10 +32,14 @@ LOADED_AT_START = (
     "digest.mar",
     "mirror.mar",
     "headers.mar",
+    "streaming.mar",
     "image_info.mar",
     "grayscale.mar",
 )
 SLOW_WORKERS = 2
+# A stream a dispatcher worker let go of (killed, canceled) still runs to its end in its model
+# worker: a second one lets the next test's stream start at once.
+STREAMING_WORKERS = 2
 
 
 def ensure_redis(redis_server: RedisServer) -> None:
