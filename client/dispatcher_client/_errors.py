@@ -139,13 +139,15 @@ class QueueFull(DispatcherError):
 
 
 class ModelFailed(DispatcherError):
-    """502: TorchServe or the model's handler failed, or refused the token."""
+    """502: the model server or the model's handler failed, refused the token, or broke a
+    streamed answer it had begun (`stream_broken`)."""
 
     codes = (
         "torchserve_error",
         "torchserve_auth_rejected",
         "backend_error",
         "backend_auth_rejected",
+        "stream_broken",
     )
 
 

@@ -125,10 +125,11 @@ def test_the_readme_example_runs(
     monkeypatch.chdir(ROOT)  # the example reads models/example.png
     program = compile(code.replace("http://127.0.0.1:8000", stack.api_url), "README.md", "exec")
     exec(program, {})  # noqa: S102  (the README's own code, run as a reader would)
-    linear, echo, item = capsys.readouterr().out.splitlines()
+    linear, echo, item, *events = capsys.readouterr().out.splitlines()
     assert linear.startswith("{'outputs': [[")
     assert echo.startswith("{'n': 1} image/png ")
     assert item == "a succeeded 1"
+    assert events == ["output {'n': 2}", "done succeeded"]  # echo answers in one chunk
 
 
 # --- bytes in and out ----------------------------------------------------------------------------
