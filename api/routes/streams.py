@@ -15,7 +15,7 @@ and sent. Two endings a plain reader of the stream would never see, answered her
   already the stream's `error` or `done` gets 204, which tells it to stop (WHATWG HTML).
 - A task that ended with no stream at all: one that never ran (canceled while queued, expired)
   or was not streamed. Its end (from the finished channel, api/waiting.py) gives one event from
-  its record, `error` for a failed task, `done` (the task view) otherwise, with the id
+  its record, `error` for a failed or expired task, `done` (the task view) otherwise, with the id
   `SYNTHETIC_ID`; a reconnect with it gets the 204. The hub may read a streamed task's ending a
   moment after the finished channel told its end, so within `END_GRACE_SECONDS` of the end the
   stream's own ending is waited for first.
@@ -247,6 +247,6 @@ async def _stream_ends_soon(following: asyncio.Future[StreamEvent], final: TaskV
 
 def _final_event(view: TaskView) -> bytes:
     """The one event of a task that ended without a stream."""
-    if view.status is TaskStatus.failed and view.error is not None:
+    if view.status in (TaskStatus.failed, TaskStatus.expired) and view.error is not None:
         return sse.encode("error", view.error.model_dump_json(exclude_none=True), SYNTHETIC_ID)
     return sse.encode("done", view.model_dump_json(), SYNTHETIC_ID)

@@ -108,9 +108,9 @@ local function publish_record(key, task_id)
 end
 
 -- The streamed task of record `key` ended in `status`: its stream (created if it has none yet,
--- e.g. a task canceled while queued) ends with `error` (a failed task: its error body) or `done`
--- (data '': the API sends the final task view, read from the record, which this same step
--- ended). The entry carries the last attempt and counts, as stream_append's entries do, and
+-- e.g. a task canceled while queued) ends with `error` (a failed or expired task: its error
+-- body) or `done` (succeeded or canceled; data '': the API sends the final task view, read
+-- from the record, which this same step ended). The entry carries the last attempt and counts, as stream_append's entries do, and
 -- after it stream_append writes nothing more: a worker still running a canceled task learns it
 -- at its next chunk and closes its upstream call. The stream then lives as long as the record.
 local function end_stream(key, task_id, status)
@@ -125,7 +125,8 @@ local function end_stream(key, task_id, status)
     attempt, seq, size = fields.attempt, fields.seq, fields.bytes
   end
   local kind, data = 'done', ''
-  if status == 'failed' then kind, data = 'error', redis.call('HGET', key, 'error') or '' end
+  local error = redis.call('HGET', key, 'error')
+  if error and (status == 'failed' or status == 'expired') then kind, data = 'error', error end
   redis.call('XADD', skey, '*', 'kind', kind, 'attempt', attempt, 'data', data, 'seq', seq,
     'bytes', size)
   redis.call('EXPIRE', skey, redis.call('TTL', key))

@@ -43,6 +43,7 @@ def new_task(
     priority: Priority = Priority.default,
     webhook: str | None = None,
     events: Sequence[str] = (),
+    stream: bool = False,
 ) -> NewTask:
     return NewTask(
         model_name="echo",
@@ -52,6 +53,7 @@ def new_task(
         priority=priority,
         webhook=webhook,
         webhook_events=tuple(events),
+        stream=stream,
     )
 
 
