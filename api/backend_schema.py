@@ -14,12 +14,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from api.backend_inputs import input_schema, takes_bytes
+from api.backend_inputs import STREAMING_OPERATIONS, input_schema, takes_bytes
 from shared.backends import Backend, Protocol
 from shared.settings import Settings
 
 NULL = {"type": "null"}
 SET = {"not": NULL}
+# An operation that answers whole: `stream: true` is refused (api/backend_inputs.py check_stream).
+NOT_STREAMED = {"not": {"required": ["stream"], "properties": {"stream": {"const": True}}}}
 # What the other protocols leave to TorchServe: its targets are TorchServe's own.
 _TORCHSERVE_ONLY = ("host", "port", "http_protocol", "token", "username", "password")
 
@@ -44,6 +46,8 @@ def bytes_backends(settings: Settings) -> list[Backend]:
 
 def _json_operation(backend: Backend, operation: str) -> dict[str, Any]:
     chosen = _chosen("operation", operation, operation == backend.default_operation, form=False)
+    if (backend.protocol, operation) not in STREAMING_OPERATIONS:
+        chosen = {"allOf": [chosen, NOT_STREAMED]}
     schema = input_schema(backend.protocol, operation)
     if schema is None:  # TorchServe: any input, any bytes
         return chosen

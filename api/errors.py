@@ -52,6 +52,13 @@ def error_response(error: DispatchError, task_id: str | None = None) -> JSONResp
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
+# The two ways to resume a stream (api/routes/streams.py); the value is never echoed.
+EVENT_ID_FIELDS = ("Last-Event-ID", "last_event_id")
+EVENT_ID_PROBLEM = (
+    "not an event id of this stream: send an `id:` the stream sent (<ms>-<seq>), or none"
+)
+
+
 def _field(location: Sequence[Any]) -> str:
     parts = [str(part) for part in location if part not in ("body", "query", "header", "path")]
     return ".".join(parts) or "body"
@@ -68,6 +75,8 @@ def describe_validation(errors: Sequence[Any]) -> str:
             problems.append("the body is missing: send a JSON object with at least model_name")
         elif kind in ("model_attributes_type", "dict_type") and field == "body":
             problems.append("the body must be a JSON object with at least model_name")
+        elif kind == "string_pattern_mismatch" and field in EVENT_ID_FIELDS:
+            problems.append(f"{field}: {EVENT_ID_PROBLEM}")
         elif kind == "string_pattern_mismatch":
             problems.append(f"{field}: use 1-128 letters, digits, '_', '.', '-' (no '/' or spaces)")
         else:

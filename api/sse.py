@@ -25,6 +25,22 @@ HEADERS = {
     "X-Accel-Buffering": "no",
 }
 KEEPALIVE = b": keep-alive\n\n"
+# One event as the OpenAPI document describes it (before OpenAPI 3.2's `itemSchema`, a
+# text/event-stream's `schema` is read as each event's: its fields as a client parses them).
+EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["event", "id", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["output", "restart", "error", "done"]},
+        "id": {"type": "string", "pattern": r"^\d{1,19}-\d{1,19}$"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": 'JSON: the chunk (output), `{"attempt": n}` (restart), the error '
+            "body (error) or the task view (done)",
+        },
+    },
+}
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
-from api import idempotency
+from api import idempotency, sse
 from api.backend_inputs import check_backend_input, check_stream
 from api.deps import DIRECT_DEPENDENCIES, DirectRoute, resolve
 from api.errors import error_response
@@ -58,7 +58,7 @@ def task_response(view: TaskView, stream: bool = False) -> Response:
         200: {
             "description": "finished in time: the task; or, for `stream: true` with a wait and "
             "`Accept: text/event-stream`, its events as GET /tasks/{task_id}/stream sends them",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {sse.MEDIA_TYPE: {"schema": sse.EVENT_SCHEMA}},
         },
         202: {"model": Accepted, "description": "not finished yet: poll status_url"},
         **ERROR_RESPONSES,

@@ -42,6 +42,7 @@ from shared.errors import InvalidRequest
 from shared.models import TaskStatus, TaskView
 from shared.redis_state.stream_reader import StreamHub, Subscription
 from shared.redis_state.streams import (
+    EVENT_ID_PATTERN,
     StreamEvent,
     StreamKind,
     id_order,
@@ -55,7 +56,7 @@ router = APIRouter(prefix="/tasks", tags=["tasks"])
 # (those start with the time in ms), so resuming after it would still read a real stream.
 SYNTHETIC_ID = "0-1"
 END_GRACE_SECONDS = 1.0
-EVENT_ID_MAX = 41  # two 20-digit numbers and the dash
+EVENT_ID_MAX = 39  # two 19-digit numbers and the dash
 
 STREAM_DESCRIPTION = (
     "Server-Sent Events, each with `id:` (its Redis stream id) and one of: `output` (a chunk "
@@ -70,7 +71,7 @@ STREAM_RESPONSES: dict[int | str, dict[str, object]] = {
         "description": STREAM_DESCRIPTION,
         "content": {
             sse.MEDIA_TYPE: {
-                "schema": {"type": "string"},
+                "schema": sse.EVENT_SCHEMA,
                 "example": 'event: output\nid: 1764698400000-0\ndata: {"text": "Hel"}\n\n'
                 'event: done\nid: 1764698400100-0\ndata: {"task_id": "...", "status": '
                 '"succeeded", ...}\n\n',
@@ -83,11 +84,14 @@ STREAM_RESPONSES: dict[int | str, dict[str, object]] = {
 LAST_EVENT_ID_HEADER = Header(
     alias="Last-Event-ID",
     max_length=EVENT_ID_MAX,
+    pattern=EVENT_ID_PATTERN,
     description="Resume after this event (an EventSource sends it when it reconnects); wins "
     "over `last_event_id`.",
 )
 LAST_EVENT_ID_QUERY = Query(
-    max_length=EVENT_ID_MAX, description="Resume after this event's id (`<ms>-<seq>`)."
+    max_length=EVENT_ID_MAX,
+    pattern=EVENT_ID_PATTERN,
+    description="Resume after this event's id (`<ms>-<seq>`).",
 )
 
 
@@ -103,15 +107,15 @@ async def stream_task(
     waiter: WaiterDep,
     hub: HubDep,
     owner: OwnerDep,
-    last_event_id_header: Annotated[str | None, LAST_EVENT_ID_HEADER] = None,
-    last_event_id: Annotated[str | None, LAST_EVENT_ID_QUERY] = None,
+    last_event_id_header: Annotated[str, LAST_EVENT_ID_HEADER] = "",
+    last_event_id: Annotated[str, LAST_EVENT_ID_QUERY] = "",
 ) -> Response:
     """The task's events from the first (or after `Last-Event-ID`) to its `error` or `done`.
 
     Same rules as `GET /tasks/{task_id}`: another tenant's task is a 404. Try it with
     `curl -N -H 'Accept: text/event-stream' .../tasks/{task_id}/stream`."""
     # An empty id is no id (WHATWG HTML: an EventSource sends none until it had one).
-    raw = (last_event_id_header or "").strip() or (last_event_id or "").strip()
+    raw = last_event_id_header.strip() or last_event_id.strip()
     try:
         last_id = parse_event_id(raw) if raw else None
     except ValueError as error:

@@ -27,8 +27,9 @@ from shared.redis_state.keys import stream_key
 from shared.redis_state.loader import text
 
 # A stream id as Redis writes it (`<ms>-<seq>`, each a 64-bit unsigned integer).
-_STREAM_ID = re.compile(r"\A(\d{1,20})-(\d{1,20})\Z")
-_MAX_PART = 2**64 - 1
+_STREAM_ID = re.compile(r"\A(\d{1,19})-(\d{1,19})\Z")  # 19 digits: always below 2**64
+# The same rule for the OpenAPI document (an empty id is no id: EventSource sends none at first).
+EVENT_ID_PATTERN = r"^(\d{1,19}-\d{1,19})?$"
 # The position before every entry: reading after it reads the whole stream.
 START = "0-0"
 
@@ -109,10 +110,7 @@ def parse_event_id(raw: str) -> str:
     match = _STREAM_ID.match(raw.strip())
     if match is None:
         raise ValueError("Last-Event-ID is not an event id of this stream (<ms>-<seq>)")
-    ms, seq = int(match.group(1)), int(match.group(2))
-    if ms > _MAX_PART or seq > _MAX_PART:
-        raise ValueError("Last-Event-ID is out of range")
-    return f"{ms}-{seq}"
+    return f"{int(match.group(1))}-{int(match.group(2))}"
 
 
 async def read_after(

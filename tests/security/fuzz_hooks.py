@@ -29,7 +29,7 @@ from typing import Any
 import schemathesis
 
 DISPATCH_QUERY_FIELDS = frozenset(
-    {"model_name", "model_version", "backend", "operation", "timeout", "priority",
+    {"model_name", "model_version", "backend", "operation", "timeout", "priority", "stream",
      "input_media_type", "webhook", "webhook_events"}
 )  # fmt: skip
 # The backends test_fuzz.py configures (BACKENDS), on a port nothing listens on: requests for

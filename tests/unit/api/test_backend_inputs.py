@@ -14,7 +14,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
-from api.backend_inputs import OIP_DATATYPES, check_backend_input, check_body
+from api.backend_inputs import OIP_DATATYPES, check_backend_input, check_body, check_stream
 from api.backend_probe import BackendProbe
 from api.inputs import decode_data_uri
 from api.main import create_app
@@ -49,6 +49,8 @@ def verdict(body: dict[str, Any], settings: Settings, *, has_bytes: bool | None 
             decode_data_uri(request.data, 1 << 20)
         target = resolve_target(request, settings)
         check_body(request, target, request.data is not None if has_bytes is None else has_bytes)
+        if request.stream:
+            check_stream(target)
     except ValidationError as error:
         return f"invalid_request: {error.errors()[0]['msg']}"
     except DispatchError as error:
@@ -154,6 +156,15 @@ CASES: list[tuple[dict[str, Any], bool]] = [
     (with_input("torchserve", {"x": 1}, token="t", model_version="1.0"), True),
     ({"model_name": "m", "backend": "llm"}, False),
     ({"model_name": "m", "backend": "llm", "data": URI}, False),
+    # The request's own `stream` (issue 18): every operation but embeddings streams.
+    (with_input("llm", CHAT, stream=True), True),
+    (with_input("llm", {"prompt": "x"}, operation="completions", stream=True), True),
+    (with_input("llm", {"input": "a"}, operation="embeddings", stream=True), False),
+    (with_input("llm", {"input": "a"}, operation="embeddings", stream=False), True),
+    (with_input("mls", OIP, stream=True), True),
+    (with_input("mls", {"text_input": "hi"}, operation="generate", stream=True), True),
+    (with_input("torchserve", {"x": 1}, stream=True), True),
+    ({"model_name": "m", "backend": "mls", "data": URI, "stream": True}, True),
 ]
 
 

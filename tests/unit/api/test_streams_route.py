@@ -294,9 +294,10 @@ def test_same_rules_as_the_task_bad_ids_unknown_and_other_tenants(
         assert answers[name].json()["code"] == "task_not_found"
     for name in ("bad query", "out of range"):
         assert answers[name].status_code == 422, name
-        assert "Last-Event-ID" in answers[name].json()["msg"]
+        assert "last_event_id: not an event id of this stream" in answers[name].json()["msg"]
         assert "12" not in answers[name].json()["msg"]  # the value is not echoed
     assert answers["bad header"].status_code == 422
+    assert "Last-Event-ID: not an event id" in answers["bad header"].json()["msg"]
 
 
 def test_a_streamed_dispatch_that_waits_and_accepts_sse_is_answered_by_the_stream(
