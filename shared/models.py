@@ -62,8 +62,12 @@ class TaskStatus(str, Enum):
 
 
 WebhookEventType = Literal[
-    "task.started", "task.succeeded", "task.failed", "task.canceled", "task.expired"
-]
+    "task.started", "task.succeeded", "task.failed", "task.canceled", "task.expired",
+    "task.output",
+]  # fmt: skip
+# A streamed task's outputs as they come, coalesced (shared/webhook_output.py): only with
+# `stream: true`, since a task that does not stream has no outputs before its result.
+OUTPUT_WEBHOOK_EVENT = "task.output"
 DEFAULT_WEBHOOK_EVENTS = ("task.succeeded", "task.failed", "task.canceled", "task.expired")
 
 
@@ -138,7 +142,8 @@ class PredictionRequest(BaseModel):
         None,
         min_length=1,
         description="Events sent to `webhook` (a list, or comma-separated in forms and query "
-        "strings); default: the terminal ones.",
+        "strings); default: the terminal ones. `task.output` (the outputs as they come, at "
+        "most one delivery every 0.5 s) only with `stream: true`.",
     )
 
     @field_validator("webhook_events", mode="before")
@@ -146,6 +151,17 @@ class PredictionRequest(BaseModel):
     def _comma_separated_events(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _output_needs_stream(
+        cls, value: list[str] | None, info: ValidationInfo
+    ) -> list[str] | None:
+        # `stream` is declared first, so it is validated (or missing) by now. Without a stream
+        # there are no outputs before the result: the subscription could never be sent.
+        if value and OUTPUT_WEBHOOK_EVENT in value and info.data.get("stream") is not True:
+            raise ValueError('task.output is sent only for a streamed task: add "stream": true')
         return value
 
     def webhook_event_types(self) -> tuple[str, ...]:

@@ -4,7 +4,9 @@ The URL is matched against this process's WEBHOOK_ALLOWED_ORIGINS again (the lis
 changed since the task was submitted). A wildcard-admitted host is resolved here, its addresses
 must all be public, and the connection goes to the address that was checked (SNI and Host keep
 the name), so DNS cannot be rebound to a private address between the check and the connect.
-Redirects are never followed. Only a short snippet of the answer is read and kept.
+Redirects are never followed. Only a short snippet of the answer is read and kept. The body is
+the task view of the event's record snapshot, or for a `task.output` the outputs its claim read
+from the task's stream (shared/webhook_output.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import httpx
 
 from shared.settings import Settings
+from shared.webhook_output import OUTPUT_EVENT, output_body
 from shared.webhooks import (
     TargetRefused,
     WebhookTarget,
@@ -77,7 +80,8 @@ class WebhookSender:
             url, headers, extensions = self._route(target)
         except (TargetRefused, OSError) as unusable:  # rebound, or no longer resolves: retried
             return SendResult(elapsed(), error=str(unusable) or type(unusable).__name__)
-        body = event_body(event)
+        # task.output carries outputs read from the task's stream, not a snapshot of its record.
+        body = output_body(event) if event["type"] == OUTPUT_EVENT else event_body(event)
         timestamp = int(time.time())
         headers |= {
             "content-type": "application/json",

@@ -86,6 +86,13 @@ LOG_KEY_PREFIX = _key(
     NAMESPACE + "webhook:log:", "<task id>", "list",
     "a task's webhook attempts (JSON, the newest LOG_LIMIT)", "outbox_outcome",
     "GET /tasks/{id}/deliveries", "max(RESULT_TTL, MIN_EVENT_TTL)")
+OUTPUT_KEY_PREFIX = _key(
+    NAMESPACE + "webhook:output:", "<task id>", "hash",
+    "a streamed task's task.output coalescing: events so far (seq), the one not read yet "
+    "(pending), the stream id read up to (upto), when the last was read (read_at), stopped "
+    "(a 410)", "stream_append (it also writes the task.output events into the event hashes and "
+    "the due set), outbox_claim (reads the outputs into the event), outbox_outcome (stopped)",
+    "the same scripts", "max(RESULT_TTL, MIN_EVENT_TTL)")
 WORKERS_KEY = _key(NAMESPACE + "workers", "", "sorted set",
     "live prediction workers scored by their last heartbeat",
     "worker/heartbeat.py (plain commands; a worker leaves on shutdown, the others drop one "
@@ -150,6 +157,7 @@ batch_idempotency_key = BATCH_IDEMPOTENCY_KEY_PREFIX.__add__  # (the same, for P
 batch_key = BATCH_KEY_PREFIX.__add__  # (batch id)
 event_key = EVENT_KEY_PREFIX.__add__  # (event id)
 log_key = LOG_KEY_PREFIX.__add__  # (task id)
+output_key = OUTPUT_KEY_PREFIX.__add__  # (task id)
 stream_key = STREAM_KEY_PREFIX.__add__  # (task id)
 hub_wake_key = HUB_WAKE_KEY_PREFIX.__add__  # (hub id)
 
@@ -169,6 +177,7 @@ LUA_KEYS: dict[str, str] = {
     "due": DUE_KEY,
     "finished": FINISHED_CHANNEL,
     "stream": STREAM_KEY_PREFIX,
+    "output": OUTPUT_KEY_PREFIX,
 }
 
 

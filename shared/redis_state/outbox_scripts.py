@@ -4,7 +4,9 @@ A transition script that moves a task with a `webhook` into a subscribed state c
 `emit_webhook`: in the same atomic script it writes the event (its webhook-id, type, time, URL
 and a snapshot of the task record) and adds it to the due set (keys.DUE_KEY), scored by when it
 is due. So an event exists exactly when its transition happened: no crash between "state
-changed" and "event queued" can lose it.
+changed" and "event queued" can lose it. A streamed task's `task.output` events are written the
+same way by the append of its output (lua/stream_append.lua) and read their outputs from its
+stream when first claimed (shared/webhook_output.py says how they are coalesced).
 
 The due set is the durable schedule; the Celery queue `webhooks` only carries "send this now".
 The relay in each webhook consumer (worker/webhooks.py) moves due events onto that queue
@@ -28,6 +30,7 @@ from typing import cast
 
 from shared.redis_state.keys import DUE_KEY, LOG_LIMIT, event_key, log_key
 from shared.redis_state.loader import AsyncWrapper, SyncWrapper, text
+from shared.webhook_output import PACING, OutputPacing
 
 
 class PromoteEvents(SyncWrapper):
@@ -46,15 +49,16 @@ class ClaimEvent(SyncWrapper):
 
     name = "outbox_claim"
 
-    def __call__(self, event_id: str, ticket: str, *, now: float, lease: float) -> dict[str, str]:
+    def __call__(
+        self, event_id: str, ticket: str, *, now: float, lease: float,
+        pacing: OutputPacing = PACING,
+    ) -> dict[str, str]:  # fmt: skip
         """The event's fields (state sending, its attempt counted), or {} for a stale message.
-        It is due again after `lease` unless its outcome is recorded first."""
-        flat = [
-            text(item)
-            for item in self._script(
-                keys=[event_key(event_id), DUE_KEY], args=[event_id, ticket, now, lease]
-            )
-        ]
+        It is due again after `lease` unless its outcome is recorded first. A task.output
+        event's first claim reads its outputs in, within `pacing` (shared/webhook_output.py)."""
+        args: list[str | float] = [event_id, ticket, now, lease, pacing.interval]
+        args += [pacing.max_entries, pacing.max_bytes]
+        flat = [text(item) for item in self._script(keys=[event_key(event_id), DUE_KEY], args=args)]
         return dict(zip(flat[::2], flat[1::2], strict=True))
 
 

@@ -5,18 +5,22 @@ A streamed task's writer (its worker, for each chunk and for the ending) appends
 writers race, and a refused append writes nothing: the caller learns it from the outcome and
 fails the task with that error, rather than a chunk being dropped from the middle of the
 stream. A writer must stop appending output once refused (a later, smaller chunk could fit,
-and the stream would have a hole).
+and the stream would have a hole). The same step writes the task's `task.output` webhook event
+when its output calls for one (shared/webhook_output.py), so an output and its event cannot be
+separated by a crash.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from enum import Enum
 
-from shared.redis_state.keys import stream_key
+from shared.redis_state.keys import output_key, stream_key, task_key
 from shared.redis_state.loader import AsyncWrapper, text
 from shared.redis_state.streams import StreamKind
 from shared.settings import Settings
+from shared.webhook_output import PACING
 
 
 class AppendOutcome(str, Enum):
@@ -76,12 +80,18 @@ class AppendToStream(AsyncWrapper):
     name = "stream_append"
 
     async def __call__(
-        self, task_id: str, kind: StreamKind, data: str, *, attempt: int, limits: StreamLimits
-    ) -> Appended:
+        self, task_id: str, kind: StreamKind, data: str, *, attempt: int, limits: StreamLimits,
+        now: float | None = None,
+    ) -> Appended:  # fmt: skip
         """`attempt`: the writer's delivery of the task (from 1); a newer one than the stream's
-        starts with a restart mark. `data`: the event's text (JSON, UTF-8 text or a data URI)."""
+        starts with a restart mark. `data`: the event's text (JSON, UTF-8 text or a data URI).
+        An output of a task subscribed to task.output may write that event, due no earlier
+        than PACING.interval after the task's previous one (`now`: default the clock's)."""
         if attempt < 1:
             raise ValueError("attempt counts deliveries, from 1")
-        args = [kind.value, attempt, data, limits.max_entries, limits.max_bytes, limits.ttl]
-        reply = await self._script(keys=[stream_key(task_id)], args=args)
+        at = time.time() if now is None else now
+        keys = [stream_key(task_id), task_key(task_id), output_key(task_id)]
+        args: list[str | float] = [kind.value, attempt, data, limits.max_entries]
+        args += [limits.max_bytes, limits.ttl, task_id, at, PACING.interval]
+        reply = await self._script(keys=keys, args=args)
         return Appended(AppendOutcome(text(reply[0])), tuple(text(item) for item in reply[1:]))

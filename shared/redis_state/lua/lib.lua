@@ -150,3 +150,68 @@ end
 local function cancel_queued(key, task_id, now, ttl, error)
   end_task(key, task_id, 'queued', 'canceled', now, ttl, 'error', error)
 end
+
+-- Writes the next task.output event of task `task_id` to the outbox, due at `due`: the event
+-- hash without its outputs (outbox_claim reads them in when it is sent, read_outputs) and its
+-- entry in the due set. `okey` is the task's coalescing hash (K.output .. task_id): the event
+-- is its `pending` one until read, so the chunks that come meanwhile go out in it. Its id is
+-- the task's and the event's number (`seq`, from 1): unique and stable for every retry, like
+-- emit_event's. `ttl`: the event's and okey's, at least MIN_EVENT_TTL already.
+local function emit_output(okey, task_id, url, due, now, ttl)
+  local seq = redis.call('HINCRBY', okey, 'seq', 1)
+  local id = 'msg_' .. (string.gsub(task_id, '-', '')) .. '_output_' .. seq
+  local event = K.event .. id
+  redis.call('HSET', event, 'task_id', task_id, 'type', 'task.output', 'at', now, 'url', url,
+    'seq', seq, 'state', 'pending', 'attempts', 0, 'round', 0, 'ticket', 0)
+  redis.call('EXPIRE', event, ttl)
+  redis.call('ZADD', K.due, string.format('%.17g', due), id)
+  redis.call('HSET', okey, 'pending', id, 'ttl', ttl)
+  redis.call('EXPIRE', okey, ttl)
+end
+
+-- outbox_claim's first claim of the task.output event `event` (id `event_id`): reads into it
+-- the task's stream entries after the previous task.output's (okey's `upto`; the first starts
+-- after 0-0): output chunks and restart marks, in order, at most `max_entries` of them and
+-- `max_bytes` of data (one at least), up to the stream's error or done (which the terminal
+-- event carries). It writes `outputs` (JSON [[id, kind, attempt, data], ...]), `from`,
+-- `last_event_id` (the last entry read; `from` when none), `status` (the task's; '' once its
+-- record expired), `final` ('1': the stream's end was reached, no task.output follows) and
+-- `at` (`now`, the caller's text), so every retry sends the same outputs. The task then has no
+-- pending task.output: its next chunk starts one due `interval` s after this read at the
+-- earliest (stream_append); entries a cap left out start one here, due then.
+local function read_outputs(event, event_id, now, interval, max_entries, max_bytes)
+  local task_id = redis.call('HGET', event, 'task_id')
+  local okey = K.output .. task_id
+  local from = redis.call('HGET', okey, 'upto') or '0-0'
+  local entries = redis.call('XRANGE', K.stream .. task_id, '(' .. from, '+', 'COUNT',
+    max_entries + 1)
+  local items, size, last, more, final = {}, 0, from, false, false
+  for _, entry in ipairs(entries) do
+    local fields = {}
+    for i = 1, #entry[2], 2 do fields[entry[2][i]] = entry[2][i + 1] end
+    if fields.kind == 'done' or fields.kind == 'error' then
+      final = true
+      break
+    end
+    if #items == max_entries or (#items > 0 and size + #fields.data > max_bytes) then
+      more = true
+      break
+    end
+    table.insert(items, {entry[1], fields.kind, tonumber(fields.attempt), fields.data})
+    size, last = size + #fields.data, entry[1]
+  end
+  local outputs = '[]'
+  if #items > 0 then outputs = cjson.encode(items) end
+  local final_flag = '0'
+  if final then final_flag = '1' end
+  redis.call('HSET', event, 'outputs', outputs, 'from', from, 'last_event_id', last,
+    'status', redis.call('HGET', K.task .. task_id, 'status') or '', 'final', final_flag,
+    'at', now)
+  redis.call('HSET', okey, 'upto', last, 'read_at', now)
+  if redis.call('HGET', okey, 'pending') == event_id then redis.call('HDEL', okey, 'pending') end
+  if more and not redis.call('HGET', okey, 'stopped') then
+    local ttl = tonumber(redis.call('HGET', okey, 'ttl')) or MIN_EVENT_TTL
+    emit_output(okey, task_id, redis.call('HGET', event, 'url'), tonumber(now) + interval, now,
+      ttl)
+  end
+end

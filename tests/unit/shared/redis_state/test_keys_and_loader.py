@@ -121,6 +121,10 @@ def test_a_script_carries_the_helpers_it_calls_and_no_others() -> None:
     for called in ("cancel_queued", "end_task", "moved", "batch_move", "end_batch", "emit_event"):
         assert f"local function {called}(" in cancel
     assert "local function held_id(" not in cancel
-    claim = loader.source("outbox_claim")
-    assert "local function" not in claim
-    assert "local K" not in claim
+    defer = loader.source("outbox_defer")
+    assert "local function" not in defer
+    assert "local K" not in defer
+    claim = loader.source("outbox_claim")  # a task.output's first claim reads its outputs
+    for called in ("read_outputs", "emit_output"):
+        assert f"local function {called}(" in claim
+    assert "local function emit_event(" not in claim
