@@ -79,6 +79,8 @@ def describe_validation(errors: Sequence[Any]) -> str:
             problems.append(f"{field}: {EVENT_ID_PROBLEM}")
         elif kind == "string_pattern_mismatch":
             problems.append(f"{field}: use 1-128 letters, digits, '_', '.', '-' (no '/' or spaces)")
+        elif kind == "value_error" and error.get("ctx", {}).get("error"):
+            problems.append(f"{field}: {error['ctx']['error']}")  # without "Value error, "
         else:
             problems.append(f"{field}: {error.get('msg', 'is invalid')}")
     return "; ".join(dict.fromkeys(problems))

@@ -26,6 +26,7 @@ from api import idempotency
 from api.backend_schema import backend_field, form_rules, json_rules, operation_field
 from api.batch_inputs import ALL_EVENTS, JSONL_TYPES, MAX_CUSTOM_ID, TASK_EVENTS
 from api.inputs import DATA_URI_PATTERN, END, MEDIA_TYPE_PATTERN, UNTYPED_DATA_URI_PATTERN
+from shared.models import OUTPUT_WEBHOOK_EVENT as OUTPUT_EVENT
 from shared.models import PredictionRequest, TaskError
 from shared.settings import Settings
 
@@ -210,6 +211,19 @@ def _prediction_request(settings: Settings) -> dict[str, Any]:
                 },
             ]
         },
+        # `task.output` only for a streamed task (shared/models.py).
+        {
+            "anyOf": [
+                {
+                    "properties": {
+                        "webhook_events": {
+                            "anyOf": [_NULL, {"not": {"contains": {"const": OUTPUT_EVENT}}}]
+                        }
+                    }
+                },
+                _STREAMED,
+            ]
+        },
         # Per backend: its operations, and the body its protocol takes.
         json_rules(settings),
     ]
@@ -218,6 +232,8 @@ def _prediction_request(settings: Settings) -> dict[str, Any]:
 
 _NULL = {"type": "null"}
 _SET = {"not": _NULL}
+_STREAMED = {"required": ["stream"], "properties": {"stream": {"const": True}}}
+_EVENTS_NOTE = f"; only with webhook ({OUTPUT_EVENT}: with stream=true)."
 _MEDIA_TYPE = {"type": "string", "pattern": MEDIA_TYPE_PATTERN}
 
 
@@ -285,7 +301,20 @@ def _dispatch_extra(settings: Settings) -> dict[str, Any]:
             },
         },
         "dependentRequired": {"webhook_events": ["webhook"]},  # a form has no nulls
-        "allOf": [form_rules(settings)],  # a backend that takes bytes, an operation that does
+        "allOf": [
+            form_rules(settings),  # a backend that takes bytes, an operation that does
+            {  # `task.output` only for a streamed task
+                "anyOf": [
+                    {
+                        "not": {
+                            "required": ["webhook_events"],
+                            "properties": {"webhook_events": {"pattern": re.escape(OUTPUT_EVENT)}},
+                        }
+                    },
+                    _STREAMED,
+                ]
+            },
+        ],
     }
     raw = {**_BINARY, "description": "The payload as it is; the fields go in the query string."}
     query = [
@@ -296,7 +325,11 @@ def _dispatch_extra(settings: Settings) -> dict[str, Any]:
             "schema": form_fields[name],
             "description": "Raw-body form only (any Content-Type other than JSON or multipart)"
             + ("; required there." if name == "model_name" else "")
-            + ("; only with webhook." if name == "webhook_events" else "")
+            + (
+                "; only with webhook (task.output: with stream=true)."
+                if name == "webhook_events"
+                else ""
+            )
             + ("; an operation of that backend." if name == "operation" else "")
             + ("" if name in ("webhook_events", "operation") else "."),
         }

@@ -5,7 +5,8 @@ OpenAPI cannot tie a query parameter to the body's media type. Two operations re
 from the query string for one form only, and their descriptions say so (api/openapi.py):
 
 - POST /dispatch_model: a raw body (any Content-Type but JSON and multipart) takes its fields
-  from the query, `model_name` required there, `webhook_events` only with `webhook`, and
+  from the query, `model_name` required there, `webhook_events` only with `webhook` (its
+  `task.output` only with `stream=true`), and
   `operation` one of the `backend`'s that takes bytes; a JSON or multipart request takes none
   from it.
 - POST /batches: a JSONL body takes the batch's `webhook` and `webhook_events` from the query,
@@ -68,7 +69,18 @@ def filter_case(context: Any, case: Any) -> bool:
         return True  # an invalid request: the server must refuse it, whatever the form
     if operation == ("POST", "/dispatch_model") and not _raw_target_fits(case.query or {}):
         return False
-    return required <= fields and ("webhook_events" not in fields or "webhook" in fields)
+    return (
+        required <= fields
+        and ("webhook_events" not in fields or "webhook" in fields)
+        and _output_streamed(case.query or {})
+    )
+
+
+def _output_streamed(query: dict[str, Any]) -> bool:
+    """A raw body's `task.output` comes with `stream=true` (shared/models.py)."""
+    return "task.output" not in str(query.get("webhook_events", "")) or str(
+        query.get("stream")
+    ).lower() in ("true", "1", "yes", "on")
 
 
 def _raw_target_fits(query: dict[str, Any]) -> bool:

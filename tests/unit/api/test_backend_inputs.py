@@ -58,6 +58,9 @@ def verdict(body: dict[str, Any], settings: Settings, *, has_bytes: bool | None 
     return "ok"
 
 
+HOOK = "https://hooks.example.com/dispatch"
+
+
 def with_input(backend: str, body: Any, **fields: Any) -> dict[str, Any]:
     return {"model_name": "m", "backend": backend, "input": body, **fields}
 
@@ -165,6 +168,10 @@ CASES: list[tuple[dict[str, Any], bool]] = [
     (with_input("mls", {"text_input": "hi"}, operation="generate", stream=True), True),
     (with_input("torchserve", {"x": 1}, stream=True), True),
     ({"model_name": "m", "backend": "mls", "data": URI, "stream": True}, True),
+    # task.output (coalesced outputs, shared/webhook_output.py) only for a streamed task.
+    (with_input("torchserve", 1, webhook=HOOK, webhook_events=["task.output"]), False),
+    (with_input("torchserve", 1, webhook=HOOK, webhook_events=["task.output"], stream=True), True),
+    (with_input("torchserve", 1, webhook=HOOK, webhook_events=["task.failed"]), True),
 ]
 
 
