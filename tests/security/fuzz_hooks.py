@@ -6,7 +6,7 @@ from the query string for one form only, and their descriptions say so (api/open
 
 - POST /dispatch_model: a raw body (any Content-Type but JSON and multipart) takes its fields
   from the query, `model_name` required there, `webhook_events` only with `webhook` (its
-  `task.output` only with `stream=true`), and
+  `task.output` only with `stream=true`, in a multipart form too: see api/openapi.py), and
   `operation` one of the `backend`'s that takes bytes; a JSON or multipart request takes none
   from it.
 - POST /batches: a JSONL body takes the batch's `webhook` and `webhook_events` from the query,
@@ -64,6 +64,8 @@ def filter_case(context: Any, case: Any) -> bool:
     else:
         return True
     if not raw:
+        if case.media_type == "multipart/form-data" and _positive(case):
+            return not fields and _output_streamed(case.body if isinstance(case.body, dict) else {})
         return not fields and (not _positive(case) or _distinct_custom_ids(case.body))
     if not _positive(case):
         return True  # an invalid request: the server must refuse it, whatever the form
@@ -77,7 +79,7 @@ def filter_case(context: Any, case: Any) -> bool:
 
 
 def _output_streamed(query: dict[str, Any]) -> bool:
-    """A raw body's `task.output` comes with `stream=true` (shared/models.py)."""
+    """A raw body's (or a form's) `task.output` comes with `stream=true` (shared/models.py)."""
     return "task.output" not in str(query.get("webhook_events", "")) or str(
         query.get("stream")
     ).lower() in ("true", "1", "yes", "on")
