@@ -25,6 +25,7 @@ from api.store import ApiStore
 from api.waiting import ResultWaiter
 from shared import heap, tracing
 from shared.logs import configure_logging
+from shared.redis_connect import async_client
 from shared.redis_state.stream_reader import DEFAULT_BLOCK_MS, SOCKET_MARGIN, StreamHub
 from shared.settings import Settings, get_settings
 
@@ -43,27 +44,25 @@ POOL_WAIT_SECONDS = 5.0
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
-    """Fails within ~2 s when Redis is down, so callers get a 503 instead of a hang."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url,
+    """Fails within ~2 s when Redis is down, so callers get a 503 instead of a hang. Every
+    request, and the result listener's pub/sub connection (api/waiting.py), share its pool."""
+    return async_client(
+        settings,
         max_connections=REDIS_POOL_SIZE,
-        timeout=POOL_WAIT_SECONDS,
-        decode_responses=True,
+        pool_timeout=POOL_WAIT_SECONDS,
         socket_timeout=settings.redis_socket_timeout,
         socket_connect_timeout=min(1.0, settings.redis_socket_timeout),
         health_check_interval=10,
         retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 1),
     )
-    return aioredis.Redis(connection_pool=pool)
 
 
 def hub_reader(settings: Settings) -> aioredis.Redis:
     """The stream hub's own connection: one blocking XREAD at a time, so it is never shared
     with requests; its socket outlasts the block (a block is not an outage), and a dead Redis
     still fails the connect within a second (the hub retries by itself)."""
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
+    return async_client(
+        settings,
         socket_timeout=DEFAULT_BLOCK_MS / 1000 + SOCKET_MARGIN + settings.redis_socket_timeout,
         socket_connect_timeout=min(1.0, settings.redis_socket_timeout),
         client_name="dispatcher-stream-hub",

@@ -21,6 +21,7 @@ from celery import Celery, signals
 
 from shared import tracing
 from shared.logs import configure_logging, current_request_id
+from shared.redis_connect import celery_broker
 from shared.settings import Settings, get_settings
 
 # The one kind of message: 1..K tasks (`tasks`: [{"id", "call", "headers"}, ...]) from one group
@@ -30,12 +31,24 @@ QUEUE = "dispatch"
 # The message header (a worker reads it as `task.request.request_id`) carrying X-Request-ID.
 REQUEST_ID_HEADER = "request_id"
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
+# Waits 0, 0.5, 1, 1.5, 1.5, ... s between attempts: ~57 s in all, past a Sentinel failover
+# (down-after-milliseconds, the election, the promotion) and a Redis restart.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 40,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 1.5,
+}
 
 
 def create_celery_app(settings: Settings) -> Celery:
     """A Celery app configured for at-least-once delivery over Redis, JSON only."""
     visibility = settings.visibility_timeout
+    # On Sentinel: kombu's sentinel transport, its master and sentinels (shared/redis_connect.py);
+    # TCP keepalive either way, so a broker connection to a lost machine does not hang.
+    broker_url, broker_options = celery_broker(settings)
     transport_options = {
+        **broker_options,
         # Redis has no acks: a fetched, unacked message is redelivered after this long. Live
         # workers renew the lease of every message they hold each heartbeat (worker/heartbeat.py),
         # so only a dead worker's messages come back, this long after it stopped renewing.
@@ -53,7 +66,7 @@ def create_celery_app(settings: Settings) -> Celery:
         # name: only a worker's kombu resolves it (worker/kombu_patches/queue_cycle.py).
         "queue_order_strategy": "worker.kombu_patches.queue_cycle:InteractiveFirst",
     }
-    app = Celery("dispatcher", broker=settings.redis_url, set_as_current=False)
+    app = Celery("dispatcher", broker=broker_url, set_as_current=False)
     app.conf.update(
         # JSON only: pickle from the broker would be remote code execution.
         task_serializer="json",
@@ -70,6 +83,9 @@ def create_celery_app(settings: Settings) -> Celery:
         result_backend_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # keep reconnecting while Redis is down
+        # A publish (the webhook relay's) retries for ~1 min, longer than a failover (Celery's
+        # default gives up after ~0.6 s).
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         task_default_queue=QUEUE,
         # Hard stop for a stuck task on the prefork pool; deadlines are enforced before this.
         task_time_limit=int(settings.task_time_limit) + 30,

@@ -10,6 +10,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from shared.backend_settings import BackendSettings
 from shared.backends import normalize_origin
+from shared.redis_url import check_redis_url
 
 __all__ = ["Settings", "get_settings", "normalize_origin"]
 
@@ -47,13 +48,24 @@ class Settings(BackendSettings):
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Broker and task store: `redis://:password@host:port/db`, `rediss://` for TLS.",
+        description="Broker and task store: `redis://:password@host:port/db`, `rediss://` for TLS, "
+        "or Celery's sentinel form `sentinel://:password@h1:26379;sentinel://h2:26379/db`.",
     )
     redis_socket_timeout: float = Field(
         1.5,
         gt=0,
         description="API-side Redis socket timeout (s): a Redis outage is a 503 within ~2 s "
         "instead of a hang.",
+    )
+    redis_sentinel_master: str | None = Field(
+        None,
+        description="With a sentinel `REDIS_URL`: the name the sentinels monitor the primary "
+        "under; required then.",
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None,
+        description="The sentinels' own password, if they have one (the data nodes' goes in "
+        "`REDIS_URL`).",
     )
 
     dispatch_default_wait: float = Field(
@@ -277,6 +289,11 @@ class Settings(BackendSettings):
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
 
+    @field_validator("redis_sentinel_master", "redis_sentinel_password", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        return None if value == "" else value
+
     @field_validator("webhook_allowed_origins")
     @classmethod
     def _valid_webhook_origins(cls, value: list[str]) -> list[str]:
@@ -302,6 +319,11 @@ class Settings(BackendSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        check_redis_url(
+            self.redis_url,
+            master=self.redis_sentinel_master or "",
+            sentinel_password=self.redis_sentinel_password is not None,
+        )
         if self.dispatch_default_wait > self.dispatch_max_wait:
             raise ValueError("DISPATCH_DEFAULT_WAIT must not exceed DISPATCH_MAX_WAIT")
         if self.dispatch_default_timeout > self.dispatch_max_timeout:

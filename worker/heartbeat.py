@@ -21,8 +21,9 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
+from shared.redis_connect import sync_client
 from shared.redis_state.keys import STALE_BEATS, WORKERS_KEY
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 from worker.kombu_patches import renew_leases
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,15 @@ def _beat(client: redis.Redis, name: str, interval: float) -> None:
 _running: dict[str, Any] = {}
 
 
+def connect(settings: Settings) -> redis.Redis:
+    """The heartbeat's own client (a thread of its own, so a sync one), on the primary."""
+    return sync_client(settings, socket_timeout=5, socket_connect_timeout=5)
+
+
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def start_heartbeat(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = connect(settings)
     name = getattr(sender, "hostname", None) or f"{os.getpid()}@{socket.gethostname()}"
     interval = settings.worker_heartbeat_interval
     _beat_once(client, name, interval)

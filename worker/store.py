@@ -15,6 +15,7 @@ from redis.backoff import ExponentialBackoff
 
 from shared.errors import DeadlineExceeded, TaskExpired
 from shared.payloads import PayloadRef, read_payload
+from shared.redis_connect import async_client
 from shared.redis_state.record import Outcome
 from shared.redis_state.task_scripts import FinishTasks, StartTasks, StartTerms
 from shared.settings import Settings
@@ -42,9 +43,8 @@ def worker_name() -> str:
 def connect(settings: Settings) -> aioredis.Redis:
     """The engine's Redis client: record writes outlast a short Redis restart (retried with
     backoff) instead of failing the task's run."""
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
+    return async_client(
+        settings,
         socket_timeout=10,
         socket_connect_timeout=5,
         health_check_interval=10,
