@@ -1,4 +1,5 @@
-"""`python -m bench [--smoke] [--profile]`: run the benchmark, print the table, write the doc."""
+"""`python -m bench [--smoke] [--profile] [--only NAME,...]`: run the benchmark, print the table,
+write the doc (a run of some scenarios only writes none unless --output)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from bench import report as reports
 from bench.plan import FULL, SMOKE
 from bench.progress import say
-from bench.runner import run
+from bench.runner import NAMES, run
 from bench.table import markdown
 from devstack import REPO_ROOT
 
@@ -26,6 +27,15 @@ def _command(argv: list[str]) -> str:
     except ValueError:
         shown = str(python)
     return shlex.join([shown, "-m", "bench", *argv])
+
+
+def _names(text: str) -> list[str]:
+    """`--only`'s comma-separated scenario names, each one of NAMES."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(NAMES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown scenario(s) {unknown}: choose from {NAMES}")
+    return names
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -46,6 +56,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, help=f"Markdown file to write (full run: {DEFAULT_OUTPUT})"
     )
+    parser.add_argument(
+        "--only",
+        type=_names,
+        default=[],
+        metavar="NAME,...",
+        help=f"only these scenarios, in plan order ({', '.join(NAMES)}); writes no doc unless "
+        "--output",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows and raw figures as JSON")
     parser.add_argument(
         "--workdir", type=Path, default=DEFAULT_WORKDIR, help="logs, archives (replaced each run)"
@@ -59,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = (SMOKE if args.smoke else FULL).with_options(
         profile=args.profile, workers=args.workers, concurrency=args.concurrency, pool=args.pool
     )
-    output = args.output or (None if args.smoke else DEFAULT_OUTPUT)
+    output = args.output or (None if args.smoke or args.only else DEFAULT_OUTPUT)
     try:
-        result = run(plan, args.workdir.resolve(), _command(argv))
+        result = run(plan, args.workdir.resolve(), _command(argv), args.only)
     except (RuntimeError, TimeoutError, FileNotFoundError) as error:
         say(f"benchmark failed: {error}")
         say(f"logs: {args.workdir}")

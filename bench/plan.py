@@ -46,6 +46,21 @@ class Plan:
     # (12) an OIP backend (MLServer, one process): wrk connections per side; seconds per side
     # are `wrk_seconds`, sequential requests `latency_requests`.
     oip_connections: int
+    # (13) streamed outputs: SSE clients at once on one API process, each on its own task that
+    # streams `streams_chunks` pieces `streams_delay` s apart, opened over `streams_ramp` s;
+    # every client gives up after `streams_budget` s. A TorchServe of its own serves the
+    # streaming model on `streams_torchserve_workers` workers batching up to
+    # `streams_batch_size` requests (waiting `streams_batch_delay_ms` to fill a batch); the
+    # tasks run on `streams_worker_processes` Celery workers that each hold every stream at once.
+    streams_clients: int
+    streams_chunks: int
+    streams_delay: float
+    streams_ramp: float
+    streams_budget: float
+    streams_torchserve_workers: int
+    streams_batch_size: int
+    streams_batch_delay_ms: int
+    streams_worker_processes: int
     # The dispatcher's Celery workers for the tiny-model and burst scenarios (and the peer's).
     workers: int
     concurrency: int
@@ -99,6 +114,17 @@ FULL = Plan(
     # As many as the dispatcher's workers call one model with at once (2 workers x
     # WORKER_MAX_CALLS_PER_BACKEND 8): more only queue, in Redis or in MLServer's one process.
     oip_connections=16,
+    streams_clients=1_000,
+    streams_chunks=10,
+    streams_delay=0.5,
+    streams_ramp=1.0,
+    streams_budget=90.0,
+    # 8 x 250: twice the clients, so batches that close unfilled (after the delay) while the
+    # tasks reach TorchServe over a second or two still hold every stream at once.
+    streams_torchserve_workers=8,
+    streams_batch_size=250,
+    streams_batch_delay_ms=250,
+    streams_worker_processes=2,
     workers=2,
     concurrency=8,
     pool="threads",
@@ -123,4 +149,12 @@ SMOKE = replace(
     long_calls=40,
     long_call_seconds=0.5,
     long_calls_budget=20.0,
+    streams_clients=40,
+    streams_chunks=5,
+    streams_delay=0.1,
+    streams_ramp=0.2,
+    streams_budget=30.0,
+    streams_torchserve_workers=2,
+    streams_batch_size=40,
+    streams_batch_delay_ms=100,
 )

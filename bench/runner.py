@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from bench.scenarios import (
     mixed,
     oip,
     scale,
+    streams,
     submit,
     throughput,
     waiting,
@@ -31,22 +32,39 @@ from bench.scenarios import (
 from bench.scenarios.context import Context
 from bench.stack import JOB_QUEUE_SIZE, BenchStack
 
-SCENARIOS: list[Callable[[Context], None]] = [
-    latency.run,
-    throughput.run,
-    burst.run,
-    waiting.run,
-    mixed.run,
-    scale.run,
-    cpu_model.run,
+SCENARIOS: list[tuple[str, Callable[[Context], None]]] = [
+    ("latency", latency.run),
+    ("throughput", throughput.run),
+    ("burst", burst.run),
+    ("waiting", waiting.run),
+    ("mixed", mixed.run),
+    ("scale", scale.run),
+    ("cpu_model", cpu_model.run),
     # Stops the shared workers: the scenarios after it start their own or none.
-    oip.run,
-    long_calls.run,
-    submit.run,
+    ("oip", oip.run),
+    ("long_calls", long_calls.run),
+    ("streams", streams.run),
+    ("submit", submit.run),
     # After the one-process submit rate it compares with; stops its API before the check below.
-    api_processes.run,
-    submit.check_subscriptions,
+    ("api_processes", api_processes.run),
+    ("pubsub", submit.check_subscriptions),
 ]
+NAMES = [name for name, _ in SCENARIOS]
+# Left out of the smoke run (unless named with --only) until tests/e2e/test_bench_smoke.py
+# lists their rows and phases: that test checks the set of rows exactly.
+NOT_IN_SMOKE = {"streams"}
+
+
+def selected(plan: Plan, only: Sequence[str] = ()) -> list[Callable[[Context], None]]:
+    """The scenarios to play, in plan order: those named in `only`, else every one (less
+    NOT_IN_SMOKE in a smoke run). A scenario that needs an earlier one's rows says so."""
+    unknown = sorted(set(only) - set(NAMES))
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}: choose from {NAMES}")
+    if only:
+        return [scenario for name, scenario in SCENARIOS if name in only]
+    skipped = NOT_IN_SMOKE if plan.smoke else set()
+    return [scenario for name, scenario in SCENARIOS if name not in skipped]
 
 
 def describe_stack(plan: Plan) -> str:
@@ -54,7 +72,9 @@ def describe_stack(plan: Plan) -> str:
         f"TorchServe 0.12 (echo: 1 worker; slow20: {plan.slow_workers} workers, "
         f"{plan.scale_torchserve_workers} for the scale scenario; cpu10: 2 workers; "
         f"job_queue_size {JOB_QUEUE_SIZE}); a stand-in model server for the long calls "
-        f"(devstack/upstream.py); MLServer 1.7.1 (sklearn iris, 1 process) as the OIP "
+        f"(devstack/upstream.py); a second TorchServe for the streaming model (batchstream: "
+        f"{plan.streams_torchserve_workers} workers, batches of {plan.streams_batch_size}); "
+        f"MLServer 1.7.1 (sklearn iris, 1 process) as the OIP "
         f"backend; dispatcher: 1 API process (uvicorn), {plan.workers} Celery "
         f"workers "
         f"({plan.pool} x {plan.concurrency}), plus one worker reserved for interactive work in "
@@ -76,8 +96,10 @@ def prepare(workdir: Path, plan: Plan) -> None:
     workdir.mkdir(parents=True)
 
 
-def run(plan: Plan, workdir: Path, command: str) -> Report:
-    """Run every scenario against a fresh stack under `workdir`; the stack is always stopped."""
+def run(plan: Plan, workdir: Path, command: str, only: Sequence[str] = ()) -> Report:
+    """Run the scenarios (all, or those in `only`) against a fresh stack under `workdir`; the
+    stack is always stopped."""
+    scenarios = selected(plan, only)
     prepare(workdir, plan)
     began = time.monotonic()
     report = Report(
@@ -92,7 +114,7 @@ def run(plan: Plan, workdir: Path, command: str) -> Report:
         ctx = Context(plan, stack, workdir)
         say(f"starting {plan.workers} Celery workers ({plan.pool} x {plan.concurrency}) ...")
         ctx.workers = stack.start_workers(plan.workers, plan.concurrency, plan.pool)
-        for scenario in SCENARIOS:
+        for scenario in scenarios:
             scenario(ctx)
         say("stopping the stack ...")
     report.rows, report.notes, report.profile = ctx.rows, ctx.notes, ctx.profile

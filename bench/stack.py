@@ -10,6 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Self
 
+import httpx
 import redis
 
 from bench.progress import say
@@ -31,6 +32,8 @@ SLOW_MODEL = "slow20"
 SLOW_HANDLER = Path(__file__).parent / "models" / "slow20.py"
 CPU_MODEL = "cpu10"
 CPU_HANDLER = Path(__file__).parent / "models" / "cpu10.py"
+STREAM_MODEL = "batchstream"
+STREAM_HANDLER = Path(__file__).parent / "models" / "batchstream.py"
 # TorchServe's queue per model; the burst scenario is about what happens beyond it.
 JOB_QUEUE_SIZE = 100
 PEER_API_APP = "bench.peer.app:create_app"
@@ -162,6 +165,34 @@ class BenchStack(StopsOnExit):
         upstream = ApiServer(env, log, app="devstack.upstream:create_app")
         self._exit.callback(upstream.stop)
         return upstream.start(30)
+
+    # --- a TorchServe of its own for the streaming model ------------------------------------
+
+    def start_stream_torchserve(
+        self, workers: int, batch_size: int, batch_delay_ms: int, queue: int
+    ) -> TorchServe:
+        """A second TorchServe serving only STREAM_MODEL, batched (`batch_size` requests per
+        batch, waiting at most `batch_delay_ms` to fill one) on `workers` workers, with a job
+        queue of `queue`: the shared one's queue (JOB_QUEUE_SIZE) is what the burst scenario
+        is about, and a thousand streams at once would overflow it. Stopped at exit."""
+        store = self.root / "model-store-streams"
+        archive_model(STREAM_MODEL, STREAM_HANDLER, store, extra_files=[PAYLOAD_MODULE])
+        server = TorchServe(self.root / "torchserve-streams", store, [], job_queue_size=queue)
+        self._exit.callback(server.stop)
+        server.start()
+        params: dict[str, str | int] = {
+            "url": f"{STREAM_MODEL}.mar",
+            "batch_size": batch_size,
+            "max_batch_delay": batch_delay_ms,
+            "initial_workers": workers,
+            "synchronous": "true",
+        }
+        # devstack's TorchServe.register takes no batch settings: the management API directly.
+        url = f"{server.management_url}/models"
+        response = httpx.post(url, params=params, timeout=120, trust_env=False)
+        if response.status_code != 200:
+            raise RuntimeError(f"registering {STREAM_MODEL} failed: {response.text}")
+        return server
 
     # --- the common-pattern peer ----------------------------------------------------------
 
