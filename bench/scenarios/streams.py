@@ -283,7 +283,7 @@ def _connections_row(scenario: str, before: dict[str, int], peak: dict[str, int]
         figures={
             "api_connections": peak["API"],
             "all_connections": peak["all"],
-            "worker_connections": sum(workers.values()) or 1,
+            "worker_connections": sum(workers.values()),
         },
     )
 
