@@ -3,7 +3,8 @@ cancel, results.
 
 Creating 10,000 items is one MULTI/EXEC: batch_create (depth checks per class, the batch hash,
 the Idempotency-Key) followed by batch_add_items scripts of ITEMS_PER_SCRIPT items each, so Redis
-sees a handful of commands instead of 30,000 and the batch appears whole or not at all. The
+sees a handful of commands instead of 30,000 and the batch appears whole or not at all; with
+replicas to wait for, WAIT follows the EXEC on its connection (shared/replica_wait.py). The
 per-item work left in Python (the call, its Celery message) is what `BatchStore.create` spends
 its time on.
 """
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from api.batch_inputs import BatchInput, BatchItem
 from api.idempotency import IdempotencyClaim, Replay
@@ -43,6 +45,7 @@ from shared.redis_state.batch_scripts import (
 )
 from shared.redis_state.keys import batch_idempotency_key, batch_key, task_key
 from shared.redis_state.record import NewTask, as_mapping, recorded_operation
+from shared.replica_wait import ReplicaWait, replicated_transaction
 from shared.settings import Settings
 
 # Items per batch_add_items / batch_cancel_items call: big enough to keep the calls few, small
@@ -66,6 +69,7 @@ class BatchStore:
         self._add = AddBatchItems(client)
         self._mark = MarkBatchCanceling(client)
         self._cancel = CancelBatchItems(client)
+        self._replicas = ReplicaWait.of(client, settings)
 
     async def create(
         self, batch: BatchInput, owner: str, idempotency: IdempotencyClaim | None
@@ -86,7 +90,8 @@ class BatchStore:
             webhook=batch.webhook,
             webhook_events=batch.webhook_events,
         ).fields()
-        async with self.redis.pipeline(transaction=True) as pipe:
+
+        async def queue(pipe: Pipeline) -> None:
             await self._create(
                 pipe,
                 batch_id,
@@ -110,7 +115,10 @@ class BatchStore:
                     now=now,
                     owner=owner,
                 )
-            outcome = (await _write(pipe.execute(), "nothing was enqueued"))[0]
+
+        # One MULTI/EXEC; with replicas to wait for, answered once they hold it.
+        written = replicated_transaction(self.redis, self._replicas, queue)
+        outcome = (await _write(written, "nothing was enqueued"))[0]
         if isinstance(outcome, str) and idempotency is not None:
             raise Replay(idempotency.held_task(outcome))
         if not outcome:

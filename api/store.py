@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError
 from api.errors import queue_refuses_writes
 from api.group_commit import Submit, SubmitGroups
 from api.idempotency import IdempotencyClaim, Replay
+from shared import tracing
 from shared.backends import Target
 from shared.celery_app import task_headers
 from shared.errors import (
@@ -40,6 +41,7 @@ from shared.redis_state.keys import parse_depth, queued_key, task_key
 from shared.redis_state.outbox_scripts import RetryEvent
 from shared.redis_state.record import NewTask, as_mapping, decode_record, recorded_operation
 from shared.redis_state.task_scripts import CancelTask, SettleTask, SubmitTask, SubmitTasks
+from shared.replica_wait import ReplicatedWrites, ReplicaWait
 from shared.settings import Settings
 
 # How long after its deadline a `running` task may still be waiting for redelivery before the
@@ -74,8 +76,14 @@ class ApiStore:
         self.redis = client
         self._settings = settings
         self._observer = observer
+        # With replicas to wait for, the submit script answers once they hold its write.
+        replicas = ReplicaWait.of(client, settings)
+        writes = client
+        if replicas.enabled:
+            writes = ReplicatedWrites(client, replicas)
+            tracing.instrument_redis(writes)  # its calls are spans like the client's
         self.groups = SubmitGroups(
-            SubmitTasks(client),
+            SubmitTasks(writes),
             max_depth=settings.max_queue_depth,
             ttl=settings.result_ttl,
             idempotency_ttl=settings.idempotency_ttl,
@@ -96,7 +104,8 @@ class ApiStore:
         payload: Payload | None = None,
         idempotency: IdempotencyClaim | None = None,
     ) -> TaskView:
-        """Record and enqueue one task, or raise QueueFull having written nothing.
+        """Record and enqueue one task, or raise QueueFull having written nothing (or
+        WriteNotReplicated, having written it, when its replicas did not confirm it in time).
 
         Concurrent submits share one Redis call (api/group_commit.py).
         `payload`: bytes to send instead of the JSON body; above the claim-check size they are

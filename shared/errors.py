@@ -157,6 +157,11 @@ class QueueUnavailable(DispatchError):
     code = "queue_unavailable"
 
 
+class WriteNotReplicated(QueueUnavailable):
+    """A submit was written, but WAIT did not find it on enough replicas in time
+    (REDIS_MIN_REPLICAS, every live one: shared/replica_wait.py): a failover could lose it."""
+
+
 # Error replies with which a Redis that otherwise answers refuses writes, and why, in the words an
 # operator needs. Reads still work, so these are not connection errors: see redis_write_refusal.
 REDIS_WRITE_REFUSALS = {

@@ -23,7 +23,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.asyncio.sentinel as async_sentinel
 import redis.sentinel as sync_sentinel
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -152,19 +152,29 @@ def node_client(settings: Settings, host: str, port: int, *, timeout: float) -> 
 
 
 async def follow_primary(client: aioredis.Redis) -> bool:
-    """On Sentinel, ask the sentinels where the primary is now; when it moved, drop every
-    connection of `client`, in use or not, so that none goes on writing to a node that is
-    being demoted (Sentinel turns a live old primary into a replica only some seconds later).
-    True when it moved; False on one server."""
+    """On Sentinel, ask the sentinels where the primary is now and drop every connection of
+    `client` that is elsewhere, in use or not, so that none goes on writing to a node that is
+    being demoted (Sentinel turns a live old primary into a replica only some seconds later;
+    until then it takes writes that the switch will drop). True when one was dropped."""
     pool = client.connection_pool
-    if not isinstance(pool, async_sentinel.SentinelConnectionPool):
+    if not isinstance(pool, _AsyncSentinelPool):
         return False
     before = pool.master_address
     now = await pool.get_master_address()  # type: ignore[no-untyped-call]
-    if before is None or now == before:
-        return False
-    await pool.disconnect(inuse_connections=True)
-    return True
+    # Idle ones were dropped above if the address changed; a request's connection is dropped
+    # when it is released (_AsyncSentinelPool.release), a subscriber's here.
+    elsewhere = [
+        connection
+        for connection in pool._get_in_use_connections()  # redis-py has no public list
+        if connection.is_connected and _address(connection) != now
+    ]
+    for connection in elsewhere:
+        await connection.disconnect()
+    return bool(elsewhere) or (before is not None and before != now)
+
+
+def _address(connection: Any) -> tuple[str, int]:
+    return connection.host, connection.port
 
 
 def _options(
@@ -226,8 +236,16 @@ def _sentinel_kwargs(settings: Settings, retry: Retry | AsyncRetry) -> dict[str,
 
 
 class _AsyncSentinelPool(async_sentinel.SentinelConnectionPool):
-    """redis-py's, but closing the client closes its sentinels' connections too (they belong
-    to this client alone: one Sentinel per client)."""
+    """redis-py's, but a connection released while the sentinels name another primary is
+    dropped rather than kept for the next command (redis-py's sync pool does so, not its
+    asyncio one), and closing the client closes its sentinels' connections too (they belong to
+    this client alone: one Sentinel per client)."""
+
+    async def release(self, connection: AbstractConnection) -> None:
+        primary = self.master_address
+        if primary is not None and connection.is_connected and _address(connection) != primary:
+            await connection.disconnect()
+        await super().release(connection)
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
         await super().disconnect(inuse_connections)

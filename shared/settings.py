@@ -10,7 +10,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from shared.backend_settings import BackendSettings
 from shared.backends import normalize_origin
-from shared.redis_url import check_redis_url
+from shared.redis_url import check_redis_url, is_sentinel_url
 
 __all__ = ["Settings", "get_settings", "normalize_origin"]
 
@@ -66,6 +66,21 @@ class Settings(BackendSettings):
         None,
         description="The sentinels' own password, if they have one (the data nodes' goes in "
         "`REDIS_URL`).",
+    )
+    redis_min_replicas: int | None = Field(
+        None,
+        ge=0,
+        le=16,
+        description="Replicas a submit must reach (WAIT) before it is answered 200/202: every "
+        "live replica, and at least this many, else a 503. Empty: 1 with Sentinel, 0 (no WAIT) "
+        "with one server.",
+    )
+    redis_replica_wait_ms: int = Field(
+        500,
+        ge=10,
+        le=10_000,
+        description="How long a submit waits for its replicas (ms) before it is a 503; below "
+        "`REDIS_SOCKET_TIMEOUT`.",
     )
 
     dispatch_default_wait: float = Field(
@@ -289,7 +304,9 @@ class Settings(BackendSettings):
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
 
-    @field_validator("redis_sentinel_master", "redis_sentinel_password", mode="before")
+    @field_validator(
+        "redis_sentinel_master", "redis_sentinel_password", "redis_min_replicas", mode="before"
+    )
     @classmethod
     def _empty_is_default(cls, value: object) -> object:
         return None if value == "" else value
@@ -324,6 +341,8 @@ class Settings(BackendSettings):
             master=self.redis_sentinel_master or "",
             sentinel_password=self.redis_sentinel_password is not None,
         )
+        if self.redis_replica_wait_ms >= 1000 * self.redis_socket_timeout:
+            raise ValueError("REDIS_REPLICA_WAIT_MS must be below REDIS_SOCKET_TIMEOUT")
         if self.dispatch_default_wait > self.dispatch_max_wait:
             raise ValueError("DISPATCH_DEFAULT_WAIT must not exceed DISPATCH_MAX_WAIT")
         if self.dispatch_default_timeout > self.dispatch_max_timeout:
@@ -354,6 +373,13 @@ class Settings(BackendSettings):
                 "always signed"
             )
         return self
+
+    @property
+    def min_replicas(self) -> int:
+        """REDIS_MIN_REPLICAS, or its default: 1 with Sentinel, 0 with one server."""
+        if self.redis_min_replicas is not None:
+            return self.redis_min_replicas
+        return 1 if is_sentinel_url(self.redis_url) else 0
 
     @property
     def task_time_limit(self) -> float:

@@ -95,11 +95,21 @@ def test_no_password_reaches_an_error_message_or_the_settings_repr() -> None:
 
 
 def test_empty_values_from_env_example_mean_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD"):
+    for name in ("REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "REDIS_MIN_REPLICAS"):
         monkeypatch.setenv(name, "")
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     assert settings.redis_sentinel_master is None
     assert settings.redis_sentinel_password is None
+    assert settings.min_replicas == 0
+
+
+def test_min_replicas_defaults_to_one_with_sentinel_and_zero_with_one_server() -> None:
+    assert build().min_replicas == 0
+    assert build(redis_url=THREE, redis_sentinel_master="m").min_replicas == 1
+    assert build(redis_url=THREE, redis_sentinel_master="m", redis_min_replicas=2).min_replicas == 2
+    assert build(redis_min_replicas=1).min_replicas == 1  # replicas without Sentinel
+    with pytest.raises(ValidationError, match="REDIS_REPLICA_WAIT_MS must be below"):
+        build(redis_replica_wait_ms=2000, redis_socket_timeout=1.5)
 
 
 def test_the_broker_is_kombus_sentinel_transport_with_its_master_and_sentinel_password() -> None:
