@@ -322,7 +322,7 @@ def test_streaming_and_missing_inputs_are_refused_before_queueing(
     explained(
         http.post("/dispatch_model", json=streaming),
         422,
-        "streaming answers are not supported yet",
+        "input.stream: set the request's own stream field instead",
         code="unsupported_operation",
     )
     for fields in ({"backend": "oipbin"}, {"backend": "llm", "max_model_page": 2}):

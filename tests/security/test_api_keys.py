@@ -193,6 +193,10 @@ def test_another_keys_ids_are_404_on_every_route_and_stay_untouched(
                     http.get(f"/tasks/{running_id}", headers=b, params={"wait": 1}),
                 ],
                 ("GET", "/tasks/{task_id}/result"): [http.get(f"{tasks}/result", headers=b)],
+                ("GET", "/tasks/{task_id}/stream"): [
+                    http.get(f"{tasks}/stream", headers=b),
+                    http.get(f"/tasks/{running_id}/stream", headers=b),
+                ],
                 ("DELETE", "/tasks/{task_id}"): [
                     http.delete(tasks, headers=b),
                     http.delete(f"/tasks/{running_id}", headers=b),
