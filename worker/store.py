@@ -40,6 +40,12 @@ def worker_name() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
+# The engine's connections to Redis: its group commits and stream appends share them, each
+# command a fraction of a millisecond, so 64 carry any number of tasks in flight.
+POOL_SIZE = 64
+POOL_WAIT_SECONDS = 10.0
+
+
 def connect(settings: Settings) -> aioredis.Redis:
     """The engine's Redis client: record writes outlast a short Redis restart (retried with
     backoff) instead of failing the task's run."""
@@ -47,6 +53,11 @@ def connect(settings: Settings) -> aioredis.Redis:
         settings,
         socket_timeout=10,
         socket_connect_timeout=5,
+        # A blocking pool: redis-py's default one raises MaxConnectionsError past 100
+        # connections, which hundreds of streamed tasks appending chunks at once reach (the
+        # bench's 1,000 streams); waiting a moment for a free connection is what they need.
+        max_connections=POOL_SIZE,
+        pool_timeout=POOL_WAIT_SECONDS,
         health_check_interval=10,
         retry=Retry(ExponentialBackoff(cap=REDIS_BACKOFF_CAP), REDIS_RETRIES),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
