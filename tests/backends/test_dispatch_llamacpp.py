@@ -32,18 +32,7 @@ from tests.support.servers.running import RunningServer, client
 pytestmark = pytest.mark.e2e
 
 MODEL = llamacpp_support.MODEL_ALIAS
-CHAT = {
-    "messages": [{"role": "user", "content": "Name three colors."}],
-    "temperature": 0,
-    "seed": llamacpp_support.SEED,
-    "max_tokens": 24,
-}
-COMPLETION = {
-    "prompt": "The sky is",
-    "temperature": 0,
-    "seed": llamacpp_support.SEED,
-    "max_tokens": 16,
-}
+CHAT, COMPLETION = llamacpp_support.CHAT, llamacpp_support.COMPLETION
 # What two calls of one completion share: all but the server's per-call id and timestamp.
 PER_CALL = ("id", "created", "system_fingerprint")
 

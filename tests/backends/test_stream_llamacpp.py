@@ -36,18 +36,7 @@ from tests.support.sse_reader import Reading, read_events
 pytestmark = pytest.mark.e2e
 
 MODEL = llamacpp_support.MODEL_ALIAS
-CHAT = {
-    "messages": [{"role": "user", "content": "Name three colors."}],
-    "temperature": 0,
-    "seed": llamacpp_support.SEED,
-    "max_tokens": 24,
-}
-COMPLETION = {
-    "prompt": "The sky is",
-    "temperature": 0,
-    "seed": llamacpp_support.SEED,
-    "max_tokens": 16,
-}
+CHAT, COMPLETION = llamacpp_support.CHAT, llamacpp_support.COMPLETION
 PATHS = {"chat.completions": "/v1/chat/completions", "completions": "/v1/completions"}
 INPUTS = {"chat.completions": CHAT, "completions": COMPLETION}
 OBJECTS = {  # operation: (a chunk's object, the assembled answer's object)

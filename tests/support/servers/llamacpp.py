@@ -49,6 +49,14 @@ MODEL_ALIAS = "smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILD_ENV = {"CMAKE_BUILD_PARALLEL_LEVEL": "2", "CMAKE_ARGS": "-DLLAVA_BUILD=OFF"}
 SEED = 1234
+# The requests the tests send (temperature 0 and SEED: the same answer every time).
+CHAT = {
+    "messages": [{"role": "user", "content": "Name three colors."}],
+    "temperature": 0,
+    "seed": SEED,
+    "max_tokens": 24,
+}
+COMPLETION = {"prompt": "The sky is", "temperature": 0, "seed": SEED, "max_tokens": 16}
 PROMPT = ({"role": "user", "content": "Name three colors."},)
 
 
