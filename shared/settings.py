@@ -82,6 +82,12 @@ class Settings(BackendSettings):
         description="How long a submit waits for its replicas (ms) before it is a 503; below "
         "`REDIS_SOCKET_TIMEOUT`.",
     )
+    redis_wait_aof: Literal["off", "replicas", "all"] = Field(
+        "off",
+        description="Redis 7.2+ (WAITAOF; refused at start by an older server): `replicas`: a "
+        "submit waits until its replicas have it fsynced to their append-only files, not only "
+        "received; `all`: and the primary's own AOF (appendonly yes there). `off`: WAIT.",
+    )
 
     dispatch_default_wait: float = Field(
         60.0,
@@ -343,6 +349,11 @@ class Settings(BackendSettings):
         )
         if self.redis_replica_wait_ms >= 1000 * self.redis_socket_timeout:
             raise ValueError("REDIS_REPLICA_WAIT_MS must be below REDIS_SOCKET_TIMEOUT")
+        if self.redis_wait_aof == "replicas" and self.min_replicas == 0:
+            raise ValueError(
+                "REDIS_WAIT_AOF=replicas needs REDIS_MIN_REPLICAS of 1 or more (else no submit "
+                "waits for a replica); `all` waits for the primary's own AOF too"
+            )
         if self.dispatch_default_wait > self.dispatch_max_wait:
             raise ValueError("DISPATCH_DEFAULT_WAIT must not exceed DISPATCH_MAX_WAIT")
         if self.dispatch_default_timeout > self.dispatch_max_timeout:
