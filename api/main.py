@@ -25,6 +25,7 @@ from api.store import ApiStore
 from api.waiting import ResultWaiter
 from shared import heap, tracing
 from shared.logs import configure_logging
+from shared.primary_watch import PrimaryWatch
 from shared.redis_connect import async_client
 from shared.redis_state.stream_reader import DEFAULT_BLOCK_MS, SOCKET_MARGIN, StreamHub
 from shared.settings import Settings, get_settings
@@ -98,12 +99,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reader = hub_reader(settings)
         # Its wake-ups go through the pool: one short command now and then.
         app.state.hub = StreamHub(reader, client, block_ms=DEFAULT_BLOCK_MS)
+        # Moves the listener's subscription and the hub's XREAD after a failover.
+        watch = PrimaryWatch([client, reader])
         await waiter.start()
         app.state.hub.start()
+        watch.start()
         heap.freeze_startup_heap()  # everything start-up built lives until exit
         try:
             yield
         finally:
+            await watch.stop()
             await app.state.hub.close()  # ends every open stream response (clients reconnect)
             await reader.aclose()
             await waiter.stop()

@@ -151,6 +151,11 @@ def node_client(settings: Settings, host: str, port: int, *, timeout: float) -> 
     return aioredis.Redis.from_pool(aioredis.ConnectionPool(**options))
 
 
+def on_sentinel(client: aioredis.Redis) -> bool:
+    """Whether `client` follows a Sentinel-watched primary (else: one server, nothing to follow)."""
+    return isinstance(client.connection_pool, _AsyncSentinelPool)
+
+
 async def follow_primary(client: aioredis.Redis) -> bool:
     """On Sentinel, ask the sentinels where the primary is now and drop every connection of
     `client` that is elsewhere, in use or not, so that none goes on writing to a node that is

@@ -26,6 +26,7 @@ from typing import Any
 import uvloop
 
 from shared import tracing
+from shared.primary_watch import PrimaryWatch
 from shared.settings import Settings
 from worker import store as stores
 from worker.backends import Caller
@@ -67,6 +68,7 @@ class Engine:
         )
         self._messages: set[asyncio.Task[None]] = set()
         self._runner: TaskRunner | None = None
+        self._watch: PrimaryWatch | None = None
 
     # --- from other threads --------------------------------------------------------------
 
@@ -143,6 +145,11 @@ class Engine:
             max_per_origin=self.settings.worker_max_in_flight,
         )
         self._runner = TaskRunner(self.settings, store, http)
+        # A request's connection follows a failover when released; this also moves the idle
+        # ones as soon as the sentinels name a new primary (shared/primary_watch.py), so that
+        # records are not written for seconds to an old primary whose writes will be dropped.
+        self._watch = PrimaryWatch([client])
+        self._watch.start()
 
     def _begin(self, tasks: Sequence[Mapping[str, Any]], done: Done) -> None:
         message = self._loop.create_task(self._run_message(tasks, done))
@@ -196,6 +203,8 @@ class Engine:
             await asyncio.wait(set(self._messages))
 
     async def _close(self) -> None:
+        if self._watch is not None:
+            await self._watch.stop()
         if self._runner is not None:
             await self._runner.client.aclose()
             await self._runner.store.redis.aclose()
