@@ -23,6 +23,7 @@ from bench.scenarios import (
     long_calls,
     mixed,
     oip,
+    replication,
     scale,
     streams,
     submit,
@@ -45,6 +46,8 @@ SCENARIOS: list[tuple[str, Callable[[Context], None]]] = [
     ("long_calls", long_calls.run),
     ("streams", streams.run),
     ("submit", submit.run),
+    # The same submits on a Sentinel topology (its own API and Redis): what WAIT costs.
+    ("replication", replication.run),
     # After the one-process submit rate it compares with; stops its API before the check below.
     ("api_processes", api_processes.run),
     ("pubsub", submit.check_subscriptions),
@@ -52,7 +55,7 @@ SCENARIOS: list[tuple[str, Callable[[Context], None]]] = [
 NAMES = [name for name, _ in SCENARIOS]
 # Left out of the smoke run (unless named with --only) until tests/e2e/test_bench_smoke.py
 # lists their rows and phases: that test checks the set of rows exactly.
-NOT_IN_SMOKE = {"streams"}
+NOT_IN_SMOKE = {"streams", "replication"}
 
 
 def selected(plan: Plan, only: Sequence[str] = ()) -> list[Callable[[Context], None]]:
