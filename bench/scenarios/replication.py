@@ -108,12 +108,6 @@ def run(ctx: Context) -> None:
 
 
 def _replicas_holding(topology: SentinelTopology) -> int:
-    """How many replicas hold the primary's whole stream now (the submits reached them all)."""
+    """How many replicas hold every write so far (the submits among them): WAIT's own count."""
     with topology.primary().client() as client:
-        info = client.info("replication")
-    offset = int(info["master_repl_offset"])
-    return sum(
-        1
-        for key, value in info.items()
-        if key.startswith("slave") and isinstance(value, dict) and int(value["offset"]) >= offset
-    )
+        return int(client.execute_command("WAIT", len(topology.nodes) - 1, 2_000))
