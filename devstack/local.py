@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -22,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 from pydantic import TypeAdapter
@@ -31,6 +33,7 @@ from devstack.redis import RedisServer
 from devstack.services import ApiServer, CeleryWorker
 from devstack.supervisor import Supervisor
 from devstack.torchserve import TorchServe
+from shared.redis_url import is_sentinel_url
 from shared.settings import ApiWorkers
 
 DEFAULT_WORKDIR = REPO_ROOT / ".local"
@@ -40,6 +43,8 @@ DEFAULT_API_PORT = 8000
 # the loser's tasks appear in no metrics. The first is WORKER_METRICS_PORT's default.
 DEFAULT_METRICS_PORTS = (9808, 9809, 9810)  # worker, interactive worker, webhook consumer
 METRICS_HOST = "127.0.0.1"
+# redis-py also reads a password from the query string (`?password=`).
+_PASSWORD_QUERY = re.compile(r"(?i)((?:^|&)password=)[^&]*")
 
 
 @dataclass(frozen=True)
@@ -121,9 +126,35 @@ def _check_ports(config: LocalConfig) -> None:
     _require_free(config.api_port, "stop what listens there, or set PORT to use another port")
 
 
+def masked_url(url: str) -> str:
+    """REDIS_URL as the banner may show it: each part's (a sentinel URL has several) password,
+    or a lone userinfo (it may be a password), and any `password=` query value as `***`; the
+    rest as given. Secrets never land in logs."""
+    parts = url.split(";") if is_sentinel_url(url) else [url]
+    return ";".join(_masked_part(part) for part in parts)
+
+
+def _masked_part(part: str) -> str:
+    scheme, found, _ = part.partition("://")
+    try:
+        split = urlsplit(part)
+        split.port  # noqa: B018 (raises ValueError unless the port is a number)
+    except ValueError:
+        split = None
+    if not found or split is None:  # malformed: a secret could be anywhere in it
+        return f"{scheme if found else 'redis'}://(not shown)"
+    netloc = split.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    query = _PASSWORD_QUERY.sub(r"\1***", split.query)
+    return urlunsplit(split._replace(netloc=netloc, query=query))
+
+
 def _start_redis(supervisor: Supervisor, config: LocalConfig) -> str:
     if config.redis_url:
-        print(f"Using Redis at {config.redis_url} (REDIS_URL)")
+        print(f"Using Redis at {masked_url(config.redis_url)} (REDIS_URL)")
         return config.redis_url
     # A fixed data directory, and the append-only file fsynced on every write: Redis answers a
     # write only once it is on disk, so a task the API accepted (202) survives a SIGKILL or a
