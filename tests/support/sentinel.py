@@ -7,8 +7,10 @@ restarted node comes back with what it was last told), stopped by PID. Timers ar
 6.2 (the bundled server) has no `SENTINEL DEBUG`, so the sentinels keep their 10 s INFO period:
 a live old primary is turned into a replica up to ~10 s after a manual failover.
 
-Faults: `kill` (SIGKILL), `freeze`/`thaw` (SIGSTOP/SIGCONT) any node, `failover()` (SENTINEL
-FAILOVER, waiting until every sentinel names the new primary). On a busy machine sentinels can
+Faults: `kill` (SIGKILL), `freeze`/`thaw` (SIGSTOP/SIGCONT) any node, `start` again (a killed
+node comes back from its config file), `failover()` (SENTINEL FAILOVER, waiting until every
+sentinel names the new primary); `wait_new_primary` after a kill or freeze, `wait_replica_of`
+for a node rejoining. On a busy machine sentinels can
 enter TILT mode and fail over late: tests wait on conditions, never on fixed times.
 """
 
@@ -217,14 +219,48 @@ class SentinelTopology(StopsOnExit):
                     raise
                 time.sleep(0.2)
 
+        return self.wait_new_primary(old, max(0.0, deadline - time.monotonic()))
+
+    def wait_new_primary(self, old: Node, timeout: float = 30) -> Node:
+        """The primary that replaced `old`, once every live sentinel names it and it says it is
+        one (after a kill or freeze of `old`, or a failover)."""
+
         def switched() -> Node | None:
-            ports = {self._named_by(sentinel) for sentinel in self.sentinels if sentinel.alive}
+            ports = {
+                self._named_by(sentinel)
+                for sentinel in self.sentinels
+                if sentinel.alive and not sentinel.frozen
+            }
             if len(ports) != 1 or old.port in ports or None in ports:
                 return None
             new = self.node(ports.pop() or 0)
             return new if self._quietly(lambda: new.role() == "master") else None
 
-        return wait_until(switched, max(0.0, deadline - time.monotonic()), "a new primary")
+        new = wait_until(switched, timeout, f"a primary other than port {old.port}")
+        assert new is not None  # wait_until returns only a truthy value
+        return new
+
+    def wait_replica_of(self, node: Node, primary: Node, timeout: float = 60) -> None:
+        """Until `node` (a restarted old primary, say) replicates `primary`, online there."""
+
+        def following() -> bool:
+            with node.client() as client:
+                role = client.execute_command("ROLE")
+            if str(role[0]) != "slave" or int(role[2]) != primary.port:
+                return False
+            with primary.client() as client:
+                info = client.info("replication")
+            return any(
+                isinstance(value, dict)
+                and int(value.get("port", 0)) == node.port
+                and value.get("state") == "online"
+                for key, value in info.items()
+                if key.startswith("slave")
+            )
+
+        wait_until(
+            lambda: self._quietly(following), timeout, f"port {node.port} replicating the primary"
+        )
 
     def settle(self, timeout: float = 60) -> None:
         """Wait until every live data node but the primary replicates it, online."""
