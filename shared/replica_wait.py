@@ -30,8 +30,20 @@ after a switch, would answer faster during a failover but depends on the API pro
 the switch and on idempotent replays of writes already consumed; waiting keeps the guarantee in
 Redis. What stays possible: losing the primary and every replica that acknowledged at once; a
 replica the sentinels can reach but the API cannot (a partition) being counted dead and then
-promoted; a replica that joined in the second before a count being promoted at once. Redis
-6.2 has no WAITAOF (7.2+), so a replica's ack means it applied the write, not that it is on disk.
+promoted; a replica that joined in the second before a count being promoted at once.
+
+A replica's WAIT ack means it applied the write, not that it is on disk. REDIS_WAIT_AOF asks for
+WAITAOF instead (Redis 7.2+), in the same place: `WAITAOF numlocal n timeout` answers
+[primaries, replicas] that fsynced the connection's writes to their append-only files, `replicas`
+with numlocal 0, `all` with 1 (the primary's own AOF too). A server without it would refuse every
+submit's WAITAOF, so the API checks the version (INFO server) at start (check_wait_aof, which
+refuses to start naming it) and again on every new primary (a failover onto an older node): its
+submits then answer 503 saying why, and /ready says so too. Each replica needs `appendonly yes`,
+else it never counts. Not run here against a 7.2 server (the bundled one is 6.2).
+
+The count is also what `/ready` reports (observe): the primary's address, the replicas that
+acknowledge, the ones still counted after they left; it joins the count in flight, or starts
+one when the last is over REFRESH_SECONDS old, so there is no second poller.
 """
 
 from __future__ import annotations
@@ -43,17 +55,20 @@ import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+import redis.asyncio.sentinel as async_sentinel
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError, NoScriptError, RedisError, TimeoutError
 from redis.typing import EncodableT, KeyT, ScriptTextT
 
-from shared.errors import WriteNotReplicated
+from shared.errors import QueueUnavailable, WriteNotReplicated
 from shared.redis_connect import follow_primary, node_client
 from shared.settings import Settings
+from shared.wait_aof import aof_counts, check_wait_aof, wait_aof_refusal
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +86,19 @@ PROBE_TIMEOUT = 0.5
 Address = tuple[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaCount:
+    """The last count, as `/ready` reports it (addresses as host:port, never credentials)."""
+
+    primary: str
+    acking: tuple[str, ...]  # online and acknowledging
+    left: tuple[str, ...]  # gone from the primary but answering: counted until GONE_GRACE
+    needed: int
+    minimum: int
+    failed: str | None  # why the last count failed, if it did
+    refusal: str | None  # why the primary cannot give REDIS_WAIT_AOF
+
+
 class ReplicaWait:
     """How many replicas a write must reach (`needed`), counted as the module says; one per
     client (`of`), shared by the submit paths that write through it."""
@@ -80,7 +108,12 @@ class ReplicaWait:
         self._settings = settings
         self.minimum = settings.min_replicas
         self.timeout_ms = settings.redis_replica_wait_ms
+        self.aof = settings.redis_wait_aof != "off"
+        self.numlocal = 1 if settings.redis_wait_aof == "all" else 0
         self._needed = self.minimum
+        self.primary = primary_address(client)
+        self.refusal: str | None = None
+        self._failed: str | None = None
         # Replicas of the current primary that count: None while online, else since when gone.
         self._known: dict[Address, float | None] = {}
         self._replid = ""
@@ -98,36 +131,86 @@ class ReplicaWait:
 
     @property
     def enabled(self) -> bool:
-        return self.minimum > 0
+        """Whether a submit waits at all: for replicas, or for the primary's own AOF."""
+        return self.minimum > 0 or self.numlocal > 0
+
+    def waits(self, needed: int) -> bool:
+        return needed > 0 or self.numlocal > 0
+
+    async def start(self) -> None:
+        """At start-up: raise WaitAofUnsupported when REDIS_WAIT_AOF cannot be given."""
+        await check_wait_aof(self._client, self._settings)
 
     async def needed(self) -> int:
         """Replicas the next write must reach: the first call waits for a count, later ones
         start a new count in the background once the last is REFRESH_SECONDS old."""
-        if not self.enabled:
+        if self.minimum == 0:
             return 0
         if self._refreshed == -math.inf:
-            if self._first is None or self._first.done():
-                self._first = asyncio.create_task(self.refresh(), name="replica-count")
-            await asyncio.shield(self._first)
+            await self._first_count()
         elif time.monotonic() - self._refreshed > REFRESH_SECONDS:
             self._count_in_background()
+        if self.refusal is not None:  # nothing written: the WAITAOF would be refused
+            raise QueueUnavailable(f"the task queue (Redis) cannot take submits: {self.refusal}")
         return self._needed
 
+    async def observe(self) -> ReplicaCount:
+        """The count for `/ready`: the one in flight, or a new one if the last is stale."""
+        if self.minimum == 0:
+            try:
+                await follow_primary(self._client)
+            except (RedisError, OSError) as error:
+                self._failed = type(error).__name__
+            self.primary = primary_address(self._client)
+        elif self._refreshed == -math.inf:
+            try:
+                await self._first_count()
+            except (RedisError, OSError) as error:
+                self._failed = type(error).__name__
+        elif time.monotonic() - self._refreshed > REFRESH_SECONDS or self._counting():
+            self._count_in_background()
+            await asyncio.shield(cast(asyncio.Task[None], self._background))
+        known = self._known.items()
+        return ReplicaCount(
+            primary=self.primary,
+            acking=tuple(_text(address) for address, since in known if since is None),
+            left=tuple(_text(address) for address, since in known if since is not None),
+            needed=self._needed,
+            minimum=self.minimum,
+            failed=self._failed,
+            refusal=self.refusal,
+        )
+
     def queue_wait(self, pipe: Pipeline, needed: int) -> None:
-        """Queue the propagated no-op and WAIT on `pipe`, after its writes."""
+        """Queue the propagated no-op and WAIT (or WAITAOF) on `pipe`, after its writes."""
         pipe.publish(PROBE_CHANNEL, "")
-        pipe.execute_command("WAIT", needed, self.timeout_ms)
+        if self.aof:
+            pipe.execute_command("WAITAOF", self.numlocal, needed, self.timeout_ms)
+        else:
+            pipe.execute_command("WAIT", needed, self.timeout_ms)
 
     def check(self, acked: object, needed: int) -> None:
-        """Raise WriteNotReplicated unless WAIT's reply says `needed` replicas have the write."""
-        reached = acked if isinstance(acked, int) else 0
+        """Raise WriteNotReplicated unless WAIT's reply says `needed` replicas have the write
+        (WAITAOF's: [local, replicas], and the primary's own fsync too with `all`)."""
+        local, reached = self.numlocal, acked if isinstance(acked, int) else 0
+        if self.aof:
+            local, reached = aof_counts(acked)
         if reached > len(self._known):  # a replica joined since the last count
             self._count_in_background()
-        if reached >= needed:
+        if reached >= needed and local >= self.numlocal:
             return
+        what = f"{needed} replica(s) hold this write ({reached} did)"
+        if self.aof:
+            what = (
+                f"{needed} replica(s) fsynced this write to their append-only files ({reached} did)"
+            )
+            if self.numlocal:
+                what += f" and the primary to its own ({'done' if local else 'not done'})"
+        if isinstance(acked, Exception):
+            what += f"; Redis refused {'WAITAOF' if self.aof else 'WAIT'} ({type(acked).__name__})"
         raise WriteNotReplicated(
             f"the task queue (Redis) could not confirm within {self.timeout_ms} ms that "
-            f"{needed} replica(s) hold this write ({reached} did): it may not survive a "
+            f"{what}: it may not survive a "
             "failover. Retry in a few seconds: with the same Idempotency-Key the retry is "
             "safe (it answers with what this request wrote); without one the work may run twice"
         )
@@ -135,13 +218,19 @@ class ReplicaWait:
     async def refresh(self) -> None:
         """Count the live replicas now (see the module docstring)."""
         await follow_primary(self._client)
+        self.primary = primary_address(self._client)
         info = await self._client.info("replication")
         self._refreshed = time.monotonic()
+        self._failed = None
         if info.get("role") != "master":
             return  # a node being demoted: writes there fail anyway, keep the count
         replid = str(info.get("master_replid", ""))
         if replid != self._replid:
+            # A new primary may be an older Redis (or have its AOF off): say so, once.
+            self.refusal = await wait_aof_refusal(self._client, self._settings)
             self._replid, self._known = replid, {}
+            if self.refusal is not None:
+                log.error("REDIS_WAIT_AOF cannot be given: %s", self.refusal)
         online = set(_online_replicas(info))
         now = time.monotonic()
         for address in online:
@@ -156,6 +245,14 @@ class ReplicaWait:
                 del self._known[address]
         self._needed = max(self.minimum, len(self._known))
 
+    async def _first_count(self) -> None:
+        if self._first is None or self._first.done():
+            self._first = asyncio.create_task(self.refresh(), name="replica-count")
+        await asyncio.shield(self._first)
+
+    def _counting(self) -> bool:
+        return self._background is not None and not self._background.done()
+
     def _count_in_background(self) -> None:
         if self._background is None or self._background.done():
             self._background = asyncio.create_task(self._quietly(), name="replica-count")
@@ -165,6 +262,7 @@ class ReplicaWait:
             await self.refresh()
         except (RedisError, OSError) as error:  # the submits' own calls report an outage
             self._refreshed = time.monotonic()
+            self._failed = type(error).__name__
             log.warning("counting Redis replicas failed: %s", type(error).__name__)
 
     async def _answers(self, address: Address) -> bool:
@@ -182,6 +280,24 @@ class ReplicaWait:
 
 
 _BY_CLIENT: weakref.WeakKeyDictionary[aioredis.Redis, ReplicaWait] = weakref.WeakKeyDictionary()
+
+
+def primary_address(client: aioredis.Redis) -> str:
+    """Where `client` writes, as host:port (on Sentinel: the primary the sentinels last named,
+    "unknown" before any was asked); never its credentials."""
+    pool = client.connection_pool
+    if isinstance(pool, async_sentinel.SentinelConnectionPool):
+        found = pool.master_address
+        return _text(found) if found else "unknown"
+    kwargs = pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return _text((str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379))))
+
+
+def _text(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _online_replicas(info: dict[str, Any]) -> Iterable[Address]:
@@ -207,7 +323,7 @@ class ReplicatedScript(AsyncScript):
         client: aioredis.Redis | aioredis.RedisCluster | None = None,
     ) -> Any:
         needed = await self._replicas.needed()
-        if client is not None or needed == 0:
+        if client is not None or not self._replicas.waits(needed):
             return await super().__call__(keys, args, client)
         key_list = list(keys or [])
         values = [*key_list, *(args or [])]
@@ -247,7 +363,7 @@ async def replicated_transaction(
     WAIT says enough replicas have them. An error of the transaction is raised as a
     transactional pipeline would raise it (the first one), before any WAIT verdict."""
     needed = await replicas.needed()
-    if needed == 0:
+    if not replicas.waits(needed):
         async with client.pipeline(transaction=True) as pipe:
             await queue(pipe)
             return await pipe.execute()

@@ -30,6 +30,10 @@ async def ready(request: Request, _: OwnerDep) -> JSONResponse:
     """200 when Redis, a live worker and the gating backends (READY_BACKENDS, else
     DEFAULT_BACKEND) are reachable; else 503 with the reasons. `backends` reports every
     configured backend's health, gating or not: a queue keeps accepting work for a backend
-    that is briefly down (its tasks wait, or fail as their deadlines say)."""
+    that is briefly down (its tasks wait, or fail as their deadlines say). `redis` names the
+    primary (host:port, on Sentinel the current one) and the replicas that acknowledge writes;
+    when submits wait for replicas (REDIS_MIN_REPLICAS, 1 by default on Sentinel) and fewer
+    acknowledge than they wait for, the `replicas` check says so and it is 503: every submit
+    would answer 503 too (api/readiness.py says why a load balancer is told so)."""
     report = await check_readiness(request.app.state)
     return JSONResponse(report.model_dump(), status_code=200 if report.ready else 503)
