@@ -159,6 +159,7 @@ class ReplicaWait:
         if self.minimum == 0:
             try:
                 await follow_primary(self._client)
+                self._failed = None
             except (RedisError, OSError) as error:
                 self._failed = type(error).__name__
             self.primary = primary_address(self._client)

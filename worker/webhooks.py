@@ -25,6 +25,7 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 from prometheus_client import Counter, start_http_server
 
+from shared.redis_connect import sync_client
 from shared.redis_state.keys import MIN_EVENT_TTL, event_key
 from shared.redis_state.outbox_scripts import ClaimEvent, DeferEvent, PromoteEvents, RecordOutcome
 from shared.settings import Settings, get_settings
@@ -57,8 +58,9 @@ class Outbox:
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
-        self.redis = client or redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5
+        # shared/redis_connect.py: on Sentinel it follows the primary like every other client.
+        self.redis = client or sync_client(
+            settings, decode_responses=True, socket_timeout=10, socket_connect_timeout=5
         )
         self._promote = PromoteEvents(self.redis)
         self._claim = ClaimEvent(self.redis)
