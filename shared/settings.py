@@ -235,6 +235,15 @@ class Settings(BackendSettings):
         description="Seconds between worker heartbeats (what `/ready` counts as a live worker) "
         "and task lease renewals.",
     )
+    reconcile_after_seconds: float = Field(
+        60.0, ge=1, le=86_400, description="An accepted task whose message is in no queue and "
+        "held by no live worker (kombu lost it) is enqueued again once accepted this long ago "
+        "and found so by two rounds in a row (worker/reconciler.py).",
+    )  # fmt: skip
+    reconcile_period_seconds: float = Field(
+        30.0, ge=0, le=3600, description="Seconds between reconcile rounds (one worker of the "
+        "fleet runs each); `0`: off.",
+    )  # fmt: skip
     worker_metrics_port: int = Field(
         9808,
         ge=0,

@@ -11,7 +11,8 @@ from worker import task_metrics as metrics
 app = create_celery_app(get_settings())
 # Traces when OTEL_EXPORTER_OTLP_ENDPOINT is set: a span per task, continuing the API's trace.
 tracing.setup("model-dispatcher-worker")
-app.conf.include = ["worker.consumer", "worker.heartbeat"]
+# The reconciler (worker/reconciler.py) enqueues again what kombu lost, from one worker a round.
+app.conf.include = ["worker.consumer", "worker.heartbeat", "worker.reconciler"]
 # A Redis that refuses writes (OOM, read-only replica) or a broker connection loss must not crash
 # the worker or lose messages; one redis-py client per channel (worker/kombu_patches/).
 kombu_patches.install()

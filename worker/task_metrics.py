@@ -1,7 +1,8 @@
 """The worker's Prometheus metrics, served by each worker on WORKER_METRICS_PORT (0: off).
 
 worker/messages.py reports each delivery's outcome (`TaskObservation`), worker/backends/caller.py
-each attempt to call a backend (`backend_request`) and each retry (`count_retry`). Every call
+each attempt to call a backend (`backend_request`) and each retry (`count_retry`),
+worker/reconciler.py each task it enqueues again (`count_reconciled`). Every call
 runs in the worker's main process (its engine), which serves them. Each series has a `backend`
 label (the configured backend's name) beside its `model` label.
 
@@ -89,6 +90,13 @@ REDELIVERIES = Counter(
     ["backend", "model"],
 )
 
+RECONCILED = Counter(
+    "dispatcher_tasks_reconciled",
+    "Tasks enqueued again by the reconciler (worker/reconciler.py): accepted, then found in no "
+    "queue and held by no live worker, by priority class.",
+    ["priority"],
+)
+
 _models = ModelLabels()
 # Backends are configured, so few; a message naming one this worker lacks still gets a label.
 _backends = ModelLabels(limit=64)
@@ -160,6 +168,11 @@ def count_retry(backend: Backend, model: str, code: str) -> None:
     BACKEND_RETRIES.labels(_backends(backend.name), label, code).inc()
     if backend.protocol is Protocol.torchserve:
         TORCHSERVE_RETRIES.labels(label, code).inc()
+
+
+def count_reconciled(priority: str) -> None:
+    """One task enqueued again; `priority` is a record's, hence one of the three classes."""
+    RECONCILED.labels(priority).inc()
 
 
 # --- serving (main process) -------------------------------------------------------------------

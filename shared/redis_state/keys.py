@@ -48,7 +48,7 @@ def _key(name: str, suffix: str, type: str, holds: str, written_by: str, read_by
 # fmt: off
 TASK_KEY_PREFIX = _key(
     NAMESPACE + "task:", "<task id>", "hash", "a task's record (record.py: TaskField)",
-    f"task_submit, batch_add_items; {_TRANSITIONS}",
+    f"task_submit, batch_add_items; {_TRANSITIONS}; task_reconcile",
     "API reads (api/store.py, api/batch_store.py), every transition script",
     "RESULT_TTL; a batch item, once ended, as long as its batch",
 )
@@ -96,7 +96,7 @@ OUTPUT_KEY_PREFIX = _key(
 WORKERS_KEY = _key(NAMESPACE + "workers", "", "sorted set",
     "live prediction workers scored by their last heartbeat",
     "worker/heartbeat.py (plain commands; a worker leaves on shutdown, the others drop one "
-    "that died)", "/ready, API metrics", "none")
+    "that died)", "/ready, API metrics, task_reconcile (a running task's worker)", "none")
 LAST_FINISHED_KEY = _key(
     NAMESPACE + "last_finished", "", "string",
     "when a task last finished (/ready tells stalled workers by it)", "task_finish", "/ready",
@@ -120,15 +120,32 @@ FINISHED_CHANNEL = _key(
     "an ended task's record (or its id alone, published.py), an ended batch's hash",
     f"{_TRANSITIONS} (lib.lua publish_record, end_batch)",
     "every API process's listener (api/waiting.py)", "-")
+OPEN_KEY = _key(NAMESPACE + "open", "", "sorted set",
+    "accepted tasks not ended yet, scored by when each was accepted",
+    "task_submit, batch_add_items (ZADD); every ending (lib.lua end_task: ZREM); "
+    "task_reconcile (ZREM of a record gone)", "worker/reconciler.py", "none")
+MESSAGE_KEY_PREFIX = _key(
+    NAMESPACE + "message:", "<message id: its first task's id>", "hash",
+    "a copy of one Celery message as pushed (body) and how many of its tasks are open (open), "
+    "so a message kombu lost can be pushed again", "task_submit, batch_add_items; every ending "
+    "(lib.lua end_task: open down, deleted at 0)", "worker/reconciler.py", "RESULT_TTL")
+RECONCILE_LOCK_KEY = _key(NAMESPACE + "reconcile:lock", "", "string",
+    "the worker running this period's reconcile round", "worker/reconciler.py (SET NX PX)",
+    "worker/reconciler.py", "RECONCILE_PERIOD_SECONDS")
+RECONCILE_SUSPECTS_KEY = _key(NAMESPACE + "reconcile:suspects", "", "hash",
+    'tasks the last round found lost: task id -> "<status>:<deliveries>:<reconciled>"',
+    "worker/reconciler.py (plain MULTI)", "worker/reconciler.py",
+    "10 x RECONCILE_PERIOD_SECONDS")
 # Kombu's keys that the dispatcher writes into or relies on (kombu.transport.redis.Channel).
 _key(", ".join((*ALL_QUEUES, "webhooks")), "", "list (kombu)",
      "Celery messages of 1..MESSAGE_MAX_TASKS tasks; webhook sends",
-     "task_submit, batch_add_items (LPUSH); Celery for webhooks", "kombu (BRPOP)", "none")
+     "task_submit, batch_add_items (LPUSH); task_reconcile (RPUSH); Celery for webhooks",
+     "kombu (BRPOP); worker/reconciler.py (LRANGE)", "none")
 KOMBU_UNACKED_KEY, KOMBU_UNACKED_INDEX_KEY = "unacked", "unacked_index"
 _key(f"{KOMBU_UNACKED_KEY}, {KOMBU_UNACKED_INDEX_KEY}", "", "hash, sorted set (kombu)",
      "messages delivered and not yet acknowledged, and when",
      "kombu; worker/heartbeat.py renews the index's scores of held messages (ZADD XX)",
-     "kombu's visibility-timeout sweep", "none")
+     "kombu's visibility-timeout sweep; worker/reconciler.py (HSCAN)", "none")
 # fmt: on
 
 KEY_LAYOUT: tuple[KeySpec, ...] = tuple(_LAYOUT)
@@ -160,6 +177,7 @@ log_key = LOG_KEY_PREFIX.__add__  # (task id)
 output_key = OUTPUT_KEY_PREFIX.__add__  # (task id)
 stream_key = STREAM_KEY_PREFIX.__add__  # (task id)
 hub_wake_key = HUB_WAKE_KEY_PREFIX.__add__  # (hub id)
+message_key = MESSAGE_KEY_PREFIX.__add__  # (message id)
 
 
 def parse_depth(raw: str | bytes | None) -> int:
@@ -178,6 +196,9 @@ LUA_KEYS: dict[str, str] = {
     "finished": FINISHED_CHANNEL,
     "stream": STREAM_KEY_PREFIX,
     "output": OUTPUT_KEY_PREFIX,
+    "open": OPEN_KEY,
+    "message": MESSAGE_KEY_PREFIX,
+    "workers": WORKERS_KEY,
 }
 
 

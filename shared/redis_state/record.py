@@ -59,6 +59,8 @@ class TaskField(str, Enum):
     cancel_requested = "cancel_requested"  # task_cancel of a running task: "1"
     webhook_event = "webhook_event"  # lib.lua emit_event: the latest event's id
     stream = "stream"  # submit, for `stream: true`: "1"; lib.lua end_task then ends its stream
+    message = "message"  # submit: the id of the message carrying it (its copy: keys.py K.message)
+    reconciled = "reconciled"  # task_reconcile: times its lost message was pushed again
 
 
 @dataclass(frozen=True, slots=True)

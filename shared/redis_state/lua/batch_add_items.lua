@@ -16,21 +16,49 @@
 -- written.
 --
 -- Reads batch (its status).
--- Writes K.task .. '<batch_id>-<index>' (status queued, created_at, owner, batch, then its
--- fields; record_ttl), K.payload .. task id (record_ttl), and one LPUSH of the messages per
--- queue (less Redis time with the AOF on, which logs every write command). The queue
--- depth counters were counted up by batch_create.
+-- Writes K.task .. '<batch_id>-<index>' (status queued, created_at, owner, batch, message,
+-- then its fields; record_ttl), K.payload .. task id (record_ttl), K.open (ZADD, scored by
+-- now), one LPUSH of the messages per queue (less Redis time with the AOF on, which logs every
+-- write command), and each message's copy K.message .. <its first item's id> (body, open: its
+-- items; record_ttl) for worker/reconciler.py, should kombu lose it. The queue depth counters
+-- were counted up by batch_create.
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
 local ttl, now, owner, batch = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local queues = cjson.decode(ARGV[6])
+-- A message is named after its first item (shared/celery_app.py encode_messages: the envelope's
+-- first `"id": "` is its headers' id, as its body is base64), and carries the items of its
+-- queue from that one up to the next message's first: messages and items come in order.
+local starts, current, open, members = {}, {}, {}, {}
+for n = 1, #queues do
+  local message = ARGV[6 + n]
+  local _, at = string.find(message, '"id": "', 1, true)
+  if at then starts[string.sub(message, at + 1, string.find(message, '"', at + 1, true) - 1)] = n end
+end
 for _, item in ipairs(cjson.decode(ARGV[5])) do
   local task_id = batch .. '-' .. item[1]
   local key = K.task .. task_id
+  if starts[task_id] then current[item[2]] = task_id end
+  local message = current[item[2]] or ''
+  open[message] = (open[message] or 0) + 1
   redis.call('HSET', key, 'status', 'queued', 'created_at', now, 'owner', owner, 'batch', batch,
-    unpack(item[3]))
+    'message', message, unpack(item[3]))
   redis.call('EXPIRE', key, ttl)
   if item[4] > 0 then
     redis.call('SET', K.payload .. task_id, ARGV[6 + #queues + item[4]], 'EX', ttl)
+  end
+  table.insert(members, now)
+  table.insert(members, task_id)
+  if #members >= 2000 then
+    redis.call('ZADD', K.open, unpack(members))
+    members = {}
+  end
+end
+if #members > 0 then redis.call('ZADD', K.open, unpack(members)) end
+for id, n in pairs(starts) do
+  if open[id] then
+    local copy = K.message .. id
+    redis.call('HSET', copy, 'body', ARGV[6 + n], 'open', open[id])
+    redis.call('EXPIRE', copy, ttl)
   end
 end
 local messages = {}

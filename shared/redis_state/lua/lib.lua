@@ -6,8 +6,9 @@
 -- source the loader built (loader.source).
 --
 -- Every task transition goes through end_task (a task ends) or moved (it changes status), so
--- the queue depth counters, the batch counters, the webhook outbox, the claim-checked payload
--- and the finished channel are kept in one place, in the same atomic step as the record.
+-- the queue depth counters, the batch counters, the webhook outbox, the claim-checked payload,
+-- the index of open tasks and the finished channel are kept in one place, in the same atomic
+-- step as the record.
 
 -- The id held in an idempotency record "<fingerprint>:<id>" (record.py writes it).
 local function held_id(held)
@@ -132,6 +133,17 @@ local function end_stream(key, task_id, status)
   redis.call('EXPIRE', skey, redis.call('TTL', key))
 end
 
+-- The ended task of record `key` leaves the index of open tasks (K.open), and the copy of its
+-- message (K.message, written by task_submit and batch_add_items for worker/reconciler.py)
+-- counts one open task less: it is deleted with its last one.
+local function close_task(key, task_id)
+  redis.call('ZREM', K.open, task_id)
+  local message = redis.call('HGET', key, 'message')
+  if not message or message == '' then return end
+  local mkey = K.message .. message
+  if redis.call('HINCRBY', mkey, 'open', -1) <= 0 then redis.call('DEL', mkey) end
+end
+
 -- The task of record `key` ends: from `old` into the terminal status `new` at `now`, with the
 -- fields that follow `ttl` (name, value, ...: its result or error), kept `ttl` seconds. Its
 -- counters, webhook event, stream, payload and publish follow from here, in every script that
@@ -142,6 +154,7 @@ local function end_task(key, task_id, old, new, now, ttl, ...)
   moved(key, old, new, now)
   emit_webhook(key, task_id, new, now, ttl)
   end_stream(key, task_id, new)
+  close_task(key, task_id)
   publish_record(key, task_id)
 end
 

@@ -16,18 +16,23 @@
 -- nothing written for it).
 --
 -- Reads: K.queued .. queue, the idempotency keys, the record of a held task.
--- Writes, per recorded task: K.task .. task_id (record_ttl), K.payload .. task_id (record_ttl),
---   K.queued .. queue (INCR), its idempotency key (idempotency_ttl). Per queue with at least
---   one recorded task: LPUSH of its message onto the Celery queue `queue`.
+-- Writes, per recorded task: K.task .. task_id (record_ttl; `message` names its message),
+--   K.payload .. task_id (record_ttl), K.queued .. queue (INCR), its idempotency key
+--   (idempotency_ttl), K.open (ZADD, scored by its created_at). Per queue with at least one
+--   recorded task: LPUSH of its message onto the Celery queue `queue`, and its copy
+--   K.message .. <its first task's id, the message's own> (body, open: its recorded tasks;
+--   record_ttl) for worker/reconciler.py, should kombu lose it.
 --
 -- Per task, the depth check, the record, its payload and its idempotency key go in together.
 -- A task of a pushed message that was not recorded has no record: task_start finds it
 -- `missing` and skips it. Concurrent first requests with one idempotency key create exactly
 -- one task, in one call or in several.
 local max_depth, ttl, idempotency_ttl = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local results, recorded = {}, {}
+local results, recorded, first = {}, {}, {}
 for i, task in ipairs(cjson.decode(ARGV[4])) do
   local task_id, queue, fields, payload, idempotency = task[1], task[2], task[3], task[4], task[5]
+  -- A message is named after its first task (shared/celery_app.py encode_message).
+  first[queue] = first[queue] or task_id
   local result = 1
   if idempotency ~= '' then
     local held = redis.call('GET', idempotency)
@@ -38,15 +43,23 @@ for i, task in ipairs(cjson.decode(ARGV[4])) do
   if result == 1 then
     local key = K.task .. task_id
     if payload > 0 then redis.call('SET', K.payload .. task_id, ARGV[payload], 'EX', ttl) end
-    redis.call('HSET', key, unpack(fields))
+    redis.call('HSET', key, 'message', first[queue], unpack(fields))
     redis.call('EXPIRE', key, ttl)
     redis.call('INCR', counter)
     if idempotency ~= '' then redis.call('SET', idempotency, task[6], 'EX', idempotency_ttl) end
-    recorded[queue] = true
+    for f = 1, #fields, 2 do
+      if fields[f] == 'created_at' then redis.call('ZADD', K.open, fields[f + 1], task_id) end
+    end
+    recorded[queue] = (recorded[queue] or 0) + 1
   end
   results[i] = result
 end
 for queue, index in pairs(cjson.decode(ARGV[5])) do
-  if recorded[queue] then redis.call('LPUSH', queue, ARGV[index]) end
+  if recorded[queue] then
+    redis.call('LPUSH', queue, ARGV[index])
+    local copy = K.message .. first[queue]
+    redis.call('HSET', copy, 'body', ARGV[index], 'open', recorded[queue])
+    redis.call('EXPIRE', copy, ttl)
+  end
 end
 return results
