@@ -77,6 +77,12 @@ SCENARIOS = (
         "reliability/test_long_task.py",
         10,
     ),
+    Scenario(
+        "sentinel_failover",
+        "Sentinel faults under ~100 submits/s (the issue 19 fault table, 8 faults)",
+        "reliability/test_sentinel_failover.py",
+        10,
+    ),
 )
 
 

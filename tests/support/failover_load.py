@@ -222,18 +222,24 @@ class Figures:
     first_accept_s: float | None
     last_503_s: float | None
     delivered_twice: int
-    called_twice: int
+    called_twice: int  # accepted `counting` tasks the model received more than once
+    refused_ran: int  # `counting` submits answered 503 (or not at all) that reached the model
+    reconciled: int  # pushed again by worker/reconciler.py (its message was lost)
     late_waiters: int
+    latest_answer_s: float  # the longest a sync answer came after its task's finished_at
     sync_202: int
     resume_s: float | None
     slow_workers: int
     stalled_workers: int
     lost_ids: list[str] = field(default_factory=list)
     wrong_ids: list[str] = field(default_factory=list)
+    twice_ids: list[str] = field(default_factory=list)  # counting calls > 1: the task's record
     notes: dict[str, float] = field(default_factory=dict)  # the fault's own timings
 
     def line(self) -> str:
-        shown = {k: v for k, v in asdict(self).items() if k not in ("lost_ids", "wrong_ids")}
+        shown = {
+            k: v for k, v in asdict(self).items() if k not in ("lost_ids", "wrong_ids", "twice_ids")
+        }
         return "FAILOVER " + " ".join(
             f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in shown.items()
         )
@@ -291,13 +297,25 @@ def verify(
     first = min((a.answered_at - fault_at for a in after if a.accepted), default=None)
     refused_times = [a.answered_at - fault_at for a in after if a.status == 503]
     calls = model_calls(counting_log, run)
-    late, sync_202 = 0, 0
+    by_input = {str(exp.input["id"]): task for task, exp in expected.items()}
+    twice = [
+        f"{by_input.get(key, key)} calls={count} "
+        f"deliveries={final.get(by_input.get(key, ''), {}).get('deliveries', '?')}"
+        for key, count in calls.items()
+        if count > 1 and key in by_input
+    ]
+    # Submits refused 503 whose write reached the old primary anyway and ran there: a client
+    # must retry those with an Idempotency-Key, or they run twice.
+    refused_ran = sum(1 for key in calls if key not in by_input)
+    late, sync_202, latest = 0, 0, 0.0
     for a in accepted:
         if a.kind != "sync":
             continue
         sync_202 += a.status == 202
         finished = [float(final.get(t, {}).get("finished_at") or 0) for t in a.tasks]
-        late += any(0 < f < a.answered_at - LATE_SECONDS for f in finished)
+        delays = [a.answered_at - f for f in finished if f > 0]
+        late += any(d > LATE_SECONDS for d in delays)
+        latest = max([latest, *delays])
     resume, slow, stalled = _workers_resume(final.values(), fault_at, set(killed_workers))
     duration = max((a.sent_at for a in answers), default=0) - min(
         (a.sent_at for a in answers), default=0
@@ -318,13 +336,17 @@ def verify(
         delivered_twice=sum(
             1 for t in expected if int(final.get(t, {}).get("deliveries") or 0) > 1
         ),
-        called_twice=sum(1 for count in calls.values() if count > 1),
+        called_twice=len(twice),
+        refused_ran=refused_ran,
+        reconciled=sum(1 for t in expected if int(final.get(t, {}).get("reconciled") or 0) > 0),
         late_waiters=late,
+        latest_answer_s=round(latest, 2),
         sync_202=sync_202,
         resume_s=resume,
         slow_workers=slow,
         stalled_workers=stalled,
         lost_ids=lost_detail,
+        twice_ids=twice[:10],
         wrong_ids=wrong[:20],
     )
 
