@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
 
 from api.backend_probe import BackendProbe
 from api.batch_store import BatchStore
@@ -28,6 +30,7 @@ from shared.logs import configure_logging
 from shared.primary_watch import PrimaryWatch
 from shared.redis_connect import async_client
 from shared.redis_state.stream_reader import DEFAULT_BLOCK_MS, SOCKET_MARGIN, StreamHub
+from shared.replica_wait import ReplicaWait
 from shared.settings import Settings, get_settings
 
 # Requests share this many Redis connections and wait for a free one rather than open more:
@@ -101,6 +104,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.hub = StreamHub(reader, client, block_ms=DEFAULT_BLOCK_MS)
         # Moves the listener's subscription and the hub's XREAD after a failover.
         watch = PrimaryWatch([client, reader])
+        # REDIS_WAIT_AOF on a server without WAITAOF: refuse to start, naming the version. With
+        # Redis down the first count of the replicas checks it instead (submits 503 till then).
+        with contextlib.suppress(RedisError, OSError):
+            await ReplicaWait.of(client, settings).start()
         await waiter.start()
         app.state.hub.start()
         watch.start()

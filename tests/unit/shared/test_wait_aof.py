@@ -138,12 +138,31 @@ def test_a_server_without_waitaof_is_refused_at_start_naming_its_version(
     assert off is None  # REDIS_WAIT_AOF=off asks nothing of the server
 
 
-def test_submits_on_a_server_without_waitaof_answer_503_saying_why(
+def test_the_api_refuses_to_start_on_a_server_without_waitaof(
     dedicated_redis: RedisServer, clean_env: None
 ) -> None:
-    """What a process that skipped the start-up check (or a failover onto an older primary)
-    meets: every submit 503s naming the version before writing anything, /ready says so."""
     config = settings(dedicated_redis.url, redis_wait_aof="replicas", redis_min_replicas=1)
+
+    async def main() -> None:
+        async with api(config):
+            raise AssertionError("the API started")
+
+    with pytest.raises(WaitAofUnsupported, match=r"needs WAITAOF \(Redis 7.2\+\)"):
+        run(main())
+
+
+def test_submits_on_a_server_without_waitaof_answer_503_saying_why(
+    dedicated_redis: RedisServer, clean_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a process meets after a failover onto an older primary (the start-up check,
+    skipped here, saw a good one): every submit 503s naming the version before writing
+    anything, /ready says so."""
+    config = settings(dedicated_redis.url, redis_wait_aof="replicas", redis_min_replicas=1)
+
+    async def checked_a_good_primary(self: ReplicaWait) -> None:
+        del self
+
+    monkeypatch.setattr(ReplicaWait, "start", checked_a_good_primary)
 
     async def main() -> tuple[httpx.Response, httpx.Response]:
         async with api(config) as http:
