@@ -8,9 +8,8 @@ from typing import Annotated, Literal, Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from shared.backend_settings import BackendSettings
 from shared.backends import normalize_origin
-from shared.redis_url import check_redis_url, is_sentinel_url
+from shared.redis_settings import RedisSettings
 
 __all__ = ["Settings", "get_settings", "normalize_origin"]
 
@@ -34,7 +33,7 @@ def _split_commas(value: object) -> object:
     return value
 
 
-class Settings(BackendSettings):
+class Settings(RedisSettings):
     """Every knob of the service, each described once, here.
 
     `scripts/gen_docs.py` renders these descriptions into docs/configuration.md and the comments
@@ -44,49 +43,6 @@ class Settings(BackendSettings):
     # Inputs stay out of error messages: BACKENDS and REDIS_URL may hold secrets.
     model_config = SettingsConfigDict(
         env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
-    )
-
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0",
-        description="Broker and task store: `redis://:password@host:port/db`, `rediss://` for TLS, "
-        "or Celery's sentinel form `sentinel://:password@h1:26379;sentinel://h2:26379/db`.",
-    )
-    redis_socket_timeout: float = Field(
-        1.5,
-        gt=0,
-        description="API-side Redis socket timeout (s): a Redis outage is a 503 within ~2 s "
-        "instead of a hang.",
-    )
-    redis_sentinel_master: str | None = Field(
-        None,
-        description="With a sentinel `REDIS_URL`: the name the sentinels monitor the primary "
-        "under; required then.",
-    )
-    redis_sentinel_password: SecretStr | None = Field(
-        None,
-        description="The sentinels' own password, if they have one (the data nodes' goes in "
-        "`REDIS_URL`).",
-    )
-    redis_min_replicas: int | None = Field(
-        None,
-        ge=0,
-        le=16,
-        description="Replicas a submit must reach (WAIT) before it is answered 200/202: every "
-        "live replica, and at least this many, else a 503. Empty: 1 with Sentinel, 0 (no WAIT) "
-        "with one server.",
-    )
-    redis_replica_wait_ms: int = Field(
-        500,
-        ge=10,
-        le=10_000,
-        description="How long a submit waits for its replicas (ms) before it is a 503; below "
-        "`REDIS_SOCKET_TIMEOUT`.",
-    )
-    redis_wait_aof: Literal["off", "replicas", "all"] = Field(
-        "off",
-        description="Redis 7.2+ (WAITAOF; refused at start by an older server): `replicas`: a "
-        "submit waits until its replicas have it fsynced to their append-only files, not only "
-        "received; `all`: and the primary's own AOF (appendonly yes there). `off`: WAIT.",
     )
 
     dispatch_default_wait: float = Field(
@@ -319,13 +275,6 @@ class Settings(BackendSettings):
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
 
-    @field_validator(
-        "redis_sentinel_master", "redis_sentinel_password", "redis_min_replicas", mode="before"
-    )
-    @classmethod
-    def _empty_is_default(cls, value: object) -> object:
-        return None if value == "" else value
-
     @field_validator("webhook_allowed_origins")
     @classmethod
     def _valid_webhook_origins(cls, value: list[str]) -> list[str]:
@@ -351,18 +300,6 @@ class Settings(BackendSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        check_redis_url(
-            self.redis_url,
-            master=self.redis_sentinel_master or "",
-            sentinel_password=self.redis_sentinel_password is not None,
-        )
-        if self.redis_replica_wait_ms >= 1000 * self.redis_socket_timeout:
-            raise ValueError("REDIS_REPLICA_WAIT_MS must be below REDIS_SOCKET_TIMEOUT")
-        if self.redis_wait_aof == "replicas" and self.min_replicas == 0:
-            raise ValueError(
-                "REDIS_WAIT_AOF=replicas needs REDIS_MIN_REPLICAS of 1 or more (else no submit "
-                "waits for a replica); `all` waits for the primary's own AOF too"
-            )
         if self.dispatch_default_wait > self.dispatch_max_wait:
             raise ValueError("DISPATCH_DEFAULT_WAIT must not exceed DISPATCH_MAX_WAIT")
         if self.dispatch_default_timeout > self.dispatch_max_timeout:
@@ -393,13 +330,6 @@ class Settings(BackendSettings):
                 "always signed"
             )
         return self
-
-    @property
-    def min_replicas(self) -> int:
-        """REDIS_MIN_REPLICAS, or its default: 1 with Sentinel, 0 with one server."""
-        if self.redis_min_replicas is not None:
-            return self.redis_min_replicas
-        return 1 if is_sentinel_url(self.redis_url) else 0
 
     @property
     def task_time_limit(self) -> float:
