@@ -265,6 +265,10 @@ def test_every_dispatcher_container_starts_a_module_of_its_image() -> None:
         "worker": ["worker.app:app"],
         "worker-interactive": ["worker.app:app"],
         "webhooks": ["worker.webhook_app:app"],
+        # The sentinel profile's (tests/deploy/test_redis_sentinel.py): the same, on Sentinel.
+        "api-sentinel": ["api"],
+        "worker-sentinel": ["worker.app:app"],
+        "webhooks-sentinel": ["worker.webhook_app:app"],
     }
 
 
@@ -307,6 +311,9 @@ def test_env_example_values_are_read_not_ignored(tmp_path: Path) -> None:
 # === monitoring profile =======================================================================
 
 MONITORING = ("prometheus", "grafana")
+# The sentinel profile's services (tests/deploy/test_redis_sentinel.py checks them).
+SENTINEL_PROFILE = {"redis-1", "redis-2", "redis-3", "sentinel-1", "sentinel-2", "sentinel-3",
+                    "api-sentinel", "worker-sentinel", "webhooks-sentinel"}  # fmt: skip
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 
 
@@ -324,6 +331,8 @@ def test_monitoring_is_a_profile_the_default_stack_does_not_start() -> None:
     for name, svc in services().items():
         if name in MONITORING:
             assert svc.get("profiles") == ["monitoring"], f"{name} belongs to the profile"
+        elif name in SENTINEL_PROFILE:
+            assert svc.get("profiles") == ["sentinel"], f"{name} belongs to the profile"
         else:
             assert "profiles" not in svc, f"{name} must start with a plain `docker compose up`"
     for name in MONITORING:
