@@ -28,6 +28,8 @@ known in this package only:
 
 - leases.py, `renew_leases`: worker/heartbeat.py rescores the held messages in kombu's unacked
   index (`Channel.unacked_index_key`) each beat, so only a dead worker's messages are redelivered.
+- broker_primary.py: a thread of each worker ends kombu's broker connections that are on a node
+  the sentinels no longer name as the primary, so Celery reconnects to the new one at once.
 - queue_cycle.py, `InteractiveFirst`: the queue cycle (kombu's private cycle protocol) named by
   `queue_order_strategy` in shared/celery_app.py, ordering a general worker's BRPOP by class.
 
@@ -45,7 +47,7 @@ from typing import Any
 from kombu.message import Message
 from kombu.transport import redis as kombu_redis
 
-from worker.kombu_patches import acks, closed_channel, one_client, refusals
+from worker.kombu_patches import acks, broker_primary, closed_channel, one_client, refusals
 from worker.kombu_patches.leases import renew_leases
 from worker.kombu_patches.originals import ORIGINALS
 from worker.kombu_patches.queue_cycle import InteractiveFirst
@@ -54,6 +56,7 @@ from worker.kombu_patches.refusals import retry_while_refused, retry_while_refus
 __all__ = [
     "PATCHES",
     "InteractiveFirst",
+    "broker_primary",
     "install",
     "installed",
     "renew_leases",

@@ -25,22 +25,26 @@ of this patch in tests/unit/worker/test_kombu_patches.py shows whether kombu alr
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from worker.kombu_patches.originals import original
 
 # Where a channel keeps its synchronous client (in its instance dict, so it dies with it).
-_CLIENT = "_dispatcher_sync_client"
+CLIENT_ATTR = "_dispatcher_sync_client"
+# Every channel that built a client, while it lives: broker_primary.py reads their connections.
+CHANNELS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def create_client(self: Any, asynchronous: bool = False) -> Any:
     """`Channel._create_client`: the channel's one synchronous client, for its current pool."""
     create = original("Channel._create_client")
+    CHANNELS.add(self)
     if asynchronous:
         return create(self, asynchronous=True)
     pool = self.pool
-    client = self.__dict__.get(_CLIENT)
+    client = self.__dict__.get(CLIENT_ATTR)
     if client is None or client.connection_pool is not pool:
         client = create(self, asynchronous=False)
-        self.__dict__[_CLIENT] = client
+        self.__dict__[CLIENT_ATTR] = client
     return client
