@@ -153,6 +153,7 @@ class Reconciler:
         self.period = settings.reconcile_period_seconds
         self.live_for = LIVE_BEATS * settings.worker_heartbeat_interval
         self._reconcile = ReconcileTask(client)
+        self._primary: tuple[str, int] | None = None
 
     def tick(self) -> Round | None:
         """One round, if no other worker ran one within the last period; else None."""
@@ -160,7 +161,25 @@ class Reconciler:
         lock_ms = max(1, int(self.period * 900))  # rounds at least ~a period apart, fleet-wide
         if not self.client.set(RECONCILE_LOCK_KEY, token, nx=True, px=lock_ms):
             return None
+        if self._primary_moved():
+            # The last round may have read another node (its queues, mid-resync); its suspects
+            # prove nothing here: start over on this primary.
+            self.client.delete(RECONCILE_SUSPECTS_KEY)
+            return Round()
         return self.run_round()
+
+    def _primary_moved(self) -> bool:
+        """On Sentinel, ask the sentinels now, so that this round reads the primary alone:
+        redis-py's pool then drops its idle connections to any other node (without this, one
+        kept on a demoted primary read its stale or resyncing queues: every old open task
+        looked lost, 350 pushed again in one double-failover run). True when the primary is
+        not the one the last round read."""
+        ask = getattr(self.client.connection_pool, "get_master_address", None)
+        if ask is None:  # one server
+            return False
+        host, port = ask()
+        primary, self._primary = self._primary, (str(host), int(port))
+        return primary is not None and primary != self._primary
 
     def run_round(self, now: float | None = None) -> Round:
         now = time.time() if now is None else now
