@@ -12,7 +12,8 @@ import yaml
 from prometheus_client import REGISTRY
 
 import api.metrics
-import worker.task_metrics  # noqa: F401 - registers the worker's metrics
+import worker.task_metrics  # registers the worker's metrics
+import worker.webhooks  # noqa: F401 - registers the webhook consumer's metrics
 
 METRIC_NAME = re.compile(r"\b(dispatcher_[a-z0-9_]+)\b")
 SUFFIXES = ("_bucket", "_sum", "_count", "_total")
