@@ -115,6 +115,22 @@ class TaskAlreadyFinished(DispatchError):
     code = "task_finished"
 
 
+class TaskNotRetryable(DispatchError):
+    """POST /tasks/{id}/retry of a task that did not fail, expire or get canceled: it is still
+    queued or running, or it succeeded."""
+
+    status = 409
+    code = "not_retryable"
+
+
+class RetryUnavailable(DispatchError):
+    """POST /tasks/{id}/retry of a task whose request or payload is no longer kept (they are
+    kept RETRY_KEEP_SECONDS after it ended; 0: retry is off), or whose retry has expired."""
+
+    status = 409
+    code = "retry_unavailable"
+
+
 class BatchNotFound(DispatchError):
     """No batch with this id for this caller (never submitted, expired, or another key's)."""
 

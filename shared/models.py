@@ -319,6 +319,12 @@ class TaskView(BaseModel):
     priority: Priority = Priority.default
     batch_id: str | None = Field(None, description="The batch the task is an item of.")
     custom_id: str | None = Field(None, description="Its batch item's `custom_id`.")
+    retry_of: str | None = Field(
+        None, description="The task this one retries (`POST /tasks/{task_id}/retry`)."
+    )
+    retried_as: str | None = Field(
+        None, description="The task that retries this one, once it was retried."
+    )
     prediction_value: Any = None
     # The answer's Content-Type (None: JSON), for `/tasks/{id}/result`; a data URI carries its own.
     prediction_content_type: str | None = Field(None, exclude=True)

@@ -18,6 +18,9 @@ MIB = 1024 * 1024
 # (worker/heartbeat.py), so it only has to outlast a few missed heartbeats, not the longest task.
 LEASE_HEARTBEATS = 3
 DEFAULT_VISIBILITY_TIMEOUT = 60
+# How long a task that ended failed, expired or canceled keeps its request and payload for a
+# retry (RETRY_KEEP_SECONDS; shared/redis_state/record.py writes it into each record).
+DEFAULT_RETRY_KEEP_SECONDS = 3600
 # Longest a webhook event's retries may last: its record is kept 3 days (MIN_EVENT_TTL in
 # shared/redis_state/keys.py).
 WEBHOOK_MAX_SPAN = 2 * 86_400
@@ -66,6 +69,14 @@ class Settings(RedisSettings):
 
     result_ttl: int = Field(
         86_400, gt=0, description="How long task records are kept after they end (s)."
+    )
+    retry_keep_seconds: int = Field(
+        DEFAULT_RETRY_KEEP_SECONDS,
+        ge=0,
+        le=7 * 86_400,
+        description="How long the request and payload of a task that failed, expired or was "
+        "canceled are kept after it ended, for `POST /tasks/{task_id}/retry` (s; at most as "
+        "long as its record, `RESULT_TTL`); `0`: retry off (always a 409), nothing kept.",
     )
     retry_max_attempts: int = Field(
         10,

@@ -1,4 +1,4 @@
-"""`/tasks/{task_id}`: the state of a submitted task, long-polling, and cancel."""
+"""`/tasks/{task_id}`: the state of a submitted task, long-polling, cancel and retry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from api.deps import LongPollDep, OwnerDep, ResourceId, StoreDep, WaiterDep
+from api import retry
+from api.deps import LongPollDep, OwnerDep, ResourceId, SettingsDep, StoreDep, WaiterDep
 from api.openapi import ERROR_RESPONSES
 from shared.errors import ResultNotAvailable
 from shared.models import TaskStatus, TaskView
@@ -68,3 +69,24 @@ async def cancel_task(task_id: TaskId, store: StoreDep, owner: OwnerDep) -> Task
     which is canceled at once: its stream ends with `done` and its worker closes the call to the
     model server at the next chunk. A finished one answers 409."""
     return await store.cancel(task_id, owner)
+
+
+@router.post(
+    "/{task_id}/retry",
+    response_model=TaskView,
+    status_code=202,
+    responses={
+        200: {"model": TaskView, "description": "retried before: the task that retries it"},
+        202: {"model": TaskView, "description": "a new task, queued: poll its Location"},
+        **ERROR_RESPONSES,
+    },
+)
+async def retry_task(
+    task_id: TaskId, store: StoreDep, settings: SettingsDep, owner: OwnerDep
+) -> Response:
+    """Run a failed, expired or canceled task again as a new task: the same request and
+    payload, its `retry_of` naming this one, this one's `retried_as` naming it. 202 with the
+    new task; 200 with that same task when this one was retried before; 409 when it cannot be
+    retried (not failed, expired or canceled; or its request is no longer kept: they are kept
+    RETRY_KEEP_SECONDS after it ended). A batch item's retry is a task of its own."""
+    return (await retry.retry_task(store, settings, task_id, owner)).response()

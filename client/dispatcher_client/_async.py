@@ -86,6 +86,10 @@ class AsyncDispatcher:
     def task(self, task_id: str) -> AsyncTask:
         return AsyncTask(self, task_id)
 
+    async def retry_task(self, task_id: str) -> AsyncTask:
+        """See `Dispatcher.retry_task`."""
+        return AsyncTask(self, (await self._run(flows.retry(task_id, self.retry))).task_id)
+
     async def stream(
         self,
         model_name: str | None = None,
@@ -198,6 +202,10 @@ class AsyncTask:
 
     async def cancel(self) -> TaskInfo:
         return await self._client._run(flows.cancel(self.task_id, self._client.retry))
+
+    async def retry(self) -> AsyncTask:
+        """This task run again (see `Dispatcher.retry_task`)."""
+        return await self._client.retry_task(self.task_id)
 
     async def stream(
         self, *, last_event_id: str | None = None, raise_on_error: bool = False

@@ -102,6 +102,14 @@ class Dispatcher:
         """Re-attach to a task submitted earlier (e.g. after a `WaitTimeout`)."""
         return Task(self, task_id)
 
+    def retry_task(self, task_id: str) -> Task:
+        """Run a failed, expired or canceled task again: a new task with the same request and
+        payload (its `TaskInfo.retry_of` is `task_id`). A task is retried once: retrying it
+        again returns that same new task. `Conflict` (409) when it cannot be retried (not
+        failed, expired or canceled; or its request is no longer kept on the server). Named
+        `retry_task`, as `retry` is the client's `RetryPolicy`."""
+        return Task(self, self._run(flows.retry(task_id, self.retry)).task_id)
+
     def stream(
         self,
         model_name: str | None = None,
@@ -232,6 +240,10 @@ class Task:
     def cancel(self) -> TaskInfo:
         """Cancel: a queued task never runs; a running one finishes (`cancel_requested`)."""
         return self._client._run(flows.cancel(self.task_id, self._client.retry))
+
+    def retry(self) -> Task:
+        """This task run again (see `Dispatcher.retry_task`)."""
+        return self._client.retry_task(self.task_id)
 
     def stream(
         self, *, last_event_id: str | None = None, raise_on_error: bool = False

@@ -104,13 +104,16 @@ class BatchNotFound(NotFound):
 
 class Conflict(DispatcherError):
     """409: the task is in the wrong state for this (cancel of a finished task, a result of a
-    task that has not succeeded)."""
+    task that has not succeeded, a retry of one that did not fail or whose request is no longer
+    kept)."""
 
     codes: ClassVar[tuple[str, ...]] = (
         "task_finished",
         "no_result",
         "no_webhook_event",
         "batch_finished",
+        "not_retryable",
+        "retry_unavailable",
     )
 
 

@@ -109,6 +109,13 @@ def cancel(task_id: str, policy: RetryPolicy) -> Flow[TaskInfo]:
     return TaskInfo.from_json(read_json(response))
 
 
+def retry(task_id: str, policy: RetryPolicy) -> Flow[TaskInfo]:
+    """`POST /tasks/{id}/retry`: the task that retries it (new: 202; made before: 200). Safe to
+    resend: the server retries a task once and answers that one to every later call."""
+    response = yield from send(Call("POST", f"{task_path(task_id)}/retry"), policy)
+    return TaskInfo.from_json(read_json(response))
+
+
 def wait_task(task_id: str, deadline: Deadline, policy: RetryPolicy) -> Flow[TaskInfo]:
     """Long-poll `/tasks/{id}?wait=N` until the task ends; WaitTimeout when `deadline` passes."""
     while True:

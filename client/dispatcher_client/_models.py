@@ -95,6 +95,8 @@ class TaskInfo:
     finished_at: datetime | None = None
     deadline: datetime | None = None
     cancel_requested: bool = False
+    retry_of: str | None = None  # the task this one retries (`retry()`)
+    retried_as: str | None = None  # the task that retries this one, once retried
     prediction_value: Any = None
     error: DispatcherError | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -120,6 +122,8 @@ class TaskInfo:
             finished_at=_time(body.get("finished_at")),
             deadline=_time(body.get("deadline")),
             cancel_requested=bool(body.get("cancel_requested", False)),
+            retry_of=body.get("retry_of"),
+            retried_as=body.get("retried_as"),
             prediction_value=body.get("prediction_value"),
             error=_error(error, task_id),
             raw=body,

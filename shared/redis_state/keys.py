@@ -54,8 +54,10 @@ TASK_KEY_PREFIX = _key(
 )
 PAYLOAD_KEY_PREFIX = _key(NAMESPACE + "payload:", "<task id>", "string",
     "a claim-checked payload's bytes",
-    f"task_submit, batch_add_items; deleted by every ending ({_TRANSITIONS})",
-    "the worker, when it runs the task (shared/payloads.py)", "RESULT_TTL")
+    f"task_submit, batch_add_items; deleted by every ending ({_TRANSITIONS}), but one failed, "
+    "expired or canceled with retry_keep (lib.lua publish_record), and by task_retry_link",
+    "the worker, when it runs the task (shared/payloads.py); POST /tasks/{id}/retry",
+    "RESULT_TTL; min(RETRY_KEEP_SECONDS, its record's) once kept for a retry")
 QUEUED_KEY_PREFIX = _key(
     NAMESPACE + "queued:", "<queue>", "string (integer)",
     "tasks waiting in one priority class's queue",
@@ -126,9 +128,12 @@ OPEN_KEY = _key(NAMESPACE + "open", "", "sorted set",
     "task_reconcile (ZREM of a record gone)", "worker/reconciler.py", "none")
 MESSAGE_KEY_PREFIX = _key(
     NAMESPACE + "message:", "<message id: its first task's id>", "hash",
-    "a copy of one Celery message as pushed (body) and how many of its tasks are open (open), "
-    "so a message kombu lost can be pushed again", "task_submit, batch_add_items; every ending "
-    "(lib.lua end_task: open down, deleted at 0)", "worker/reconciler.py", "RESULT_TTL")
+    "a copy of one Celery message as pushed (body), how many of its tasks are open (open), "
+    "so a message kombu lost can be pushed again, and until when it is kept for a retry "
+    "(kept_until)", "task_submit, batch_add_items; every ending (lib.lua close_task: open "
+    "down, deleted at 0 unless a task of it ended failed, expired or canceled with retry_keep)",
+    "worker/reconciler.py, POST /tasks/{id}/retry",
+    "RESULT_TTL; once none is open, until kept_until (at most RETRY_KEEP_SECONDS)")
 RECONCILE_LOCK_KEY = _key(NAMESPACE + "reconcile:lock", "", "string",
     "the worker running this period's reconcile round", "worker/reconciler.py (SET NX PX)",
     "worker/reconciler.py", "RECONCILE_PERIOD_SECONDS")

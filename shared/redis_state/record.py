@@ -61,6 +61,12 @@ class TaskField(str, Enum):
     stream = "stream"  # submit, for `stream: true`: "1"; lib.lua end_task then ends its stream
     message = "message"  # submit: the id of the message carrying it (its copy: keys.py K.message)
     reconciled = "reconciled"  # task_reconcile: times its lost message was pushed again
+    # submit: RETRY_KEEP_SECONDS, when not 0: an ending failed, expired or canceled keeps its
+    # payload and message copy that long (at most the record's TTL; lib.lua publish_record,
+    # close_task), for POST /tasks/{id}/retry (api/retry.py)
+    retry_keep = "retry_keep"
+    retry_of = "retry_of"  # submit of a retry (api/retry.py): the id of the task it retries
+    retried_as = "retried_as"  # task_retry_link: the id of the task that retries this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,7 @@ class NewTask:
     backend: str = TORCHSERVE
     operation: str | None = None  # None: its protocol's default (recorded_operation)
     stream: bool = False  # `stream: true`: its ending is appended to its stream (lib.lua)
+    retry_keep: int = 0  # RETRY_KEEP_SECONDS (TaskField.retry_keep); 0: nothing kept for a retry
 
     def item_fields(self) -> list[str]:
         """Field, value, ... beyond the status, time and owner (batch_add_items writes those
@@ -99,6 +106,8 @@ class NewTask:
             fields += [TaskField.webhook_events.value, ",".join(self.webhook_events)]
         if self.stream:
             fields += [TaskField.stream.value, "1"]
+        if self.retry_keep > 0:
+            fields += [TaskField.retry_keep.value, str(self.retry_keep)]
         return fields
 
     def fields(self, created_at: float, owner: str) -> list[str]:
@@ -146,6 +155,8 @@ def decode_record(task_id: str, fields: Mapping[str, str]) -> TaskView:
         priority=Priority(fields["priority"]),
         batch_id=fields.get("batch") or None,
         custom_id=fields.get("custom_id"),
+        retry_of=fields.get("retry_of") or None,
+        retried_as=fields.get("retried_as") or None,
         prediction_value=fastjson.loads(result) if result is not None else None,
         prediction_content_type=fields.get("result_type"),
         error=TaskError.model_validate_json(error) if error else None,

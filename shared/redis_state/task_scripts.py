@@ -169,3 +169,14 @@ class FinishTasks(AsyncWrapper):
     async def __call__(self, outcomes: Sequence[Outcome], *, now: float, ttl: int) -> list[bool]:
         """False for each task that had ended already (nothing written for it)."""
         return [bool(flag) for flag in await self._script(**_finish_call(outcomes, now, ttl))]
+
+
+class LinkRetry(AsyncWrapper):
+    """task_retry_link: writes a retried task's `retried_as`, once (api/retry.py)."""
+
+    name = "task_retry_link"
+
+    async def __call__(self, task_id: str, retry_id: str) -> str:
+        """The id the task is linked to after the call: `retry_id`, the retry it was linked to
+        before, or '' when its record is gone."""
+        return text(await self._script(keys=[task_key(task_id)], args=[task_id, retry_id]))

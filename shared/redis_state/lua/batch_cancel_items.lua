@@ -13,7 +13,8 @@
 -- Reads each item's record (its status).
 -- Writes each queued item's ending through lib.lua cancel_queued, as task_cancel does:
 -- K.task .. '<batch_id>-<index>', K.queued down, K.batch counters (the last one ends the
--- batch), webhook events, K.payload deleted, publish on K.finished.
+-- batch), webhook events, K.payload deleted (or kept for a retry: lib.lua publish_record),
+-- publish on K.finished.
 local canceled = 0
 for i = tonumber(ARGV[5]), tonumber(ARGV[6]) do
   local task_id = ARGV[4] .. '-' .. i

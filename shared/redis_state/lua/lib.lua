@@ -97,10 +97,18 @@ end
 -- Publishes the ended task's whole record, so waiters need no read after the wake-up; a big
 -- result is left out (the id alone), so each API process does not receive every large answer:
 -- the one waiting for it reads it. Every ending passes here, so this is also where the task's
--- claim-checked payload goes: its key follows from the id rather than being passed in KEYS,
--- which is fine on the single Redis used here.
+-- claim-checked payload goes: deleted, or, when the task ended failed, expired or canceled and
+-- its record has a `retry_keep` (RETRY_KEEP_SECONDS, record.py), kept min(retry_keep, the
+-- record's TTL) seconds for POST /tasks/{id}/retry (api/retry.py). Its key follows from the id
+-- rather than being passed in KEYS, which is fine on the single Redis used here.
 local function publish_record(key, task_id)
-  redis.call('DEL', K.payload .. task_id)
+  local f = redis.call('HMGET', key, 'status', 'retry_keep')
+  local keep = tonumber(f[2] or '0') or 0
+  if keep > 0 and (f[1] == 'failed' or f[1] == 'expired' or f[1] == 'canceled') then
+    redis.call('EXPIRE', K.payload .. task_id, math.min(keep, math.max(redis.call('TTL', key), 1)))
+  else
+    redis.call('DEL', K.payload .. task_id)
+  end
   if redis.call('HSTRLEN', key, 'result') > PUBLISH_INLINE_BYTES then
     redis.call('PUBLISH', K.finished, cjson.encode({task_id}))
   else
@@ -135,13 +143,32 @@ end
 
 -- The ended task of record `key` leaves the index of open tasks (K.open), and the copy of its
 -- message (K.message, written by task_submit and batch_add_items for worker/reconciler.py)
--- counts one open task less: it is deleted with its last one.
+-- counts one open task less: it is deleted with its last one, unless one of its tasks ended
+-- failed, expired or canceled with a `retry_keep` (see publish_record): the copy then holds
+-- that task's request for POST /tasks/{id}/retry, so it is kept until `kept_until` (epoch
+-- seconds: the latest such ending plus min(retry_keep, its record's TTL)) and expires then.
 local function close_task(key, task_id)
   redis.call('ZREM', K.open, task_id)
-  local message = redis.call('HGET', key, 'message')
-  if not message or message == '' then return end
-  local mkey = K.message .. message
-  if redis.call('HINCRBY', mkey, 'open', -1) <= 0 then redis.call('DEL', mkey) end
+  local f = redis.call('HMGET', key, 'message', 'status', 'retry_keep', 'finished_at')
+  if not f[1] or f[1] == '' then return end
+  local mkey = K.message .. f[1]
+  if redis.call('EXISTS', mkey) == 0 then return end
+  local keep, now = tonumber(f[3] or '0') or 0, tonumber(f[4] or '0') or 0
+  if keep > 0 and (f[2] == 'failed' or f[2] == 'expired' or f[2] == 'canceled') then
+    local want = math.min(keep, math.max(redis.call('TTL', key), 1))
+    if redis.call('TTL', mkey) < want then redis.call('EXPIRE', mkey, want) end
+    local held = tonumber(redis.call('HGET', mkey, 'kept_until') or '0') or 0
+    if now + want > held then
+      redis.call('HSET', mkey, 'kept_until', string.format('%.3f', now + want))
+    end
+  end
+  if redis.call('HINCRBY', mkey, 'open', -1) > 0 then return end
+  local kept = tonumber(redis.call('HGET', mkey, 'kept_until') or '0') or 0
+  if kept - now >= 0.5 then
+    redis.call('EXPIRE', mkey, math.floor(kept - now + 0.5))
+  else
+    redis.call('DEL', mkey)
+  end
 end
 
 -- The task of record `key` ends: from `old` into the terminal status `new` at `now`, with the

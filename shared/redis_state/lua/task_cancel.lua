@@ -15,8 +15,8 @@
 --
 -- Reads task_record (its status).
 -- Writes task_record (`cancel_requested`, or its ending through lib.lua end_task: K.queued
--- down, K.batch counters, webhook event, K.stream's done, K.payload deleted, publish on
--- K.finished).
+-- down, K.batch counters, webhook event, K.stream's done, K.payload deleted (or kept for a
+-- retry: lib.lua publish_record), publish on K.finished).
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status == 'queued' then

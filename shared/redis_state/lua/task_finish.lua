@@ -16,7 +16,8 @@
 -- Reads each task's record (its status).
 -- Writes last_finished (now: /ready tells workers that complete work from workers that merely
 -- live) and each ending (lib.lua end_task): K.task .. task_id, K.queued, K.batch counters,
--- webhook event (K.event, K.due), K.payload deleted, publish on K.finished.
+-- webhook event (K.event, K.due), K.payload deleted (or, with K.message, kept for a retry:
+-- lib.lua publish_record, close_task), publish on K.finished.
 local now, ttl = ARGV[1], ARGV[2]
 redis.call('SET', KEYS[1], now)
 local ended = {}

@@ -12,7 +12,8 @@
 --
 -- Reads task_record (its status).
 -- Writes the ending (lib.lua end_task): task_record, K.queued, K.batch counters, webhook
--- event, K.payload deleted, publish on K.finished.
+-- event, K.payload deleted (or kept for a retry: lib.lua publish_record), publish on
+-- K.finished.
 if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
 end_task(KEYS[1], ARGV[6], ARGV[1], ARGV[2], ARGV[3], ARGV[5], 'error', ARGV[4])
 return 1
