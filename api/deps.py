@@ -26,7 +26,9 @@ from fastapi.routing import APIRoute
 from pydantic import Field, TypeAdapter, ValidationError
 
 from api.auth import authenticate
+from api.backend_probe import BackendProbe
 from api.batch_store import BatchStore
+from api.console.auth import operator_of_headers
 from api.preferences import WaitPreference, wait_preference
 from api.store import ApiStore
 from api.waiting import ResultWaiter
@@ -57,6 +59,8 @@ BatchStoreDep = Annotated[BatchStore, Depends(_app_state("batches", BatchStore))
 WaiterDep = Annotated[ResultWaiter, Depends(_app_state("waiter", ResultWaiter))]
 # The process's one reader of task streams (shared/redis_state/stream_reader.py).
 HubDep = Annotated[StreamHub, Depends(_app_state("hub", StreamHub))]
+# The process's cache of backend health (api/backend_probe.py), shared by /ready and /status.
+ProbeDep = Annotated[BackendProbe, Depends(_app_state("probe", BackendProbe))]
 
 
 async def _owner(
@@ -68,6 +72,18 @@ async def _owner(
 
 
 OwnerDep = Annotated[str, Depends(_owner)]
+
+
+async def _operator(
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> str:
+    return operator_of_headers(settings, authorization, x_api_key)
+
+
+# An operator key (OPERATOR_API_KEYS) when keys are configured: 401 without one, 403 a tenant's.
+OperatorDep = Annotated[str, Depends(_operator)]
 
 
 async def _wait(

@@ -16,13 +16,14 @@ from redis.exceptions import RedisError
 
 from api.backend_probe import BackendProbe
 from api.batch_store import BatchStore
+from api.console import routes as console
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, install_metrics, release_process_metrics
 from api.openapi import install_openapi
 from api.request_id import RequestId
-from api.routes import backends, batches, deliveries, dispatch, health, streams, tasks
+from api.routes import backends, batches, deliveries, dispatch, health, status, streams, tasks
 from api.store import ApiStore
 from api.waiting import ResultWaiter
 from shared import heap, tracing
@@ -149,6 +150,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(deliveries.router)
     app.include_router(health.router)
     app.include_router(backends.router)
+    app.include_router(status.router)
+    app.include_router(console.router)
     install_openapi(app, settings)
     install_docs(app, settings)
     install_metrics(app, settings)  # last: its middleware wraps the others

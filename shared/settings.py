@@ -24,6 +24,8 @@ DEFAULT_RETRY_KEEP_SECONDS = 3600
 # Longest a webhook event's retries may last: its record is kept 3 days (MIN_EVENT_TTL in
 # shared/redis_state/keys.py).
 WEBHOOK_MAX_SPAN = 2 * 86_400
+# An operator key opens every tenant's tasks: too short a one could be guessed.
+MIN_OPERATOR_KEY = 16
 
 
 # API_WORKERS: its own type, as devstack (make run) validates it without the other settings.
@@ -155,6 +157,12 @@ class Settings(RedisSettings):
         description="API keys; when set, every request but `/health` needs one (empty: no "
         "auth, for local use only).",
     )
+    operator_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Operator keys for the console (`/console`) and `GET /status`: they see "
+        "every tenant's tasks and the global figures. With any key set (these or "
+        "`DISPATCHER_API_KEYS`) the console needs a key; a tenant key sees only its own tasks.",
+    )
 
     broker_visibility_timeout: int = Field(
         0,
@@ -277,6 +285,7 @@ class Settings(RedisSettings):
 
     @field_validator(
         "dispatcher_api_keys",
+        "operator_api_keys",
         "webhook_allowed_origins",
         "webhook_secret",
         "webhook_retry_schedule",
@@ -285,6 +294,13 @@ class Settings(RedisSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
+
+    @field_validator("operator_api_keys")
+    @classmethod
+    def _valid_operator_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(len(key.get_secret_value()) < MIN_OPERATOR_KEY for key in value):
+            raise ValueError(f"OPERATOR_API_KEYS: each key needs {MIN_OPERATOR_KEY}+ characters")
+        return value
 
     @field_validator("webhook_allowed_origins")
     @classmethod
@@ -334,6 +350,12 @@ class Settings(RedisSettings):
             raise ValueError(
                 f"WEBHOOK_RETRY_SCHEDULE x WEBHOOK_MAX_ATTEMPTS spans {span:g} s; at most "
                 f"{WEBHOOK_MAX_SPAN} s (events are kept 3 days)"
+            )
+        tenants = {key.get_secret_value() for key in self.dispatcher_api_keys}
+        if any(key.get_secret_value() in tenants for key in self.operator_api_keys):
+            raise ValueError(
+                "a key is in both OPERATOR_API_KEYS and DISPATCHER_API_KEYS: give operators "
+                "keys of their own (an operator sees every tenant's tasks)"
             )
         if self.webhook_allowed_origins and not self.webhook_secret:
             raise ValueError(
