@@ -259,6 +259,7 @@ def _banner(
     picture = REPO_ROOT / "models" / "example.png"  # a small PNG shipped with the repository
     return f"""
 The dispatcher is up at {api_url}  (Ctrl-C stops everything; a process that dies is restarted)
+The operator console:  {api_url}/console  (queues, workers, failures, retry; in a browser)
 
 Logs:
 {_listing(logs)}
