@@ -19,6 +19,7 @@ from bench.scenarios import (
     api_processes,
     burst,
     cpu_model,
+    figures,
     latency,
     long_calls,
     mixed,
@@ -48,6 +49,7 @@ SCENARIOS: list[tuple[str, Callable[[Context], None]]] = [
     ("submit", submit.run),
     # The same submits on a Sentinel topology (its own API and Redis): what WAIT costs.
     ("replication", replication.run),
+    ("figures", figures.run),
     # After the one-process submit rate it compares with; stops its API before the check below.
     ("api_processes", api_processes.run),
     ("pubsub", submit.check_subscriptions),

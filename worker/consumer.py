@@ -51,6 +51,11 @@ def engine(worker_name: str = "") -> Engine:
         return _engines[""]
 
 
+def running_engine() -> Engine | None:
+    """This process's engine if it started (the heartbeat reports its calls in flight)."""
+    return _engines.get("")
+
+
 def shutdown_engine(timeout: float) -> None:
     """Let the running calls finish (up to `timeout` s), start no new one, close the engine."""
     with _lock:

@@ -141,6 +141,36 @@ RECONCILE_SUSPECTS_KEY = _key(NAMESPACE + "reconcile:suspects", "", "hash",
     'tasks the last round found lost: task id -> "<status>:<deliveries>:<reconciled>"',
     "worker/reconciler.py (plain MULTI)", "worker/reconciler.py",
     "10 x RECONCILE_PERIOD_SECONDS")
+FIGURES_KEY_PREFIX = _key(
+    NAMESPACE + "figures:", "<bucket start, epoch seconds>", "hash",
+    "the console's bounded figures for one FIGURES_BUCKET_SECONDS slice of time: counters of "
+    "submits, refusals, endings and failures by code, and duration histograms (figures.py)",
+    f"task_submit, batch_add_items, task_start; every ending ({_TRANSITIONS}) (lib.lua "
+    "count_figure)", "GET /status, the console (shared/redis_state/figures.py)",
+    "FIGURES_KEEP_SECONDS")
+RUNNING_KEY_PREFIX = _key(
+    NAMESPACE + "running:", "<queue>", "string (integer)",
+    "tasks of one priority class now running (in flight)",
+    f"task_start (up); {_TRANSITIONS} (down, once per task leaving running)",
+    "GET /status", "none")
+RECENT_KEY = _key(NAMESPACE + "recent", "", "list",
+    "the ids of the newest RECENT_LIMIT tasks submitted", "task_submit, batch_add_items",
+    "the console's task list", "none (LTRIM)")
+RECENT_FAILED_KEY = _key(NAMESPACE + "recent:failed", "", "list",
+    "the ids of the newest RECENT_LIMIT tasks that failed or expired",
+    "every ending (lib.lua end_task)", "the console's failures", "none (LTRIM)")
+OPEN_BATCHES_KEY = _key(NAMESPACE + "batches:open", "", "sorted set",
+    "batches in progress, scored by when each was created", "batch_create (ZADD); "
+    "lib.lua end_batch (ZREM)", "GET /status, the console", "none")
+WORKER_INFO_KEY_PREFIX = _key(
+    NAMESPACE + "worker:", "<worker name>", "hash",
+    "one worker's host, pid, queues, slots, calls in flight and last beat",
+    "worker/heartbeat.py (plain HSET each beat)", "GET /status, the console",
+    "LIVE_BEATS x the heartbeat interval, renewed each beat")
+GONE_WORKERS_KEY = _key(NAMESPACE + "workers:gone", "", "sorted set",
+    "workers that left or stopped beating in the last GONE_WORKERS_SECONDS, scored by their "
+    "last beat", "worker/heartbeat.py (a worker leaving; the others' beats, for one that died)",
+    "GET /status, the console", "entries older than GONE_WORKERS_SECONDS are dropped")
 # Kombu's keys that the dispatcher writes into or relies on (kombu.transport.redis.Channel).
 _key(", ".join((*ALL_QUEUES, "webhooks")), "", "list (kombu)",
      "Celery messages of 1..MESSAGE_MAX_TASKS tasks; webhook sends",
@@ -167,6 +197,19 @@ STALE_BEATS = 30
 MIN_EVENT_TTL = 3 * 86_400
 # Entries of a task's delivery log kept (the newest).
 LOG_LIMIT = 200
+# The console's figures (shared/redis_state/figures.py): one hash per FIGURES_BUCKET_SECONDS of
+# time, each kept FIGURES_KEEP_SECONDS (15 minutes of charts, and a bucket of slack for the one
+# being written), so their memory depends on time, never on how many tasks pass.
+FIGURES_BUCKET_SECONDS = 10
+FIGURES_KEEP_SECONDS = 15 * 60 + 2 * FIGURES_BUCKET_SECONDS
+# Upper edges (seconds) of the duration histograms' bins; one more bin holds what is above all.
+FIGURE_EDGES: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 150.0, 600.0, 3600.0,
+)  # fmt: skip
+# How many task ids the console's lists keep (the newest), and how long gone workers are shown.
+RECENT_LIMIT = 1000
+GONE_WORKERS_SECONDS = 3600
 
 
 # The name of one key from its prefix: task_key("t") == "dispatch:task:t". Each is the prefix's
@@ -183,6 +226,9 @@ output_key = OUTPUT_KEY_PREFIX.__add__  # (task id)
 stream_key = STREAM_KEY_PREFIX.__add__  # (task id)
 hub_wake_key = HUB_WAKE_KEY_PREFIX.__add__  # (hub id)
 message_key = MESSAGE_KEY_PREFIX.__add__  # (message id)
+figures_key = FIGURES_KEY_PREFIX.__add__  # (bucket start, str(int))
+running_key = RUNNING_KEY_PREFIX.__add__  # (Celery queue name)
+worker_info_key = WORKER_INFO_KEY_PREFIX.__add__  # (worker name)
 
 
 def parse_depth(raw: str | bytes | None) -> int:
@@ -204,6 +250,11 @@ LUA_KEYS: dict[str, str] = {
     "open": OPEN_KEY,
     "message": MESSAGE_KEY_PREFIX,
     "workers": WORKERS_KEY,
+    "figures": FIGURES_KEY_PREFIX,
+    "running": RUNNING_KEY_PREFIX,
+    "recent": RECENT_KEY,
+    "recent_failed": RECENT_FAILED_KEY,
+    "open_batches": OPEN_BATCHES_KEY,
 }
 
 
@@ -229,6 +280,10 @@ def lua_prelude() -> dict[str, str]:
         "QUEUE_OF": f"local QUEUE_OF = {{{queues}}}",
         "PUBLISH_INLINE_BYTES": f"local PUBLISH_INLINE_BYTES = {PUBLISH_INLINE_BYTES}",
         "MIN_EVENT_TTL": f"local MIN_EVENT_TTL = {MIN_EVENT_TTL}",
+        "FIGURES_BUCKET": f"local FIGURES_BUCKET = {FIGURES_BUCKET_SECONDS}",
+        "FIGURES_TTL": f"local FIGURES_TTL = {FIGURES_KEEP_SECONDS}",
+        "FIGURE_EDGES": "local FIGURE_EDGES = {" + ", ".join(map(repr, FIGURE_EDGES)) + "}",
+        "RECENT_LIMIT": f"local RECENT_LIMIT = {RECENT_LIMIT}",
     }
 
 

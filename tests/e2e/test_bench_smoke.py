@@ -47,6 +47,7 @@ ROW_KEYS = {
     "submit",
     "api_processes_submit",
     "api_processes_waiters",
+    "figures_cost",
     "pubsub",
 }
 # What the dispatcher must get right even at smoke scale (throughput targets are not judged

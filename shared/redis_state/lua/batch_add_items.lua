@@ -20,15 +20,16 @@
 -- then its fields; record_ttl), K.payload .. task id (record_ttl), K.open (ZADD, scored by
 -- now), one LPUSH of the messages per queue (less Redis time with the AOF on, which logs every
 -- write command), and each message's copy K.message .. <its first item's id> (body, open: its
--- items; record_ttl) for worker/reconciler.py, should kombu lose it. The queue depth counters
--- were counted up by batch_create.
+-- items; record_ttl) for worker/reconciler.py, should kombu lose it; the console's figures
+-- (K.figures: submitted per class) and its list of recent tasks (K.recent). The queue depth
+-- counters were counted up by batch_create.
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
 local ttl, now, owner, batch = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local queues = cjson.decode(ARGV[6])
 -- A message is named after its first item (shared/celery_app.py encode_messages: the envelope's
 -- first `"id": "` is its headers' id, as its body is base64), and carries the items of its
 -- queue from that one up to the next message's first: messages and items come in order.
-local starts, current, open, members = {}, {}, {}, {}
+local starts, current, open, members, recent, submitted = {}, {}, {}, {}, {}, {}
 for n = 1, #queues do
   local message = ARGV[6 + n]
   local _, at = string.find(message, '"id": "', 1, true)
@@ -48,12 +49,24 @@ for _, item in ipairs(cjson.decode(ARGV[5])) do
   end
   table.insert(members, now)
   table.insert(members, task_id)
+  table.insert(recent, task_id)
+  for f = 1, #item[3], 2 do
+    if item[3][f] == 'priority' then
+      submitted[item[3][f + 1]] = (submitted[item[3][f + 1]] or 0) + 1
+    end
+  end
   if #members >= 2000 then
     redis.call('ZADD', K.open, unpack(members))
     members = {}
   end
 end
 if #members > 0 then redis.call('ZADD', K.open, unpack(members)) end
+for class, n in pairs(submitted) do count_figure(now, 'submitted:' .. class, n) end
+-- The newest RECENT_LIMIT items only: a 10,000-item batch pushes no more than the list keeps.
+for i = math.max(1, #recent - RECENT_LIMIT + 1), #recent do
+  redis.call('LPUSH', K.recent, recent[i])
+end
+if #recent > 0 then redis.call('LTRIM', K.recent, 0, RECENT_LIMIT - 1) end
 for id, n in pairs(starts) do
   if open[id] then
     local copy = K.message .. id

@@ -15,8 +15,9 @@
 -- as no batch was created.
 --
 -- Reads the idempotency key and the batch it holds, the counters.
--- Writes the counters (INCRBY count), batch (batch_ttl) and the idempotency key
--- (idempotency_ttl).
+-- Writes the counters (INCRBY count), batch (batch_ttl), the idempotency key
+-- (idempotency_ttl) and K.open_batches (the console's batches in progress; lib.lua end_batch
+-- takes it out).
 local queues = #KEYS - 2
 if ARGV[2] ~= '' then
   local held = redis.call('GET', KEYS[2])
@@ -31,5 +32,7 @@ end
 for i = 1, queues do redis.call('INCRBY', KEYS[2 + i], ARGV[4 + i]) end
 for i = 5 + queues, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', K.open_batches, redis.call('HGET', KEYS[1], 'created_at') or '0',
+  string.sub(KEYS[1], #K.batch + 1))
 if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3]) end
 return 1

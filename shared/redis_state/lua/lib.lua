@@ -52,6 +52,53 @@ local function emit_webhook(key, task_id, status, now, ttl)
   emit_event(key, task_id, 'task.' .. kind, kind, now, ttl)
 end
 
+-- Adds `by` to the field `field` of the console's figures (shared/redis_state/figures.py) for
+-- the time `now`: one hash per FIGURES_BUCKET seconds, kept FIGURES_TTL seconds, so the figures
+-- take memory by time, not by tasks, and every API process and worker adds to the same ones.
+local function count_figure(now, field, by)
+  local start = math.floor(tonumber(now) / FIGURES_BUCKET) * FIGURES_BUCKET
+  local key = K.figures .. string.format('%d', start)
+  -- A bucket is written only during its own FIGURES_BUCKET seconds and FIGURES_TTL covers the
+  -- chart's window from then, so its TTL is set by the first write of each field, not by all.
+  if redis.call('HINCRBY', key, field, by) == by then redis.call('EXPIRE', key, FIGURES_TTL) end
+end
+
+-- Counts a duration of `seconds` into the histogram `name` ('wait:<priority>', ...) of the
+-- figures at `now`: field '<name>:<bin>', the bin being the first of FIGURE_EDGES it is at most
+-- (#FIGURE_EDGES: above them all).
+local function count_duration(now, name, seconds)
+  local bin = #FIGURE_EDGES
+  for i, edge in ipairs(FIGURE_EDGES) do
+    if seconds <= edge then
+      bin = i - 1
+      break
+    end
+  end
+  count_figure(now, name .. ':' .. bin, 1)
+end
+
+-- The ended task of record `key` (from `old` into `new` at `now`) in the figures: its ending by
+-- class, a failure's code, its run time and end-to-end time (succeeded and failed alike, once it
+-- ran), its backend's run time; and a failure joins the list of recent ones.
+local function count_ending(key, task_id, old, new, now)
+  local f = redis.call('HMGET', key, 'priority', 'created_at', 'started_at', 'backend', 'error')
+  local class, t = f[1] or 'default', tonumber(now)
+  count_figure(now, 'ended:' .. class .. ':' .. new, 1)
+  if new == 'failed' or new == 'expired' then
+    local ok, body = pcall(cjson.decode, f[5] or '')
+    local code = 'unknown'
+    if ok and type(body) == 'table' and type(body.code) == 'string' then code = body.code end
+    count_figure(now, 'code:' .. class .. ':' .. code, 1)
+    redis.call('LPUSH', K.recent_failed, task_id)
+    redis.call('LTRIM', K.recent_failed, 0, RECENT_LIMIT - 1)
+  end
+  if old == 'running' and f[3] and (new == 'succeeded' or new == 'failed') then
+    count_duration(now, 'run:' .. class, t - tonumber(f[3]))
+    count_duration(now, 'backend:' .. (f[4] or 'torchserve'), t - tonumber(f[3]))
+    count_duration(now, 'e2e:' .. class, t - tonumber(f[2]))
+  end
+end
+
 -- The task of record `key` moved out of status `old`: when that was `queued`, its class's
 -- counter goes down. A task leaves `queued` exactly once, whichever script moves it.
 local function left_queue(key, old)
@@ -65,6 +112,7 @@ local function end_batch(bkey, batch, now)
   local status = 'completed'
   if redis.call('HGET', bkey, 'cancel_requested_at') then status = 'canceled' end
   redis.call('HSET', bkey, 'status', status, 'finished_at', now)
+  redis.call('ZREM', K.open_batches, batch)
   local ttl = tonumber(redis.call('HGET', bkey, 'ttl'))
   redis.call('EXPIRE', bkey, ttl)
   emit_event(bkey, batch, 'batch.completed', 'batch_completed', now, ttl)
@@ -88,9 +136,14 @@ local function batch_move(key, old, new, now)
   if ended == tonumber(redis.call('HGET', bkey, 'total')) then end_batch(bkey, batch, now) end
 end
 
--- The task of record `key` moved from `old` to `new`.
+-- The task of record `key` moved from `old` to `new`: the class's counter of running tasks
+-- follows (a redelivery, running to running, leaves it as it is).
 local function moved(key, old, new, now)
   left_queue(key, old)
+  if old ~= new and (old == 'running' or new == 'running') then
+    local running = K.running .. QUEUE_OF[redis.call('HGET', key, 'priority')]
+    if new == 'running' then redis.call('INCR', running) else redis.call('DECR', running) end
+  end
   batch_move(key, old, new, now)
 end
 
@@ -179,6 +232,7 @@ local function end_task(key, task_id, old, new, now, ttl, ...)
   redis.call('HSET', key, 'status', new, 'finished_at', now, ...)
   redis.call('EXPIRE', key, ttl)
   moved(key, old, new, now)
+  count_ending(key, task_id, old, new, now)
   emit_webhook(key, task_id, new, now, ttl)
   end_stream(key, task_id, new)
   close_task(key, task_id)

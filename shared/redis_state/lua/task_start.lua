@@ -16,8 +16,10 @@
 -- Reads K.task .. task_id.
 -- Writes K.task .. task_id (deliveries, status, started_at, worker; or its ending); a task
 -- leaving `queued` counts down K.queued; an ending, or a first start, writes its webhook event
--- (K.event, K.due), an ending deletes K.payload .. task_id and publishes on K.finished; batch
--- items keep their K.batch counters (lib.lua).
+-- (K.event, K.due), an ending deletes K.payload .. task_id (or keeps it for a retry) and
+-- publishes on K.finished; batch
+-- items keep their K.batch counters (lib.lua); K.running counts running tasks; the console's
+-- figures (K.figures) get a first start's queue wait and every ending.
 local function start_task(task_id, now, max_deliveries, ttl, worker, expired, overran)
   local key = K.task .. task_id
   local status = redis.call('HGET', key, 'status')
@@ -35,7 +37,11 @@ local function start_task(task_id, now, max_deliveries, ttl, worker, expired, ov
   redis.call('HSET', key, 'status', 'running', 'started_at', now, 'worker', worker)
   moved(key, status, 'running', now)
   -- A redelivered copy restarts a running task: task.started was sent for its first start.
-  if status == 'queued' then emit_webhook(key, task_id, 'running', now, ttl) end
+  if status == 'queued' then
+    emit_webhook(key, task_id, 'running', now, ttl)
+    local f = redis.call('HMGET', key, 'priority', 'created_at')
+    count_duration(now, 'wait:' .. f[1], tonumber(now) - tonumber(f[2]))
+  end
   return {'run', deliveries}
 end
 

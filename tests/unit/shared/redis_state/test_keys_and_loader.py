@@ -18,7 +18,7 @@ LUA = PACKAGE / "lua"
 
 
 def test_every_script_loads_into_redis(r: redis.Redis) -> None:
-    assert len(loader.script_names()) == 17
+    assert len(loader.script_names()) == 18
     for name in loader.script_names():
         assert r.script_load(loader.source(name))
 
