@@ -163,6 +163,7 @@ class BatchStore:
                 webhook_events=webhook_events,
                 custom_id=item.custom_id,
                 stream=request.stream,
+                retry_keep=self._settings.retry_keep_seconds,
             ).item_fields()
             items.append(BatchItemRecord(index, queue, fields, stored))
         per_message = self._settings.message_max_tasks

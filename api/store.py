@@ -130,6 +130,7 @@ class ApiStore:
             webhook=request.webhook,
             webhook_events=request.webhook_event_types() if request.webhook else (),
             stream=request.stream,
+            retry_keep=self._settings.retry_keep_seconds,
         ).fields(now, owner)
         submit = Submit(
             new=SubmitTask(

@@ -19,14 +19,7 @@ from shared.redis_state.keys import message_key, payload_key, queued_key, task_k
 from tests.support.faults import wait_terminal
 from tests.support.stack import StackFactory, TorchServeFactory
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.xfail(
-        strict=True,
-        reason="needs api/store.py and api/batch_store.py to pass retry_keep="
-        "settings.retry_keep_seconds to NewTask (api/retry.py); remove this mark once they do",
-    ),
-]
+pytestmark = [pytest.mark.e2e]
 
 OCTETS = {"content-type": "application/octet-stream", "Prefer": "respond-async"}
 BIG = random.Random(20).randbytes(CLAIM_CHECK_BYTES + 4096)  # claim-checked

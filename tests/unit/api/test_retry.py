@@ -446,11 +446,6 @@ def test_a_short_record_bounds_what_is_kept(config: Settings) -> None:
     run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs api/store.py (and api/batch_store.py) to pass retry_keep="
-    "settings.retry_keep_seconds to NewTask; remove this mark once they do",
-)
 def test_a_plain_submit_is_kept_for_retry(config: Settings) -> None:
     async def main() -> None:
         async with api(config) as (client, r):
