@@ -53,7 +53,8 @@ async function refresh(url) {
 }
 
 function start() {
-  if (document.body.dataset.page !== "overview") return;
+  // Only where there are figures (the overview; not the page telling a tenant it may not).
+  if (document.body.dataset.page !== "overview" || !document.querySelector("[data-figure]")) return;
   const url = "/console/status.json";
   window.setInterval(() => refresh(url), REFRESH_MS);
 }
