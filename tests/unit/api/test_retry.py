@@ -1,9 +1,9 @@
 """`POST /tasks/{id}/retry` through the real app (ASGI) on a real redis-server. The worker's side
 is played by the real scripts (task_start, task_finish), as a worker runs them.
 
-`keep_for_retry` writes the `retry_keep` field a submit writes once api/store.py and
-api/batch_store.py pass RETRY_KEEP_SECONDS to NewTask (see api/retry.py); the last test, which
-needs that wiring, says so.
+Submits record RETRY_KEEP_SECONDS themselves (`retry_keep`, test_a_plain_submit_is_kept_for_retry);
+`keep_for_retry` sets it again, for the tests that shorten it, and `keep=False` removes it, as a
+record from before retries were kept has none.
 """
 
 from __future__ import annotations
