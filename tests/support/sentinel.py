@@ -240,15 +240,19 @@ class SentinelTopology(StopsOnExit):
         assert new is not None  # wait_until returns only a truthy value
         return new
 
-    def wait_replica_of(self, node: Node, primary: Node, timeout: float = 60) -> None:
-        """Until `node` (a restarted old primary, say) replicates `primary`, online there."""
+    def wait_replica_of(self, node: Node, primary: Node | None = None, timeout: float = 60) -> None:
+        """Until `node` (a restarted old primary, say) replicates `primary`, online there; with
+        no `primary`, the one the sentinels name at each look: on a loaded machine a primary
+        just promoted can itself miss `down-after-milliseconds` (busy with its replicas' full
+        syncs) and be failed over again, so the node ends up following the next one."""
 
         def following() -> bool:
+            current = primary or self.primary()
             with node.client() as client:
                 role = client.execute_command("ROLE")
-            if str(role[0]) != "slave" or int(role[2]) != primary.port:
+            if str(role[0]) != "slave" or int(role[2]) != current.port:
                 return False
-            with primary.client() as client:
+            with current.client() as client:
                 info = client.info("replication")
             return any(
                 isinstance(value, dict)
