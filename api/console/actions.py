@@ -36,7 +36,7 @@ async def _task_owner(visit: Visit, store: StoreDep, task_id: str) -> str:
     return str(owner)
 
 
-@router.post("/sign-in")
+@router.post("/signin")
 async def sign_in(
     visit: VisitDep,
     csrf: CsrfField = "",
@@ -55,11 +55,11 @@ async def sign_in(
     return visit.redirect(target if role is Role.operator else "/console/tasks")
 
 
-@router.post("/sign-out")
+@router.post("/signout")
 async def sign_out(visit: VisitDep, csrf: CsrfField = "") -> Response:
     check_csrf(visit.settings, visit.viewer, csrf)
     visit.replace(*new_session(visit.settings, Role.anonymous, ""))
-    return visit.redirect("/console/sign-in")
+    return visit.redirect("/console/signin")
 
 
 @router.post("/tasks/{task_id}/retry")

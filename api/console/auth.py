@@ -1,7 +1,7 @@
 """Who is looking at the console: operator, tenant or nobody yet, from a signed session cookie.
 
 A browser cannot send `Authorization` on a link or a form, so the console signs a key in once
-(POST /console/sign-in) and keeps a session cookie: HttpOnly (no script reads it), SameSite=
+(POST /console/signin) and keeps a session cookie: HttpOnly (no script reads it), SameSite=
 Strict (no other site's page sends it, so a forged form arrives without it), Path=/console,
 Secure over https. The cookie holds the role, the key's owner name (api/auth.py key_owner, a
 hash: never the key) and a random nonce, signed with HMAC-SHA256. The signing secret is derived

@@ -219,7 +219,7 @@ def safe_next(target: str | None) -> str:
     return "/console"
 
 
-@router.get("/sign-in")
+@router.get("/signin")
 async def sign_in_page(
     visit: VisitDep, next_url: Annotated[str, Query(alias="next", max_length=512)] = ""
 ) -> Response:

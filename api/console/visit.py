@@ -28,7 +28,7 @@ from api.console.render import render
 from api.deps import SettingsDep
 from shared.settings import Settings
 
-SIGN_IN = "/console/sign-in"
+SIGN_IN = "/console/signin"
 
 
 @dataclass(slots=True)

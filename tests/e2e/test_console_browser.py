@@ -125,7 +125,7 @@ def _make_tasks(http: httpx.Client, late: str) -> dict[str, Any]:
 
 def _sign_in(page: Page, api_url: str) -> None:
     page.navigate(f"{api_url}/console")
-    assert "/console/sign-in" in page.url(), page.url()
+    assert "/console/signin" in page.url(), page.url()
     page.evaluate(f"document.getElementById('key').value = {OPERATOR!r}")
     page.click_and_load("#sign-in-button")
     assert page.url() == f"{api_url}/console", page.url()

@@ -66,9 +66,9 @@ class Console:
         return found.group(1)
 
     async def sign_in(self, key: str) -> httpx.Response:
-        token = await self.csrf("/console/sign-in")
+        token = await self.csrf("/console/signin")
         return await self.http.post(
-            "/console/sign-in", data={"csrf": token, "key": key, "next": "/console"}
+            "/console/signin", data={"csrf": token, "key": key, "next": "/console"}
         )
 
 

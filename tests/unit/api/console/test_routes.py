@@ -52,7 +52,7 @@ def test_open_console_pages_are_whole_and_secured(redis_url: str) -> None:
             queued = await c.submit(priority="batch")
             failed = await c.submit(model_name="nope", priority="interactive")
             await c.fail(failed)
-            for path in (*PAGES, f"/console/tasks/{failed}", "/console/sign-in"):
+            for path in (*PAGES, f"/console/tasks/{failed}", "/console/signin"):
                 answer = await c.http.get(path)
                 assert answer.status_code == 200, (path, answer.text[:300])
                 secured(answer)
@@ -128,7 +128,7 @@ def test_sign_in_sets_a_strict_cookie_and_roles_see_what_they_may(redis_url: str
             theirs = await c.submit(TENANT_B)
             first = await c.http.get("/console")
             assert first.status_code == 303
-            assert first.headers["location"].startswith("/console/sign-in")
+            assert first.headers["location"].startswith("/console/signin")
             secured(first)
             wrong = await c.sign_in("not-a-key")
             assert wrong.status_code == 401
