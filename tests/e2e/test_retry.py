@@ -48,7 +48,7 @@ def test_a_task_failed_at_torchserve_runs_again_once_fixed(
     r: redis.Redis = stack_factory.redis_server.client(decode_responses=True)
     with httpx.Client(base_url=stack.api_url, timeout=30) as http:
         old = submit(http)
-        failed = wait_terminal(r, [old], 60)[old]
+        failed = wait_terminal(stack_factory.redis_server.client(), [old], 60)[old]
         assert failed["status"] == "failed"
         assert '"model_not_found"' in failed["error"]
 
