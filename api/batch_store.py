@@ -164,6 +164,7 @@ class BatchStore:
                 custom_id=item.custom_id,
                 stream=request.stream,
                 retry_keep=self._settings.retry_keep_seconds,
+                credentials=request.has_credentials,
             ).item_fields()
             items.append(BatchItemRecord(index, queue, fields, stored))
         per_message = self._settings.message_max_tasks

@@ -10,11 +10,17 @@ instead, at most as long as the record (lib.lua publish_record and close_task), 
 with the failures of the last RETRY_KEEP_SECONDS only. Once gone, a retry is a 409
 `retry_unavailable` that says so; the client still has its request and can submit it again.
 
+Credentials are never kept: a request with its own `token`, `username` or `password` records
+`credentials` instead of `retry_keep`, and the message copy that carries it is marked `secret`
+and goes with its last open task (task_submit, batch_add_items, lib.lua close_task), since one
+message carries up to MESSAGE_MAX_TASKS submits. Such a task's retry is a 409 that says why; a
+task that only shared its message with one is a 409 once the copy is gone, like an old one.
+
 The new task is a submit like any other: through the group commit (api/group_commit.py) and
 task_submit, so the depth limit (429), the replica WAIT (503) and the console's figures apply to
 it. Its deadline is as far from its submission as the first one's was (the same `timeout`, at
-most DISPATCH_MAX_TIMEOUT); its webhook, events, priority, stream flag and credentials are the
-first one's; X-Request-ID and the trace are the retry request's. A batch item may be retried:
+most DISPATCH_MAX_TIMEOUT); its webhook, events, priority and stream flag are the first
+one's; X-Request-ID and the trace are the retry request's. A batch item may be retried:
 its retry is a task of its own (no `batch_id`, no `custom_id`), so the batch and its counts stay
 as they ended.
 
@@ -147,6 +153,11 @@ async def _kept(store: ApiStore, task_id: str, settings: Settings) -> _Kept:
     )
     fields = cast(dict[str, str], await store.redis.hgetall(task_key(task_id)))
     message = fields.get(TaskField.message.value)
+    if fields.get(TaskField.credentials.value) == "1":
+        raise RetryUnavailable(
+            f"task {task_id}'s request carried per-request credentials (token, username or "
+            "password), which are never kept after a task ends: submit it again with them"
+        )
     if not message or TaskField.retry_keep.value not in fields:
         raise gone  # from before retries were kept, or submitted with RETRY_KEEP_SECONDS=0
     body = await store.redis.hget(message_key(message), "body")

@@ -131,6 +131,7 @@ class ApiStore:
             webhook_events=request.webhook_event_types() if request.webhook else (),
             stream=request.stream,
             retry_keep=self._settings.retry_keep_seconds,
+            credentials=request.has_credentials,
         ).fields(now, owner)
         submit = Submit(
             new=SubmitTask(

@@ -164,6 +164,12 @@ class PredictionRequest(BaseModel):
             raise ValueError('task.output is sent only for a streamed task: add "stream": true')
         return value
 
+    @property
+    def has_credentials(self) -> bool:
+        """Whether it carries per-request credentials: then nothing of it outlives its task (a
+        retry cannot resend them; shared/redis_state/record.py TaskField.credentials)."""
+        return bool(self.token or self.username or self.password)
+
     def webhook_event_types(self) -> tuple[str, ...]:
         """The subscribed event types, deduplicated and in a stable order (for the fingerprint)."""
         return tuple(sorted(set(self.webhook_events or DEFAULT_WEBHOOK_EVENTS)))

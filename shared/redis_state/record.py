@@ -65,6 +65,10 @@ class TaskField(str, Enum):
     # payload and message copy that long (at most the record's TTL; lib.lua publish_record,
     # close_task), for POST /tasks/{id}/retry (api/retry.py)
     retry_keep = "retry_keep"
+    # submit: "1" when the request carried per-request credentials (token, username, password):
+    # nothing of it outlives its task (no retry_keep; its message copy is marked `secret`, see
+    # lib.lua close_task), so such a task cannot be retried
+    credentials = "credentials"
     retry_of = "retry_of"  # submit of a retry (api/retry.py): the id of the task it retries
     retried_as = "retried_as"  # task_retry_link: the id of the task that retries this one
 
@@ -85,6 +89,7 @@ class NewTask:
     operation: str | None = None  # None: its protocol's default (recorded_operation)
     stream: bool = False  # `stream: true`: its ending is appended to its stream (lib.lua)
     retry_keep: int = 0  # RETRY_KEEP_SECONDS (TaskField.retry_keep); 0: nothing kept for a retry
+    credentials: bool = False  # per-request credentials: TaskField.credentials, nothing kept
 
     def item_fields(self) -> list[str]:
         """Field, value, ... beyond the status, time and owner (batch_add_items writes those
@@ -106,7 +111,9 @@ class NewTask:
             fields += [TaskField.webhook_events.value, ",".join(self.webhook_events)]
         if self.stream:
             fields += [TaskField.stream.value, "1"]
-        if self.retry_keep > 0:
+        if self.credentials:
+            fields += [TaskField.credentials.value, "1"]
+        elif self.retry_keep > 0:
             fields += [TaskField.retry_keep.value, str(self.retry_keep)]
         return fields
 

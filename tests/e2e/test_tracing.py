@@ -29,6 +29,7 @@ from opentelemetry.trace import SpanKind
 from api.main import create_app
 from devstack import RedisServer, TorchServe
 from shared import tracing
+from shared.priorities import ALL_QUEUES
 from shared.settings import Settings, get_settings
 from tests.support.paths import REPO as REPO_ROOT
 
@@ -69,7 +70,7 @@ def worker_env(
 def pop_message(redis_server: RedisServer) -> dict[str, Any]:
     """The one task message the API pushed (whichever queue its priority picked)."""
     with redis_server.client() as client:
-        queues = [key for key in client.scan_iter() if client.type(key) == b"list"]
+        queues = [queue.encode() for queue in ALL_QUEUES if client.llen(queue)]
         messages = [m for key in queues for m in client.lrange(key, 0, -1)]
         assert len(messages) == 1, queues
         for key in queues:

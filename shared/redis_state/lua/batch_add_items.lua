@@ -20,7 +20,7 @@
 -- then its fields; record_ttl), K.payload .. task id (record_ttl), K.open (ZADD, scored by
 -- now), one LPUSH of the messages per queue (less Redis time with the AOF on, which logs every
 -- write command), and each message's copy K.message .. <its first item's id> (body, open: its
--- items; record_ttl) for worker/reconciler.py, should kombu lose it; the console's figures
+-- items, secret: '1' when one of them has `credentials`; record_ttl) for worker/reconciler.py, should kombu lose it; the console's figures
 -- (K.figures: submitted per class) and its list of recent tasks (K.recent). The queue depth
 -- counters were counted up by batch_create.
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
@@ -30,6 +30,7 @@ local queues = cjson.decode(ARGV[6])
 -- first `"id": "` is its headers' id, as its body is base64), and carries the items of its
 -- queue from that one up to the next message's first: messages and items come in order.
 local starts, current, open, members, recent, submitted = {}, {}, {}, {}, {}, {}
+local secret = {}
 for n = 1, #queues do
   local message = ARGV[6 + n]
   local _, at = string.find(message, '"id": "', 1, true)
@@ -51,6 +52,7 @@ for _, item in ipairs(cjson.decode(ARGV[5])) do
   table.insert(members, task_id)
   table.insert(recent, task_id)
   for f = 1, #item[3], 2 do
+    if item[3][f] == 'credentials' then secret[message] = true end
     if item[3][f] == 'priority' then
       submitted[item[3][f + 1]] = (submitted[item[3][f + 1]] or 0) + 1
     end
@@ -71,6 +73,7 @@ for id, n in pairs(starts) do
   if open[id] then
     local copy = K.message .. id
     redis.call('HSET', copy, 'body', ARGV[6 + n], 'open', open[id])
+    if secret[id] then redis.call('HSET', copy, 'secret', '1') end
     redis.call('EXPIRE', copy, ttl)
   end
 end

@@ -200,6 +200,8 @@ end
 -- failed, expired or canceled with a `retry_keep` (see publish_record): the copy then holds
 -- that task's request for POST /tasks/{id}/retry, so it is kept until `kept_until` (epoch
 -- seconds: the latest such ending plus min(retry_keep, its record's TTL)) and expires then.
+-- A copy marked `secret` (one of its tasks carried per-request credentials, record.py) is never
+-- kept: one message carries several submits, and their credentials must not outlive them.
 local function close_task(key, task_id)
   redis.call('ZREM', K.open, task_id)
   local f = redis.call('HMGET', key, 'message', 'status', 'retry_keep', 'finished_at')
@@ -207,7 +209,8 @@ local function close_task(key, task_id)
   local mkey = K.message .. f[1]
   if redis.call('EXISTS', mkey) == 0 then return end
   local keep, now = tonumber(f[3] or '0') or 0, tonumber(f[4] or '0') or 0
-  if keep > 0 and (f[2] == 'failed' or f[2] == 'expired' or f[2] == 'canceled') then
+  if keep > 0 and (f[2] == 'failed' or f[2] == 'expired' or f[2] == 'canceled')
+    and redis.call('HGET', mkey, 'secret') ~= '1' then
     local want = math.min(keep, math.max(redis.call('TTL', key), 1))
     if redis.call('TTL', mkey) < want then redis.call('EXPIRE', mkey, want) end
     local held = tonumber(redis.call('HGET', mkey, 'kept_until') or '0') or 0

@@ -20,7 +20,8 @@
 --   K.payload .. task_id (record_ttl), K.queued .. queue (INCR), its idempotency key
 --   (idempotency_ttl), K.open (ZADD, scored by its created_at). Per queue with at least one
 --   recorded task: LPUSH of its message onto the Celery queue `queue`, and its copy
---   K.message .. <its first task's id, the message's own> (body, open: its recorded tasks;
+--   K.message .. <its first task's id, the message's own> (body, open: its recorded tasks,
+--   secret: '1' when one of them has `credentials`, so that it is never kept past them;
 --   record_ttl) for worker/reconciler.py, should kombu lose it. The console's figures
 --   (K.figures: submitted and refused per class, at the first task's created_at) and the list
 --   of recent tasks (K.recent, the newest RECENT_LIMIT).
@@ -31,6 +32,7 @@
 -- one task, in one call or in several.
 local max_depth, ttl, idempotency_ttl = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local results, recorded, first, submitted, refused, now = {}, {}, {}, {}, {}, nil
+local secret = {}
 for i, task in ipairs(cjson.decode(ARGV[4])) do
   local task_id, queue, fields, payload, idempotency = task[1], task[2], task[3], task[4], task[5]
   -- A message is named after its first task (shared/celery_app.py encode_message).
@@ -39,6 +41,7 @@ for i, task in ipairs(cjson.decode(ARGV[4])) do
   for f = 1, #fields, 2 do
     if fields[f] == 'created_at' then created_at = fields[f + 1] end
     if fields[f] == 'priority' then class = fields[f + 1] end
+    if fields[f] == 'credentials' then secret[queue] = true end
   end
   now = now or created_at
   local result = 1
@@ -70,6 +73,7 @@ for queue, index in pairs(cjson.decode(ARGV[5])) do
     redis.call('LPUSH', queue, ARGV[index])
     local copy = K.message .. first[queue]
     redis.call('HSET', copy, 'body', ARGV[index], 'open', recorded[queue])
+    if secret[queue] then redis.call('HSET', copy, 'secret', '1') end
     redis.call('EXPIRE', copy, ttl)
   end
 end

@@ -43,6 +43,7 @@ from shared.settings import Settings
 KEY, OTHER_KEY = "retry-key-a", "retry-key-b"
 AUTH, OTHER = {"X-API-Key": KEY}, {"X-API-Key": OTHER_KEY}
 KEEP = 120
+TOKEN = "retry-test-token-4f1c"
 BIG = bytes(range(256)) * 400  # 100 KiB: claim-checked (over CLAIM_CHECK_BYTES)
 DEFAULT_DEPTH = queued_key(queue_of(Priority.default))
 TERMS = StartTerms(3, 600, "w1@host", '{"status":504,"msg":"x","code":"expired"}', "{}")
@@ -416,21 +417,92 @@ def test_endings_keep_payload_and_message_copy_only_for_retryable_ones(config: S
     run(main())
 
 
-async def write_message(r: aioredis.Redis, task_ids: list[str]) -> None:
+async def write_message(
+    r: aioredis.Redis, task_ids: list[str], credentials: frozenset[str] = frozenset()
+) -> None:
     """One task_submit call of `task_ids` in one message, each with a claim-checked payload
-    and retry_keep, as api/store.py writes them once wired."""
+    and retry_keep, as api/store.py writes them; those in `credentials` carry a token."""
     now, queue = _now(), queue_of(Priority.default)
     new = NewTask("echo", None, "http://ts", now + 60, Priority.default, retry_keep=KEEP)
     entries = [
-        {"id": t, "call": {"model_name": "echo", "payload": {"key": payload_key(t)}}, "headers": {}}
+        {
+            "id": t,
+            "call": {
+                "model_name": "echo",
+                "payload": {"key": payload_key(t)},
+                "token": TOKEN if t in credentials else None,
+            },
+            "headers": {},
+        }
         for t in task_ids
     ]
-    tasks = [SubmitTask(t, queue, new.fields(now, "o"), payload=BIG) for t in task_ids]
+    tasks = [
+        SubmitTask(
+            t,
+            queue,
+            NewTask(**{**_fields_of(new), "credentials": t in credentials}).fields(now, "o"),
+            payload=BIG,
+        )
+        for t in task_ids
+    ]
     message = encode_message(entries, queue=queue)
     results = await SubmitTasks(r)(
         tasks, {queue: message}, max_depth=100, ttl=600, idempotency_ttl=600
     )
     assert results == [1] * len(task_ids)
+
+
+def _fields_of(new: NewTask) -> dict[str, Any]:
+    return {name: getattr(new, name) for name in NewTask.__dataclass_fields__}
+
+
+# --- per-request credentials never outlive their task ----------------------------------------
+
+
+def test_a_task_with_credentials_keeps_nothing_and_its_retry_is_a_clear_409(
+    config: Settings,
+) -> None:
+    async def main() -> None:
+        async with api(config) as (client, r):
+            headers = {**AUTH, "Prefer": "respond-async"}
+            body = {"model_name": "echo", "token": TOKEN}
+            answer = await client.post("/dispatch_model", json=body, headers=headers)
+            old = answer.json()["task_id"]
+            record = await r.hgetall(task_key(old))
+            assert record["credentials"] == "1"
+            assert "retry_keep" not in record
+            copy = message_key(record["message"])
+            assert await r.hget(copy, "secret") == "1"
+            await fail(r, old)
+            assert await r.exists(copy) == 0  # the token went with its task
+            answer = await client.post(f"/tasks/{old}/retry", headers=AUTH)
+            assert answer.status_code == 409, answer.text
+            assert answer.json()["code"] == "retry_unavailable"
+            assert "credentials" in answer.json()["msg"]
+            assert TOKEN not in answer.text
+
+    run(main())
+
+
+def test_a_message_carrying_credentials_is_never_kept_for_its_other_tasks(
+    config: Settings,
+) -> None:
+    """One message, a task with a token and one without: the one without fails and would keep
+    the copy for its retry, but the copy holds the other's token, so it goes at once."""
+
+    async def main() -> None:
+        async with aioredis.Redis.from_url(config.redis_url, decode_responses=True) as r:
+            await write_message(r, ["s", "p"], credentials=frozenset("s"))
+            assert await r.hget(message_key("s"), "secret") == "1"
+            assert await r.hget(task_key("p"), "retry_keep") == str(KEEP)
+            await fail(r, "p")
+            assert await r.hget(message_key("s"), "open") == "1"  # "s" still needs it
+            await fail(r, "s")
+            assert await r.exists(message_key("s")) == 0
+            assert await raw_payload(config, "s") is None  # no retry_keep: deleted
+            assert 0 < await r.ttl(payload_key("p")) <= KEEP  # its own bytes, no secret
+
+    run(main())
 
 
 def test_a_short_record_bounds_what_is_kept(config: Settings) -> None:
