@@ -117,8 +117,8 @@ class PredictionRequest(BaseModel):
         False,
         description="Stream the output as the model produces it: read it from `stream_url` "
         "(`GET /tasks/{task_id}/stream`, Server-Sent Events) while the task runs. Not for an "
-        "operation that cannot stream (embeddings: 422); for OpenAI-compatible backends this, "
-        "not `input.stream`, asks for it.",
+        "operation that answers whole (TorchServe's explanations, OpenAI's embeddings: 422); "
+        "for OpenAI-compatible backends this, not `input.stream`, asks for it.",
     )
     # The original proxy's fields, accepted unchanged.
     host: Annotated[str, Field(pattern=HOST_PATTERN)] | None = None

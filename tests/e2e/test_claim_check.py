@@ -55,7 +55,10 @@ def submit_raw(http: httpx.Client, data: bytes, **query: str) -> str:
 def test_big_payloads_are_stored_once_and_deleted_when_the_task_ends(
     stack_factory: StackFactory,
 ) -> None:
-    stack = stack_factory.start(workers=0)  # nothing consumes: tasks stay queued
+    """A succeeded task's payload goes with its ending; a canceled or expired one's stays
+    RETRY_KEEP_SECONDS (here 5 s) for POST /tasks/{id}/retry, then goes too."""
+    keep = {"RETRY_KEEP_SECONDS": "5"}
+    stack = stack_factory.start(workers=0, env=keep)  # nothing consumes: tasks stay queued
     client: redis.Redis = stack_factory.redis_server.client()
     big, small = blob(BIG, 1), blob(CLAIM_CHECK_BYTES, 2)
     with httpx.Client(base_url=stack.api_url, timeout=30) as http:
@@ -76,15 +79,20 @@ def test_big_payloads_are_stored_once_and_deleted_when_the_task_ends(
         assert sizes[1] < 5_000  # the two claim-checked messages: a reference, not 87 KB
 
         assert http.delete(f"/tasks/{big_id}").json()["status"] == "canceled"
-        assert not client.exists(payload_key(big_id))
+        assert 0 < client.ttl(payload_key(big_id)) <= 5  # kept for a retry, 5 s
 
-        # Never started before its deadline: expired (settled on read), and its payload gone.
+        # Never started before its deadline: expired (settled on read), its payload kept 5 s.
         wait_until(
             lambda: http.get(f"/tasks/{expiring_id}").json()["status"] == "expired",
             10,
             "the task to expire",
         )
-        assert not client.exists(payload_key(expiring_id))
+        assert 0 < client.ttl(payload_key(expiring_id)) <= 5
+        wait_until(
+            lambda: not client.exists(payload_key(big_id), payload_key(expiring_id)),
+            15,
+            "the kept payloads to expire",
+        )
 
     worker_stack = stack_factory.start(workers=1)
     with httpx.Client(base_url=worker_stack.api_url, timeout=60) as http:

@@ -7,8 +7,8 @@ from the query string for one form only, and their descriptions say so (api/open
 - POST /dispatch_model: a raw body (any Content-Type but JSON and multipart) takes its fields
   from the query, `model_name` required there, `webhook_events` only with `webhook` (its
   `task.output` only with `stream=true`, in a multipart form too: see api/openapi.py), and
-  `operation` one of the `backend`'s that takes bytes; a JSON or multipart request takes none
-  from it.
+  `operation` one of the `backend`'s that takes bytes (and streams, with `stream=true`); a JSON
+  or multipart request takes none from it.
 - POST /batches: a JSONL body takes the batch's `webhook` and `webhook_events` from the query,
   `webhook_events` only with `webhook`; a JSON body takes neither.
 
@@ -41,10 +41,16 @@ FUZZ_BACKENDS = {
     "fuzz-llm": {"url": "http://127.0.0.1:9/v1", "protocol": "openai"},
 }
 # Which operations a raw body may name per backend (the query's parameters are each valid on
-# their own; OpenAPI cannot tie one to another). None: the backend's default.
+# their own; OpenAPI cannot tie one to another), and which of them stream (`stream=true`, the
+# field's description: api/backend_inputs.py STREAMING_OPERATIONS). None: the default.
 RAW_OPERATIONS = {
     None: {None, "predictions", "explanations"},
     "torchserve": {None, "predictions", "explanations"},
+    "fuzz-oip": {None, "infer"},
+}
+RAW_STREAMING = {
+    None: {None, "predictions"},
+    "torchserve": {None, "predictions"},
     "fuzz-oip": {None, "infer"},
 }
 BATCH_QUERY_FIELDS = frozenset({"webhook", "webhook_events"})
@@ -80,15 +86,19 @@ def filter_case(context: Any, case: Any) -> bool:
 
 def _output_streamed(query: dict[str, Any]) -> bool:
     """A raw body's (or a form's) `task.output` comes with `stream=true` (shared/models.py)."""
-    return "task.output" not in str(query.get("webhook_events", "")) or str(
-        query.get("stream")
-    ).lower() in ("true", "1", "yes", "on")
+    return "task.output" not in str(query.get("webhook_events", "")) or _truthy(query.get("stream"))
 
 
 def _raw_target_fits(query: dict[str, Any]) -> bool:
-    """A raw body's `backend` and `operation` name a pair that takes bytes."""
-    allowed = RAW_OPERATIONS.get(query.get("backend"))
+    """A raw body's `backend` and `operation` name a pair that takes bytes (and streams, with
+    `stream=true`)."""
+    table = RAW_STREAMING if _truthy(query.get("stream")) else RAW_OPERATIONS
+    allowed = table.get(query.get("backend"))
     return allowed is not None and query.get("operation") in allowed
+
+
+def _truthy(value: object) -> bool:
+    return str(value).lower() in ("true", "1", "yes", "on")
 
 
 def _positive(case: Any) -> bool:

@@ -22,6 +22,7 @@ from tests.support.webhook_receiver import Receiver
 pytestmark = pytest.mark.e2e
 
 KEY_A = "key-a-7d1f0c3e9b"
+CONSOLE_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 KEY_B = "key-b-52aa81d6c4"
 WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 BAD_CREDENTIALS = [
@@ -118,6 +119,20 @@ def test_a_task_is_visible_only_to_the_key_that_created_it(
     assert KEY_A.encode() not in owners.pop()  # a hash of the key, never the key
 
 
+def console_sign_in(http: httpx.Client, key: str) -> str:
+    """Sign `key` in to the console (its session cookie stays in `http`): its CSRF token."""
+    form = http.get("/console/signin")
+    token = CONSOLE_CSRF.search(form.text)
+    assert token, form.text[:300]
+    signed = http.post("/console/signin", data={"csrf": token.group(1), "key": key})
+    assert signed.status_code == 303, signed.text
+    page = http.get("/console/tasks")
+    assert page.status_code == 200, page.text[:300]
+    token = CONSOLE_CSRF.search(page.text)
+    assert token, page.text[:300]
+    return token.group(1)
+
+
 def routes_taking_an_id() -> set[tuple[str, str]]:
     """(method, path) of every route of the app itself with a `{task_id}` or `{batch_id}`: a
     new route is in this set, so it fails the test below until the test covers it too."""
@@ -186,6 +201,7 @@ def test_another_keys_ids_are_404_on_every_route_and_stay_untouched(
             )
             deliveries_before = http.get(f"/tasks/{done_id}/deliveries", headers=a).json()
             tasks, batches = f"/tasks/{done_id}", f"/batches/{ended}"
+            csrf = console_sign_in(http, KEY_B)  # B's console session: the client's cookie
             as_b = {  # every route taking an id, with A's ids, as B
                 ("GET", "/tasks/{task_id}"): [
                     http.get(tasks, headers=b),
@@ -217,6 +233,20 @@ def test_another_keys_ids_are_404_on_every_route_and_stay_untouched(
                     http.delete(batches, headers=b),
                     http.delete(f"/batches/{running}", headers=b),
                 ],
+                ("POST", "/tasks/{task_id}/retry"): [http.post(f"{tasks}/retry", headers=b)],
+                ("GET", "/console/tasks/{task_id}"): [
+                    http.get(f"/console{tasks}"),
+                    http.get(f"/console/tasks/{running_id}"),
+                ],
+                ("POST", "/console/tasks/{task_id}/retry"): [
+                    http.post(f"/console{tasks}/retry", data={"csrf": csrf})
+                ],
+                ("POST", "/console/tasks/{task_id}/cancel"): [
+                    http.post(f"/console/tasks/{running_id}/cancel", data={"csrf": csrf})
+                ],
+                ("POST", "/console/batches/{batch_id}/cancel"): [
+                    http.post(f"/console/batches/{running}/cancel", data={"csrf": csrf})
+                ],
             }
             # B's retry, had it worked, would have re-queued the event (state) and, by now (B's
             # long polls took seconds), re-sent it (a new attempt in the log).
@@ -232,7 +262,11 @@ def test_another_keys_ids_are_404_on_every_route_and_stay_untouched(
         for response in responses:
             assert response.status_code == 404, (method, path, response.text)
             what = "task" if "{task_id}" in path else "batch"
-            assert response.json()["code"] == f"{what}_not_found", (method, path, response.text)
+            if path.startswith("/console"):  # an HTML page naming the code
+                assert f"{what}_not_found" in response.text, (method, path, response.text)
+            else:
+                code = response.json()["code"]
+                assert code == f"{what}_not_found", (method, path, response.text)
     # Nothing of A's changed: no cancel, no re-sent webhook, results intact.
     assert task_after["status"] == "succeeded"
     assert task_after["cancel_requested"] is False
