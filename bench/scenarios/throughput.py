@@ -104,7 +104,7 @@ def _profile(ctx: Context) -> None:
     ]
 
 
-def _warm_up(url: str, seconds: float = 60.0) -> None:
+def warm_up(url: str, seconds: float = 60.0) -> None:
     """POST the tiny request until it is answered 200, or fail after `seconds`."""
     deadline = time.monotonic() + seconds
     while True:
@@ -134,7 +134,7 @@ def _peer(ctx: Context, ours: WrkResult) -> None:
         # One answered request first: a cold peer (first connections, Celery's first task) is
         # not what the load measures, and on a loaded machine the smoke run's 1 s window could
         # otherwise end before its first answer (0 req/s).
-        _warm_up(peer.dispatch_url)
+        warm_up(peer.dispatch_url)
         say("throughput: peer (common pattern), same load ...")
         theirs = _wrk(ctx, peer.dispatch_url, TINY_DISPATCH_BODY)
         say(f"  {theirs.describe()}")

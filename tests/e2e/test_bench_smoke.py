@@ -48,6 +48,7 @@ ROW_KEYS = {
     "api_processes_submit",
     "api_processes_waiters",
     "figures_cost",
+    "figures_throughput",
     "pubsub",
 }
 # What the dispatcher must get right even at smoke scale (throughput targets are not judged
