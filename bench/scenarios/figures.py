@@ -63,6 +63,7 @@ def _script_cost(ctx: Context) -> None:
 
 
 def _sync_throughput(ctx: Context) -> None:
+    ctx.stop_workers()  # each side's own workers, and only they, take its tasks
     rounds = 1 if ctx.plan.smoke else 2
     rates: dict[bool, list[float]] = {False: [], True: []}
     for n in range(rounds):

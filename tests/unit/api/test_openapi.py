@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
+from api.host_pattern import HOST_PATTERN
 from api.idempotency import parse_key
 from api.inputs import DATA_URI_PATTERN, MEDIA_TYPE, decode_data_uri
 from api.main import create_app
-from api.openapi import HOST_PATTERN
 from api.targets import resolve_origin
 from shared.errors import DispatchError
 from shared.models import PredictionRequest

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -42,20 +41,14 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 BACKENDS = {"llm": {"url": "http://127.0.0.1:9", "protocol": "openai"}}
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(Path(tmp_path_factory.mktemp("stream-redis")), appendonly=False) as server:
-        yield server
-
-
 @pytest.fixture
-def config(redis_server: RedisServer, clean_env: None) -> Settings:
-    client = redis_server.client()
+def config(bare_redis: RedisServer, clean_env: None) -> Settings:
+    client = bare_redis.client()
     client.flushall()
     client.close()
     return Settings(
         _env_file=None,
-        redis_url=redis_server.url,
+        redis_url=bare_redis.url,
         torchserve_url=f"http://127.0.0.1:{free_port()}",
         dispatcher_api_keys=f"{KEY},{OTHER_KEY}",
         backends=json.dumps(BACKENDS),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -24,15 +23,9 @@ from shared.settings import Settings
 from worker import heartbeat
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(Path(tmp_path_factory.mktemp("heartbeat-redis")), appendonly=False) as s:
-        yield s
-
-
 @pytest.fixture
-def r(server: RedisServer) -> Iterator[redis.Redis]:
-    client = server.client(decode_responses=True)
+def r(bare_redis: RedisServer) -> Iterator[redis.Redis]:
+    client = bare_redis.client(decode_responses=True)
     client.flushall()
     yield client
     client.close()

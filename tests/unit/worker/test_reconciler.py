@@ -9,7 +9,6 @@ import json
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,36 +50,30 @@ EXPIRED = TaskExpired("expired").body().model_dump_json()
 OVERRAN = DeadlineExceeded("overran").body().model_dump_json()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(Path(tmp_path_factory.mktemp("reconcile-redis")), appendonly=False) as s:
-        yield s
-
-
 @pytest.fixture
-def r(server: RedisServer) -> Iterator[redis.Redis]:
-    client = server.client(decode_responses=True)
+def r(bare_redis: RedisServer) -> Iterator[redis.Redis]:
+    client = bare_redis.client(decode_responses=True)
     client.flushall()
     yield client
     client.close()
 
 
-def settings(server: RedisServer) -> Settings:
+def settings(bare_redis: RedisServer) -> Settings:
     return Settings(
-        redis_url=server.url,
+        redis_url=bare_redis.url,
         reconcile_after_seconds=60,
         reconcile_period_seconds=5,
         worker_heartbeat_interval=5,
     )
 
 
-def reconciler(server: RedisServer, r: redis.Redis, name: str = "w1@host") -> Reconciler:
-    return Reconciler(r, settings(server), name)
+def reconciler(bare_redis: RedisServer, r: redis.Redis, name: str = "w1@host") -> Reconciler:
+    return Reconciler(r, settings(bare_redis), name)
 
 
-def on_loop(server: RedisServer, call: Callable[[aioredis.Redis], Awaitable[Any]]) -> Any:
+def on_loop(bare_redis: RedisServer, call: Callable[[aioredis.Redis], Awaitable[Any]]) -> Any:
     async def run() -> Any:
-        async with aioredis.Redis.from_url(server.url, decode_responses=True) as client:
+        async with aioredis.Redis.from_url(bare_redis.url, decode_responses=True) as client:
             return await call(client)
 
     return asyncio.run(run())
@@ -104,7 +97,7 @@ def entry(task_id: str, priority: Priority = Priority.default) -> dict[str, Any]
     return {"id": task_id, "call": call, "headers": {"request_id": f"req-{task_id}"}}
 
 
-def submit(server: RedisServer, *tasks: tuple[str, Priority]) -> dict[str, dict[str, Any]]:
+def submit(bare_redis: RedisServer, *tasks: tuple[str, Priority]) -> dict[str, dict[str, Any]]:
     """One task_submit call as the API's group commit makes it; each task's message entry."""
     entries = {task_id: entry(task_id, priority) for task_id, priority in tasks}
     news = [
@@ -116,21 +109,21 @@ def submit(server: RedisServer, *tasks: tuple[str, Priority]) -> dict[str, dict[
         by_queue.setdefault(queue_of(priority), []).append(entries[task_id])
     messages = {queue: encode_message(group, queue=queue) for queue, group in by_queue.items()}
     results = on_loop(
-        server,
+        bare_redis,
         lambda c: SubmitTasks(c)(news, messages, max_depth=100, ttl=TTL, idempotency_ttl=TTL),
     )
     assert results == [1] * len(tasks)
     return entries
 
 
-def start(server: RedisServer, worker: str, *task_ids_: str) -> list[tuple[str, int]]:
+def start(bare_redis: RedisServer, worker: str, *task_ids_: str) -> list[tuple[str, int]]:
     terms = StartTerms(3, TTL, worker, EXPIRED, OVERRAN)
-    return list(on_loop(server, lambda c: StartTasks(c)(task_ids_, terms, time.time())))
+    return list(on_loop(bare_redis, lambda c: StartTasks(c)(task_ids_, terms, time.time())))
 
 
-def finish(server: RedisServer, *task_ids_: str) -> None:
+def finish(bare_redis: RedisServer, *task_ids_: str) -> None:
     outcomes = [Outcome.succeeded(task_id, {"ok": 1}) for task_id in task_ids_]
-    on_loop(server, lambda c: FinishTasks(c)(outcomes, now=time.time(), ttl=TTL))
+    on_loop(bare_redis, lambda c: FinishTasks(c)(outcomes, now=time.time(), ttl=TTL))
 
 
 def lose_every_message(r: redis.Redis) -> None:
@@ -147,13 +140,13 @@ def reconciled_count(priority: str) -> float:
 
 
 def test_a_task_whose_message_was_deleted_is_enqueued_again_after_two_rounds(
-    server: RedisServer, r: redis.Redis
+    bare_redis: RedisServer, r: redis.Redis
 ) -> None:
-    entries = submit(server, ("a", Priority.default), ("b", Priority.default))
+    entries = submit(bare_redis, ("a", Priority.default), ("b", Priority.default))
     assert r.zscore(OPEN_KEY, "a") is not None
     lose_every_message(r)
     before = reconciled_count("default")
-    rec = reconciler(server, r)
+    rec = reconciler(bare_redis, r)
 
     first = rec.run_round()
     assert sorted(first.suspects) == ["a", "b"]
@@ -176,22 +169,22 @@ def test_a_task_whose_message_was_deleted_is_enqueued_again_after_two_rounds(
     copy = json.loads(r.hget(message_key(record["message"]), "body") or "")
     assert set(task_ids(copy)) == {"a", "b"}
     assert entries["a"]["headers"] == {"request_id": "req-a"}
-    assert start(server, "w2@host", "a") == [("run", 1)]
+    assert start(bare_redis, "w2@host", "a") == [("run", 1)]
 
 
 def test_a_task_in_its_queue_or_in_unacked_is_left_alone(
-    server: RedisServer, r: redis.Redis
+    bare_redis: RedisServer, r: redis.Redis
 ) -> None:
-    submit(server, ("q", Priority.batch))
-    submit(server, ("u", Priority.interactive))
+    submit(bare_redis, ("q", Priority.batch))
+    submit(bare_redis, ("u", Priority.interactive))
     # A real kombu channel takes `u`'s message: kombu writes it into its unacked hash.
-    with Connection(server.url) as connection:
+    with Connection(bare_redis.url) as connection:
         channel = connection.channel()
         message = channel.basic_get("dispatch.interactive", no_ack=False)
         assert message is not None
         assert r.llen("dispatch.interactive") == 0
         assert r.hlen("unacked") == 1
-        rec = reconciler(server, r)
+        rec = reconciler(bare_redis, r)
         for _ in range(3):
             found = rec.run_round()
             assert found.candidates == 2
@@ -206,14 +199,14 @@ def test_a_task_in_its_queue_or_in_unacked_is_left_alone(
 
 
 def test_a_running_task_is_enqueued_again_when_its_worker_died_not_while_it_lives(
-    server: RedisServer, r: redis.Redis
+    bare_redis: RedisServer, r: redis.Redis
 ) -> None:
-    submit(server, ("dead", Priority.default), ("live", Priority.default))
-    assert start(server, "dead@host", "dead") == [("run", 1)]
-    assert start(server, "live@host", "live") == [("run", 1)]
+    submit(bare_redis, ("dead", Priority.default), ("live", Priority.default))
+    assert start(bare_redis, "dead@host", "dead") == [("run", 1)]
+    assert start(bare_redis, "live@host", "live") == [("run", 1)]
     r.zadd(WORKERS_KEY, {"live@host": time.time(), "dead@host": time.time() - 3600})
     lose_every_message(r)  # BRPOPed, never written into unacked
-    rec = reconciler(server, r)
+    rec = reconciler(bare_redis, r)
     assert rec.run_round().suspects == ["dead"]
     assert rec.run_round().requeued == ["dead"]
     assert queued_ids(r, "dispatch") == [["dead"]]
@@ -222,19 +215,19 @@ def test_a_running_task_is_enqueued_again_when_its_worker_died_not_while_it_live
     assert record["reconciled"] == "1"
     assert r.get(queued_key("dispatch")) == "0"  # a running task is not counted as queued
     # The fresh copy's start counts a second delivery; the live worker's task never moved.
-    assert start(server, "w3@host", "dead") == [("run", 2)]
+    assert start(bare_redis, "w3@host", "dead") == [("run", 2)]
     assert r.hget(task_key("live"), "reconciled") is None
 
 
 def test_a_record_that_changed_between_rounds_is_not_enqueued(
-    server: RedisServer, r: redis.Redis
+    bare_redis: RedisServer, r: redis.Redis
 ) -> None:
-    submit(server, ("t", Priority.default))
+    submit(bare_redis, ("t", Priority.default))
     lose_every_message(r)
-    rec = reconciler(server, r)
+    rec = reconciler(bare_redis, r)
     assert rec.run_round().suspects == ["t"]
     # Started between the rounds (the message was in a worker's hands) by a worker since gone.
-    assert start(server, "gone@host", "t") == [("run", 1)]
+    assert start(bare_redis, "gone@host", "t") == [("run", 1)]
     second = rec.run_round()
     assert second.suspects == ["t"]
     assert second.outcomes == {}
@@ -242,26 +235,26 @@ def test_a_record_that_changed_between_rounds_is_not_enqueued(
 
 
 def test_ended_tasks_leave_the_index_and_their_message_copy_goes_with_the_last(
-    server: RedisServer, r: redis.Redis
+    bare_redis: RedisServer, r: redis.Redis
 ) -> None:
-    submit(server, ("x", Priority.default), ("y", Priority.default))
+    submit(bare_redis, ("x", Priority.default), ("y", Priority.default))
     copy = message_key(r.hget(task_key("x"), "message") or "")
     assert r.hget(copy, "open") == "2"
-    finish(server, "x")
+    finish(bare_redis, "x")
     assert r.zscore(OPEN_KEY, "x") is None
     assert r.hget(copy, "open") == "1"
-    finish(server, "y")
+    finish(bare_redis, "y")
     assert r.zcard(OPEN_KEY) == 0
     assert not r.exists(copy)
     # An index entry whose record ended or expired without passing end_task leaves it too.
     r.zadd(OPEN_KEY, {"x": time.time() - AGO, "nobody": time.time() - AGO})
-    found = reconciler(server, r).run_round()
+    found = reconciler(bare_redis, r).run_round()
     assert found.candidates == 0
     assert r.zcard(OPEN_KEY) == 0
 
 
 def test_batch_items_are_indexed_with_their_message_and_enqueued_again(
-    server: RedisServer, r: redis.Redis
+    bare_redis: RedisServer, r: redis.Redis
 ) -> None:
     priorities = [Priority.batch, Priority.interactive, Priority.batch, Priority.batch,
                   Priority.interactive]  # fmt: skip
@@ -288,30 +281,30 @@ def test_batch_items_are_indexed_with_their_message_and_enqueued_again(
                                         now=now, owner="al")  # fmt: skip
             return list(await pipe.execute())
 
-    assert on_loop(server, create) == [1, 1]
+    assert on_loop(bare_redis, create) == [1, 1]
     for index in range(len(priorities)):
         task_id = item_task_id(batch_id, index)
         copy = json.loads(r.hget(message_key(r.hget(task_key(task_id), "message") or ""), "body"))
         assert task_id in task_ids(copy)
     assert r.zcard(OPEN_KEY) == len(priorities)
     lose_every_message(r)
-    rec = reconciler(server, r)
+    rec = reconciler(bare_redis, r)
     rec.run_round()
     assert len(rec.run_round().requeued) == len(priorities)
     assert sorted(queued_ids(r, "dispatch.batch")) == [["bat-0"], ["bat-2"], ["bat-3"]]
     assert sorted(queued_ids(r, "dispatch.interactive")) == [["bat-1"], ["bat-4"]]
-    finish(server, *(item_task_id(batch_id, i) for i in range(len(priorities))))
+    finish(bare_redis, *(item_task_id(batch_id, i) for i in range(len(priorities))))
     assert r.zcard(OPEN_KEY) == 0
     assert not r.keys("dispatch:message:*")
 
 
 def test_of_two_reconcilers_one_runs_the_round_and_a_push_happens_once(
-    server: RedisServer, r: redis.Redis
+    bare_redis: RedisServer, r: redis.Redis
 ) -> None:
-    submit(server, ("t", Priority.default))
+    submit(bare_redis, ("t", Priority.default))
     lose_every_message(r)
-    clients = [server.client(decode_responses=True) for _ in range(2)]
-    both = [reconciler(server, c, f"w{n}@host") for n, c in enumerate(clients)]
+    clients = [bare_redis.client(decode_responses=True) for _ in range(2)]
+    both = [reconciler(bare_redis, c, f"w{n}@host") for n, c in enumerate(clients)]
     barrier = threading.Barrier(2)
     rounds: dict[str, object] = {}
 

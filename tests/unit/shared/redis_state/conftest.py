@@ -1,4 +1,4 @@
-"""A bare redis-server for the scripts' tests (no Celery, no TorchServe), emptied per test."""
+"""Clients of the unit tests' bare redis-server (tests/unit/conftest.py), on an empty database."""
 
 from __future__ import annotations
 
@@ -14,12 +14,6 @@ from devstack.redis import RedisServer
 from shared.redis_state.keys import FINISHED_CHANNEL
 
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="session")
-def bare_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("bare-redis"), appendonly=False) as server:
-        yield server
 
 
 @pytest.fixture

@@ -1,162 +1,33 @@
-"""`POST /tasks/{id}/retry` through the real app (ASGI) on a real redis-server. The worker's side
-is played by the real scripts (task_start, task_finish), as a worker runs them.
-
-Submits record RETRY_KEEP_SECONDS themselves (`retry_keep`, test_a_plain_submit_is_kept_for_retry);
-`keep_for_retry` sets it again, for the tests that shorten it, and `keep=False` removes it, as a
-record from before retries were kept has none.
-"""
+"""`POST /tasks/{id}/retry` through the real app (ASGI) on a real redis-server: a new task with
+the same request and payload, linked both ways, and what cannot be retried (see harness.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from datetime import datetime
-from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-import redis.asyncio as aioredis
 
-from api.main import create_app
-from api.retry import message_call
-from devstack.processes import free_port
-from devstack.redis import RedisServer
-from shared.celery_app import encode_message
-from shared.errors import ModelNotFound
-from shared.priorities import Priority, queue_of
-from shared.redis_state.keys import message_key, payload_key, queued_key, task_key
-from shared.redis_state.record import NewTask, Outcome
-from shared.redis_state.task_scripts import (
-    FinishTasks,
-    StartTasks,
-    StartTerms,
-    SubmitTask,
-    SubmitTasks,
-)
+from shared.redis_state.keys import message_key, payload_key, task_key
 from shared.settings import Settings
-
-KEY, OTHER_KEY = "retry-key-a", "retry-key-b"
-AUTH, OTHER = {"X-API-Key": KEY}, {"X-API-Key": OTHER_KEY}
-KEEP = 120
-TOKEN = "retry-test-token-4f1c"
-BIG = bytes(range(256)) * 400  # 100 KiB: claim-checked (over CLAIM_CHECK_BYTES)
-DEFAULT_DEPTH = queued_key(queue_of(Priority.default))
-TERMS = StartTerms(3, 600, "w1@host", '{"status":504,"msg":"x","code":"expired"}', "{}")
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(Path(tmp_path_factory.mktemp("retry-redis")), appendonly=False) as server:
-        yield server
-
-
-@pytest.fixture
-def config(redis_server: RedisServer, clean_env: None) -> Settings:
-    client = redis_server.client()
-    client.flushall()
-    client.close()
-    return Settings(
-        _env_file=None,
-        redis_url=redis_server.url,
-        torchserve_url=f"http://127.0.0.1:{free_port()}",
-        dispatcher_api_keys=f"{KEY},{OTHER_KEY}",
-        retry_keep_seconds=KEEP,
-    )
-
-
-@asynccontextmanager
-async def api(config: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, aioredis.Redis]]:
-    app = create_app(config)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with (
-            httpx.AsyncClient(transport=transport, base_url="http://api") as client,
-            aioredis.Redis.from_url(config.redis_url, decode_responses=True) as r,
-        ):
-            yield client, r
-
-
-def run(main: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(main, 60))
-
-
-async def keep_for_retry(r: aioredis.Redis, task_id: str, seconds: int = KEEP) -> None:
-    await r.hset(task_key(task_id), "retry_keep", str(seconds))
-
-
-async def submit(
-    client: httpx.AsyncClient, r: aioredis.Redis, *, keep: bool = True, **fields: Any
-) -> str:
-    body = {"model_name": "echo", "input": {"x": 1}, **fields}
-    answer = await client.post(
-        "/dispatch_model", json=body, headers={**AUTH, "Prefer": "respond-async"}
-    )
-    assert answer.status_code == 202, answer.text
-    task_id: str = answer.json()["task_id"]
-    if keep:
-        await keep_for_retry(r, task_id)
-    else:  # a record from before retries were kept (or of RETRY_KEEP_SECONDS=0)
-        await r.hdel(task_key(task_id), "retry_keep")
-    return task_id
-
-
-async def submit_bytes(client: httpx.AsyncClient, r: aioredis.Redis, data: bytes = BIG) -> str:
-    answer = await client.post(
-        "/dispatch_model",
-        params={"model_name": "grayscale", "timeout": "30"},
-        content=data,
-        headers={**AUTH, "Prefer": "respond-async", "Content-Type": "image/png"},
-    )
-    assert answer.status_code == 202, answer.text
-    task_id: str = answer.json()["task_id"]
-    await keep_for_retry(r, task_id)
-    return task_id
-
-
-async def fail(r: aioredis.Redis, task_id: str) -> None:
-    """What a worker does with a task whose model is unknown: start it, fail it."""
-    assert (await StartTasks(r)([task_id], TERMS, now=_now()))[0][0] == "run"
-    outcome = Outcome.failed(task_id, ModelNotFound("no model echo"))
-    assert await FinishTasks(r)([outcome], now=_now(), ttl=600) == [True]
-
-
-async def succeed(r: aioredis.Redis, task_id: str) -> None:
-    await StartTasks(r)([task_id], TERMS, now=_now())
-    await FinishTasks(r)([Outcome.succeeded(task_id, {"ok": 1})], now=_now(), ttl=600)
-
-
-def _now() -> float:
-    return time.time()
-
-
-async def call_of(r: aioredis.Redis, task_id: str) -> dict[str, Any]:
-    """The `call` the task's message (its copy, K.message) carries."""
-    body = await r.hget(message_key(await r.hget(task_key(task_id), "message") or ""), "body")
-    assert body is not None
-    call = message_call(body, task_id)
-    assert call is not None
-    return call
-
-
-async def queued_ids(r: aioredis.Redis, priority: Priority = Priority.default) -> list[str]:
-    """Every task id in the messages of a class's Celery queue."""
-    ids = []
-    for raw in await r.lrange(queue_of(priority), 0, -1):
-        _, kwargs, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
-        ids += [task["id"] for task in kwargs["tasks"]]
-    return ids
-
-
-async def raw_payload(config: Settings, task_id: str) -> bytes | None:
-    async with aioredis.Redis.from_url(config.redis_url) as raw:
-        value: bytes | None = await raw.get(payload_key(task_id))
-        return value
-
+from tests.unit.api.retry.harness import (
+    AUTH,
+    BIG,
+    DEFAULT_DEPTH,
+    KEEP,
+    OTHER,
+    api,
+    call_of,
+    fail,
+    keep_for_retry,
+    queued_ids,
+    raw_payload,
+    run,
+    submit,
+    submit_bytes,
+    succeed,
+    time_now,
+)
 
 # --- a retry is a new task with the same request and payload, linked both ways ---------------
 
@@ -254,7 +125,7 @@ def test_canceled_and_expired_tasks_are_retried(config: Settings) -> None:
             assert (await client.delete(f"/tasks/{canceled}", headers=AUTH)).status_code == 200
             expired = await submit(client, r, timeout=0.05)
             deadline = float(await r.hget(task_key(expired), "deadline") or 0)
-            await asyncio.sleep(deadline - _now() + 0.01)  # past it: the next read settles it
+            await asyncio.sleep(deadline - time_now() + 0.01)  # past it: the next read settles it
             assert (await client.get(f"/tasks/{expired}", headers=AUTH)).json()["status"] == (
                 "expired"
             )
@@ -387,133 +258,6 @@ def test_a_full_queue_refuses_the_retry_with_429(config: Settings) -> None:
             assert answer.headers["retry-after"]
             assert await r.hget(task_key(old), "retried_as") is None
             assert await r.get(DEFAULT_DEPTH) == "1"
-
-    run(main())
-
-
-# --- what the endings keep, and for how long ---------------------------------------------------
-
-
-def test_endings_keep_payload_and_message_copy_only_for_retryable_ones(config: Settings) -> None:
-    """Two tasks in one message (one task_submit call, as a group commit writes them): its copy
-    stays while the one that failed may be retried, and expires within RETRY_KEEP_SECONDS; a
-    message whose tasks all succeeded goes at once, payloads and copy."""
-
-    async def main() -> None:
-        async with aioredis.Redis.from_url(config.redis_url, decode_responses=True) as r:
-            await write_message(r, ["a", "b"])
-            await write_message(r, ["c"])
-            await fail(r, "a")
-            await succeed(r, "b")
-            await succeed(r, "c")
-            assert [await raw_payload(config, t) for t in "bc"] == [None, None]
-            assert await raw_payload(config, "a") == BIG
-            assert 0 < await r.ttl(payload_key("a")) <= KEEP
-            assert await r.exists(message_key("c")) == 0
-            assert await r.hget(message_key("a"), "open") == "0"
-            assert 0 < await r.ttl(message_key("a")) <= KEEP
-            assert message_call(await r.hget(message_key("a"), "body") or "", "a") is not None
-
-    run(main())
-
-
-async def write_message(
-    r: aioredis.Redis, task_ids: list[str], credentials: frozenset[str] = frozenset()
-) -> None:
-    """One task_submit call of `task_ids` in one message, each with a claim-checked payload
-    and retry_keep, as api/store.py writes them; those in `credentials` carry a token."""
-    now, queue = _now(), queue_of(Priority.default)
-    new = NewTask("echo", None, "http://ts", now + 60, Priority.default, retry_keep=KEEP)
-    entries = [
-        {
-            "id": t,
-            "call": {
-                "model_name": "echo",
-                "payload": {"key": payload_key(t)},
-                "token": TOKEN if t in credentials else None,
-            },
-            "headers": {},
-        }
-        for t in task_ids
-    ]
-    tasks = [
-        SubmitTask(
-            t,
-            queue,
-            NewTask(**{**_fields_of(new), "credentials": t in credentials}).fields(now, "o"),
-            payload=BIG,
-        )
-        for t in task_ids
-    ]
-    message = encode_message(entries, queue=queue)
-    results = await SubmitTasks(r)(
-        tasks, {queue: message}, max_depth=100, ttl=600, idempotency_ttl=600
-    )
-    assert results == [1] * len(task_ids)
-
-
-def _fields_of(new: NewTask) -> dict[str, Any]:
-    return {name: getattr(new, name) for name in NewTask.__dataclass_fields__}
-
-
-# --- per-request credentials never outlive their task ----------------------------------------
-
-
-def test_a_task_with_credentials_keeps_nothing_and_its_retry_is_a_clear_409(
-    config: Settings,
-) -> None:
-    async def main() -> None:
-        async with api(config) as (client, r):
-            headers = {**AUTH, "Prefer": "respond-async"}
-            body = {"model_name": "echo", "token": TOKEN}
-            answer = await client.post("/dispatch_model", json=body, headers=headers)
-            old = answer.json()["task_id"]
-            record = await r.hgetall(task_key(old))
-            assert record["credentials"] == "1"
-            assert "retry_keep" not in record
-            copy = message_key(record["message"])
-            assert await r.hget(copy, "secret") == "1"
-            await fail(r, old)
-            assert await r.exists(copy) == 0  # the token went with its task
-            answer = await client.post(f"/tasks/{old}/retry", headers=AUTH)
-            assert answer.status_code == 409, answer.text
-            assert answer.json()["code"] == "retry_unavailable"
-            assert "credentials" in answer.json()["msg"]
-            assert TOKEN not in answer.text
-
-    run(main())
-
-
-def test_a_message_carrying_credentials_is_never_kept_for_its_other_tasks(
-    config: Settings,
-) -> None:
-    """One message, a task with a token and one without: the one without fails and would keep
-    the copy for its retry, but the copy holds the other's token, so it goes at once."""
-
-    async def main() -> None:
-        async with aioredis.Redis.from_url(config.redis_url, decode_responses=True) as r:
-            await write_message(r, ["s", "p"], credentials=frozenset("s"))
-            assert await r.hget(message_key("s"), "secret") == "1"
-            assert await r.hget(task_key("p"), "retry_keep") == str(KEEP)
-            await fail(r, "p")
-            assert await r.hget(message_key("s"), "open") == "1"  # "s" still needs it
-            await fail(r, "s")
-            assert await r.exists(message_key("s")) == 0
-            assert await raw_payload(config, "s") is None  # no retry_keep: deleted
-            assert 0 < await r.ttl(payload_key("p")) <= KEEP  # its own bytes, no secret
-
-    run(main())
-
-
-def test_a_short_record_bounds_what_is_kept(config: Settings) -> None:
-    async def main() -> None:
-        async with api(config) as (client, r):
-            old = await submit_bytes(client, r)
-            await StartTasks(r)([old], TERMS, now=_now())
-            outcome = Outcome.failed(old, ModelNotFound("no model"))
-            await FinishTasks(r)([outcome], now=_now(), ttl=30)  # RESULT_TTL below the keep
-            assert 0 < await r.ttl(payload_key(old)) <= 30
-            assert 0 < await r.ttl(message_key(old)) <= 30
 
     run(main())
 
