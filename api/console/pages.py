@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, cast
 from urllib.parse import urlsplit
@@ -169,6 +170,16 @@ class TaskPage:
     request_fields: list[tuple[str, str]]
     webhook_origin: str | None
     deliveries: Deliveries
+    starts: list[tuple[datetime, str]]  # each delivery that ran: when, on which worker
+
+
+def delivery_log(logged: str | None) -> list[tuple[datetime, str]]:
+    """The record's `starts` (task_start): one "<epoch> <worker>" line per delivery that ran."""
+    starts = []
+    for line in (logged or "").splitlines():
+        at, _, worker = line.partition(" ")
+        starts.append((datetime.fromtimestamp(float(at), UTC), worker))
+    return starts
 
 
 def _origin(url: str | None) -> str | None:
@@ -198,7 +209,8 @@ async def read_task(visit: Visit, store: StoreDep, task_id: str) -> TaskPage:
         attempts=[DeliveryAttempt.model_validate(json.loads(line)) for line in logged],
     )
     shown = [(name, fields[name]) for name in REQUEST_FIELDS if fields.get(name)]
-    return TaskPage(view, owner, shown, _origin(fields.get("webhook")), deliveries)
+    starts = delivery_log(fields.get("starts"))
+    return TaskPage(view, owner, shown, _origin(fields.get("webhook")), deliveries, starts)
 
 
 @router.get("/tasks/{task_id}")

@@ -210,6 +210,8 @@ FIGURE_EDGES: tuple[float, ...] = (
 # How many task ids the console's lists keep (the newest), and how long gone workers are shown.
 RECENT_LIMIT = 1000
 GONE_WORKERS_SECONDS = 3600
+# How many of a task's deliveries its record logs (`starts`, task_start): the console's timeline.
+DELIVERY_LOG_LIMIT = 10
 
 
 # The name of one key from its prefix: task_key("t") == "dispatch:task:t". Each is the prefix's
@@ -284,6 +286,7 @@ def lua_prelude() -> dict[str, str]:
         "FIGURES_TTL": f"local FIGURES_TTL = {FIGURES_KEEP_SECONDS}",
         "FIGURE_EDGES": "local FIGURE_EDGES = {" + ", ".join(map(repr, FIGURE_EDGES)) + "}",
         "RECENT_LIMIT": f"local RECENT_LIMIT = {RECENT_LIMIT}",
+        "DELIVERY_LOG_LIMIT": f"local DELIVERY_LOG_LIMIT = {DELIVERY_LOG_LIMIT}",
     }
 
 

@@ -52,6 +52,9 @@ class TaskField(str, Enum):
     deliveries = "deliveries"  # task_start: deliveries so far
     started_at = "started_at"  # task_start
     worker = "worker"  # task_start: the worker running it
+    # task_start: "<epoch seconds> <worker>" of each delivery it let run, one per line, the
+    # first DELIVERY_LOG_LIMIT (keys.py): the console's timeline (started_at is the latest only)
+    starts = "starts"
     finished_at = "finished_at"  # every ending (lib.lua end_task)
     result = "result"  # task_finish: the answer (see the module's doc)
     result_type = "result_type"  # task_finish: the answer's Content-Type when it is not JSON

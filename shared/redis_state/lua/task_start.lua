@@ -14,7 +14,8 @@
 -- the worker fails it), 'expired' (past its deadline: ended here, before TorchServe).
 --
 -- Reads K.task .. task_id.
--- Writes K.task .. task_id (deliveries, status, started_at, worker; or its ending); a task
+-- Writes K.task .. task_id (deliveries, status, started_at, worker, and `starts`: the log of its
+-- first DELIVERY_LOG_LIMIT deliveries that ran, "<now> <worker>" a line; or its ending); a task
 -- leaving `queued` counts down K.queued; an ending, or a first start, writes its webhook event
 -- (K.event, K.due), an ending deletes K.payload .. task_id (or keeps it for a retry) and
 -- publishes on K.finished; batch
@@ -35,6 +36,10 @@ local function start_task(task_id, now, max_deliveries, ttl, worker, expired, ov
     return {'expired', deliveries}
   end
   redis.call('HSET', key, 'status', 'running', 'started_at', now, 'worker', worker)
+  if deliveries <= DELIVERY_LOG_LIMIT then
+    local entry, log = now .. ' ' .. worker, redis.call('HGET', key, 'starts')
+    redis.call('HSET', key, 'starts', log and (log .. '\n' .. entry) or entry)
+  end
   moved(key, status, 'running', now)
   -- A redelivered copy restarts a running task: task.started was sent for its first start.
   if status == 'queued' then

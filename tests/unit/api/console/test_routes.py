@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -12,10 +13,12 @@ import httpx
 
 from api.auth import key_owner
 from api.console.csp import CSP
+from shared.redis_state.task_scripts import StartTasks, StartTerms
 from tests.unit.api.console.harness import (
     OPERATOR,
     TENANT_A,
     TENANT_B,
+    TERMS,
     console,
     settings,
 )
@@ -268,5 +271,24 @@ def test_batch_cancel_from_the_console(redis_url: str) -> None:
             assert canceled.status_code == 303
             view = (await c.http.get(f"/batches/{batch_id}")).json()
             assert view["request_counts"]["canceled"] == 3
+
+    run(main())
+
+
+def test_a_task_page_shows_each_delivery(redis_url: str) -> None:
+    """A task redelivered (its first worker lost) shows both starts, each with its worker."""
+
+    async def main() -> None:
+        async with console(settings(redis_url, keyed=False)) as c:
+            task = await c.submit()
+            redis = c.app.state.store.redis
+            lost = StartTerms(3, 600, "lost@host", TERMS.expired_error, TERMS.overran_error)
+            [(verdict, _)] = await StartTasks(redis)([task], lost, time.time())
+            assert verdict == "run"
+            await c.run(task)  # the redelivery, on w1@host, succeeds
+            page = (await c.http.get(f"/console/tasks/{task}")).text
+            rows = re.findall(r"<th>Delivery (\d)</th><td>started [^<]+ on <code>([^<]+)<", page)
+            assert rows == [("1", "lost@host"), ("2", "w1@host")]
+            assert 'data-deliveries="2"' in page
 
     run(main())

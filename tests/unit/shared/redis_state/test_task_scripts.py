@@ -13,6 +13,7 @@ from shared.errors import DeadlineExceeded, TaskCanceled, TaskExpired, WorkerLos
 from shared.models import TaskStatus
 from shared.priorities import Priority
 from shared.redis_state.keys import (
+    DELIVERY_LOG_LIMIT,
     LAST_FINISHED_KEY,
     PUBLISH_INLINE_BYTES,
     payload_key,
@@ -297,3 +298,15 @@ def test_a_queued_task_ended_by_finish_leaves_the_queue_once(
     assert not r.exists(payload_key("t"))
     assert start(r, "t") == [("failed", 0)]
     assert depth(r) == 0
+
+
+def test_each_delivery_that_runs_is_logged_up_to_the_limit(
+    r: redis.Redis, run_async: RunAsync
+) -> None:
+    """`starts`: "<now> <worker>" per delivery that ran, the first DELIVERY_LOG_LIMIT only."""
+    submit(run_async, submit_task("t"))
+    for n in range(DELIVERY_LOG_LIMIT + 2):
+        assert start(r, "t", max_deliveries=100, now=1000.0 + n) == [("run", n + 1)]
+    lines = r.hget(task_key("t"), "starts").splitlines()  # type: ignore[union-attr]
+    assert lines == [f"{1000 + n}.0 w1@host" for n in range(DELIVERY_LOG_LIMIT)]
+    assert r.hget(task_key("t"), "started_at") == f"{1000 + DELIVERY_LOG_LIMIT + 1}.0"
