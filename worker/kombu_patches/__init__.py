@@ -34,8 +34,9 @@ known in this package only:
   `queue_order_strategy` in shared/celery_app.py, ordering a general worker's BRPOP by class.
 
 Each module says the symptom, the cause, the upstream issue and when it can be removed; the tests
-are tests/unit/worker/test_kombu_patches.py (real transport, real redis-server) and, end to end,
-tests/reliability/test_redis_refuses_writes.py and test_redis_outage.py.
+are tests/unit/worker/test_kombu_patches.py and test_kombu_refusals.py (real transport, real
+redis-server) and, end to end, tests/reliability/test_redis_refuses_writes.py and
+test_redis_outage.py.
 """
 
 from __future__ import annotations

@@ -5,131 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 import uvloop
 
+from tests.unit.worker.http_server import pool, run, running
 from worker.http_client import (
     ConnectError,
     ConnectTimeout,
     Origin,
-    Pool,
-    PoolTimeout,
     ProtocolError,
     ReadTimeout,
     Transport,
 )
-
-Handler = Callable[[str, bytes, asyncio.StreamWriter], Awaitable[bool]]
-
-
-class Server:
-    """Counts connections and requests; `handler` answers and says whether to keep the socket."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.requests: list[tuple[str, dict[str, str], bytes]] = []
-        self.url = ""
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                path = lines[0].split(" ")[1]
-                headers = dict(line.split(": ", 1) for line in lines[1:] if line)
-                body = await reader.readexactly(int(headers.get("Content-Length", "0")))
-                self.requests.append((path, headers, body))
-                if not await self.handler(path, body, writer):
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-
-def answer(status: int, body: bytes, *extra: str) -> bytes:
-    head = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}", *extra]
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
-async def routes(path: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
-    if path == "/echo":
-        writer.write(answer(200, body, "Content-Type: application/json"))
-    elif path == "/chunked":
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for part in (b"one ", b"two ", b"three"):
-            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
-            await writer.drain()
-            await asyncio.sleep(0.05)
-        writer.write(b"0\r\n\r\n")
-    elif path == "/until-close":
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
-        await writer.drain()
-        return False
-    elif path == "/once":  # answers, then closes the kept-alive connection after a moment
-        writer.write(answer(200, b"once"))
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        return False
-    elif path == "/once-reset":  # answers, then resets the connection (RST, not FIN)
-        writer.write(answer(200, b"once"))
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        return False
-    elif path == "/slow":
-        await asyncio.sleep(1)
-        writer.write(answer(200, b"late"))
-    elif path == "/cut":
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
-        await writer.drain()
-        return False
-    elif path == "/garbage":
-        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
-        await writer.drain()
-        return False
-    await writer.drain()
-    return True
-
-
-@asynccontextmanager
-async def running(handler: Handler = routes) -> AsyncIterator[Server]:
-    server = Server(handler)
-    listener = await asyncio.start_server(server.serve, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    server.url = f"http://127.0.0.1:{port}"
-    async with listener:
-        yield server
-
-
-_POOLS: list[Pool] = []
-
-
-def pool(**overrides: Any) -> Pool:
-    """A pool that `run` closes when its scenario ends."""
-    made = Pool(**{"connect_timeout": 2.0, "read_timeout": 5.0, **overrides})
-    _POOLS.append(made)
-    return made
-
-
-def run(coroutine: Awaitable[Any], loop_factory: Callable[[], Any] | None = None) -> Any:
-    async def main() -> Any:
-        try:
-            return await coroutine
-        finally:
-            while _POOLS:
-                await _POOLS.pop().aclose()
-
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(main())
 
 
 def test_a_post_gets_status_headers_and_body_and_the_connection_is_kept() -> None:
@@ -251,119 +141,6 @@ def test_a_connect_that_hangs_is_a_connect_timeout() -> None:
             finally:
                 for filler in fillers:
                     filler.close()
-
-    run(scenario())
-
-
-def test_calls_in_flight_per_origin_are_capped() -> None:
-    async def scenario() -> None:
-        in_flight = peak = 0
-
-        async def slow(path: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
-            nonlocal in_flight, peak
-            in_flight += 1
-            peak = max(peak, in_flight)
-            await asyncio.sleep(0.05)
-            in_flight -= 1
-            writer.write(answer(200, body))
-            await writer.drain()
-            return True
-
-        async with running(slow) as server:
-            client = pool(max_per_origin=4)
-
-            async def one(n: int) -> bytes:
-                response = await client.request("POST", f"{server.url}/x", body=b"%d" % n)
-                return await response.read()
-
-            bodies = await asyncio.gather(*(one(n) for n in range(20)))
-            assert bodies == [b"%d" % n for n in range(20)]
-            assert peak == 4
-            assert server.connections == 4
-
-    run(scenario())
-
-
-def test_an_unread_answer_holds_its_slot_until_it_is_read() -> None:
-    async def scenario() -> None:
-        async with running() as server:
-            client = pool(max_per_origin=2)
-            url = f"{server.url}/echo"
-            first = await client.request("POST", url, body=b"1")
-            second = await client.request("POST", url, body=b"2")
-            third = asyncio.create_task(client.request("POST", url, body=b"3"))
-            await asyncio.sleep(0.2)
-            assert not third.done()  # two bodies unread: both connections still taken
-            assert len(server.requests) == 2
-            assert await first.read() == b"1"
-            response = await asyncio.wait_for(third, 2)
-            assert await response.read() == b"3"
-            assert await second.read() == b"2"
-            assert server.connections == 2  # the third went on the first's connection
-
-    run(scenario())
-
-
-def test_a_slot_waits_at_most_the_read_timeout() -> None:
-    async def scenario() -> None:
-        async with running() as server:
-            client = pool(max_per_origin=1)
-            held = await client.request("POST", f"{server.url}/echo", body=b"held")
-            with pytest.raises(PoolTimeout, match=r"no free connection to .* in 0\.2 s"):
-                await client.request("POST", f"{server.url}/echo", read_timeout=0.2)
-            await held.aclose()  # given up unread: the slot is free again
-            again = await client.request("POST", f"{server.url}/echo", body=b"ok")
-            assert await again.read() == b"ok"
-
-    run(scenario())
-
-
-def test_no_way_a_request_ends_leaks_its_slot() -> None:
-    """With one slot, a leak on any path makes the next request wait for ever (a PoolTimeout)."""
-
-    async def scenario() -> None:
-        async with running() as server:
-            client = pool(max_per_origin=1, read_timeout=2.0)
-
-            async def echo() -> None:
-                response = await client.request("POST", f"{server.url}/echo", body=b"e")
-                assert await response.read() == b"e"
-
-            with pytest.raises(ReadTimeout):  # no answer in time
-                await client.request("POST", f"{server.url}/slow", read_timeout=0.1)
-            await echo()
-            with pytest.raises(ProtocolError):  # cut mid-body
-                await (await client.request("POST", f"{server.url}/cut")).read()
-            await echo()
-            with pytest.raises(ProtocolError):  # not HTTP
-                await client.request("POST", f"{server.url}/garbage")
-            await echo()
-            waiting = asyncio.create_task(client.request("POST", f"{server.url}/slow"))
-            await asyncio.sleep(0.1)
-            waiting.cancel()  # cancelled while waiting for the answer
-            with pytest.raises(asyncio.CancelledError):
-                await waiting
-            await echo()
-            response = await client.request("POST", f"{server.url}/chunked")
-            async for _ in response.chunks():
-                break  # abandoned after its first chunk
-            await response.aclose()
-            await echo()
-            assert await (await client.request("POST", f"{server.url}/until-close")).read()
-            await echo()
-            assert await (await client.request("POST", f"{server.url}/once")).read() == b"once"
-            await asyncio.sleep(0.2)  # the kept-alive connection is closed: a stale retry
-            await echo()
-            with pytest.raises(ValueError, match="line break"):
-                await client.request("POST", f"{server.url}/echo", [("X", "a\nb")])
-            await echo()
-            unreachable = pool(max_per_origin=1)
-            with socket.socket() as unused:
-                unused.bind(("127.0.0.1", 0))
-                port = unused.getsockname()[1]
-            for _ in range(2):  # refused twice: the first did not keep the slot
-                with pytest.raises(ConnectError):
-                    await unreachable.request("POST", f"http://127.0.0.1:{port}/", read_timeout=1)
 
     run(scenario())
 

@@ -23,7 +23,7 @@ from shared.errors import (
 )
 from tests.support.upstream_fakes import Canned, Sent
 from tests.unit.worker.backends import calls
-from tests.unit.worker.test_http_client import running
+from tests.unit.worker.http_server import running
 from worker.backends import Caller
 from worker.backends.base import Answer, parse_answer
 from worker.http_client import Pool, ProtocolError, ReadTimeout

@@ -30,8 +30,8 @@ from shared.models import PredictionCall
 from shared.settings import Settings
 from tests.support.upstream_fakes import Canned, FakeUpstream, Handler, Sent, answer, error_json
 from tests.unit.worker.backends import calls
-from tests.unit.worker.test_http_client import Server, running
-from tests.unit.worker.test_http_client import answer as raw_answer
+from tests.unit.worker.http_server import Server, running
+from tests.unit.worker.http_server import answer as raw_answer
 from worker.backends import Caller
 from worker.http_client import ConnectError, ProtocolError, ReadTimeout
 
