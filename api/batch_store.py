@@ -45,8 +45,7 @@ from shared.redis_state.batch_scripts import (
 )
 from shared.redis_state.keys import batch_idempotency_key, batch_key, task_key
 from shared.redis_state.record import NewTask, as_mapping, recorded_operation
-from shared.replica_wait import ReplicaWait
-from shared.replicated_writes import replicated_transaction
+from shared.replica_wait import ReplicaWait, replicated_transaction
 from shared.settings import Settings
 
 # Items per batch_add_items / batch_cancel_items call: big enough to keep the calls few, small

@@ -14,9 +14,8 @@ costs a worker far less per task than one each.
 
 Per task nothing is shared but the round trip: its own depth check, record, idempotency key and
 outcome (a 429 or a replay for one task is not one for the others). With replicas to wait for,
-the group's call ends with WAIT in the same pipeline (shared/replicated_writes.py:
-ReplicatedScript), and a group its replicas did not confirm in time is a 503 for each of its
-submits.
+the group's call ends with WAIT in the same pipeline (shared/replica_wait.py: ReplicatedScript),
+and a group its replicas did not confirm in time is a 503 for each of its submits.
 """
 
 from __future__ import annotations

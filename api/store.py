@@ -41,8 +41,7 @@ from shared.redis_state.keys import parse_depth, queued_key, task_key
 from shared.redis_state.outbox_scripts import RetryEvent
 from shared.redis_state.record import NewTask, as_mapping, decode_record, recorded_operation
 from shared.redis_state.task_scripts import CancelTask, SettleTask, SubmitTask, SubmitTasks
-from shared.replica_wait import ReplicaWait
-from shared.replicated_writes import ReplicatedWrites
+from shared.replica_wait import ReplicatedWrites, ReplicaWait
 from shared.settings import Settings
 
 # How long after its deadline a `running` task may still be waiting for redelivery before the

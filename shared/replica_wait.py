@@ -13,7 +13,7 @@ make (the record a replay answers with; Redis 7 counts only a connection's own w
 Why every live replica, not REDIS_MIN_REPLICAS: one replica's ack does not survive a failover
 that promotes the other. In a manual failover Sentinel promotes replica B while the old primary
 still takes writes; replica A, still following the old primary, acknowledges them, then resyncs
-from B and drops them (8 such writes were lost with `WAIT 1` in a drill on loopback). Waiting
+from B and drops them (8 such writes were lost with `WAIT 1`, /work/notes/issue19.md). Waiting
 for every replica the primary had closes that window by design: once B leaves the old primary,
 `n` cannot be reached there, so nothing written in the switch is acknowledged. `n` is
 max(REDIS_MIN_REPLICAS, live replicas), counted every second (`INFO replication`) and never
@@ -54,14 +54,16 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.asyncio.sentinel as async_sentinel
 from redis.asyncio.client import Pipeline
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, TimeoutError
+from redis.typing import EncodableT, KeyT, ScriptTextT
 
 from shared.errors import QueueUnavailable, WriteNotReplicated
 from shared.redis_connect import follow_primary, node_client
@@ -305,3 +307,82 @@ def _online_replicas(info: dict[str, Any]) -> Iterable[Address]:
             continue
         if value.get("state") == "online" and int(value.get("lag", 0)) <= LAG_LIMIT:
             yield str(value["ip"]), int(value["port"])
+
+
+class ReplicatedScript(AsyncScript):
+    """A Lua script whose call is one pipeline [EVALSHA, PUBLISH, WAIT], returning the script's
+    reply once WAIT says enough replicas have it (else WriteNotReplicated)."""
+
+    def __init__(self, client: aioredis.Redis, script: ScriptTextT, replicas: ReplicaWait) -> None:
+        super().__init__(client, script)
+        self._replicas = replicas
+
+    async def __call__(
+        self,
+        keys: Sequence[KeyT] | None = None,
+        args: Iterable[EncodableT] | None = None,
+        client: aioredis.Redis | aioredis.RedisCluster | None = None,
+    ) -> Any:
+        needed = await self._replicas.needed()
+        if client is not None or not self._replicas.waits(needed):
+            return await super().__call__(keys, args, client)
+        key_list = list(keys or [])
+        values = [*key_list, *(args or [])]
+        owner = cast(aioredis.Redis, self.registered_client)
+        for attempt in (1, 2):
+            async with owner.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self.sha, len(key_list), *values)
+                self._replicas.queue_wait(pipe, needed)
+                reply, _, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and attempt == 1:  # a new primary: load it
+                self.sha = await owner.script_load(self.script)
+                continue
+            break
+        if isinstance(reply, Exception):
+            raise reply
+        self._replicas.check(acked, needed)
+        return reply
+
+
+class ReplicatedWrites(aioredis.Redis):
+    """A client on another client's pool whose scripts are ReplicatedScripts: the scripts of
+    shared/redis_state registered on it (task_submit) answer only once replicated."""
+
+    def __init__(self, client: aioredis.Redis, replicas: ReplicaWait) -> None:
+        super().__init__(connection_pool=client.connection_pool)
+        self.replicas = replicas
+
+    def register_script(self, script: ScriptTextT) -> AsyncScript:  # type: ignore[override]
+        return ReplicatedScript(self, script, self.replicas)
+
+
+async def replicated_transaction(
+    client: aioredis.Redis, replicas: ReplicaWait, queue: Callable[[Pipeline], Awaitable[None]]
+) -> list[Any]:
+    """MULTI, what `queue` puts on the pipeline, EXEC, then PUBLISH and WAIT, in one
+    non-transactional pipeline (WAIT inside a MULTI would not wait); the EXEC's replies, once
+    WAIT says enough replicas have them. An error of the transaction is raised as a
+    transactional pipeline would raise it (the first one), before any WAIT verdict."""
+    needed = await replicas.needed()
+    if not replicas.waits(needed):
+        async with client.pipeline(transaction=True) as pipe:
+            await queue(pipe)
+            return await pipe.execute()
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.execute_command("MULTI")
+        await queue(pipe)
+        queued = len(pipe.command_stack) - 1
+        pipe.execute_command("EXEC")
+        replicas.queue_wait(pipe, needed)
+        replies = await pipe.execute(raise_on_error=False)
+    head, executed, acked = replies[: queued + 1], replies[queued + 1], replies[-1]
+    for reply in head:  # MULTI's and the commands' QUEUED, or why one was refused
+        if isinstance(reply, Exception):
+            raise reply
+    if isinstance(executed, Exception):  # EXECABORT and the like: nothing was written
+        raise executed
+    for reply in executed:
+        if isinstance(reply, Exception):
+            raise reply
+    replicas.check(acked, needed)
+    return cast(list[Any], executed)

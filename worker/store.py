@@ -18,8 +18,6 @@ from shared.payloads import PayloadRef, read_payload
 from shared.redis_connect import async_client
 from shared.redis_state.record import Outcome
 from shared.redis_state.task_scripts import FinishTasks, StartTasks, StartTerms
-from shared.replica_wait import ReplicaWait
-from shared.replicated_writes import ReplicatedWrites
 from shared.settings import Settings
 from worker.kombu_patches import retry_while_refused_async
 
@@ -81,11 +79,7 @@ class WorkerStore:
             expired_error=expired.body().model_dump_json(),
             overran_error=overran.body().model_dump_json(),
         )
-        # A start waits (bounded) for the replicas, so that one a failover would drop, and the
-        # rerun it would go uncounted in `deliveries`, is rare (shared/replicated_writes.py);
-        # never refused: the tasks are off their queue and run either way.
-        replicas = ReplicaWait.of(client, settings)
-        self._start = StartTasks(ReplicatedWrites(client, replicas, confirm=False))
+        self._start = StartTasks(client)
         self._finish = FinishTasks(client)
 
     async def start(self, task_ids: Sequence[str]) -> list[tuple[StartVerdict, int]]:

@@ -3,13 +3,11 @@
 (tests/support/sentinel.py): a 202 only once every live replica holds the write; a frozen
 replica refuses submits until it is found dead; one replica killed, submits go on; both killed,
 503s within the bound and an Idempotency-Key retry answers the same task once it is safe; a
-worker's task starts wait for the replicas too, never refused; a manual failover under submits
-loses none of the 202s."""
+manual failover under submits loses none of the 202s."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import time
 import uuid
@@ -27,7 +25,6 @@ from shared.redis_state.keys import batch_key, task_key
 from shared.replica_wait import LAG_LIMIT, PROBE_TIMEOUT, REFRESH_SECONDS
 from shared.settings import Settings
 from tests.support.sentinel import Node, SentinelTopology
-from worker.store import StartVerdict, WorkerStore, connect
 
 T = TypeVar("T")
 WAIT_MS = 500
@@ -232,39 +229,6 @@ def test_replicas_without_sentinel_are_waited_for_too(
                 assert time.monotonic() - started < WAIT_MS / 1000 + ANSWER_MARGIN
 
         run(main())
-
-
-def test_a_workers_start_waits_for_the_replicas_and_is_never_refused(
-    topology: SentinelTopology, settings: Settings, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A worker's task_start ends with the same WAIT (shared/replicated_writes.py), so a start
-    survives a failover and a rerun after it counts in `deliveries`; with a replica frozen it
-    waits the bound, warns, and the task runs all the same: it is off its queue."""
-    frozen, other = topology.replicas()
-    caplog.set_level(logging.WARNING, logger="shared.replicated_writes")
-
-    async def main() -> None:
-        async with api(settings) as http:
-            ids = [(await submit(http, n)).json()["task_id"] for n in range(2)]
-        client = connect(settings)
-        try:
-            store = WorkerStore(settings, client, "w1@host")
-            assert await store.start([ids[0]]) == [(StartVerdict.run, 1)]
-            for replica in (frozen, other):
-                with replica.client() as on_replica:
-                    assert on_replica.hget(task_key(ids[0]), "deliveries") == "1"
-            frozen.freeze()
-            began = time.monotonic()
-            assert await store.start([ids[1]]) == [(StartVerdict.run, 1)]
-            assert time.monotonic() - began >= WAIT_MS / 1000 * 0.9
-            assert "task starts not confirmed" in caplog.text
-        finally:
-            await client.aclose()
-
-    try:
-        run(main())
-    finally:
-        frozen.thaw()
 
 
 def test_a_manual_failover_under_submits_loses_no_202(
