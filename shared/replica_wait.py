@@ -13,7 +13,7 @@ make (the record a replay answers with; Redis 7 counts only a connection's own w
 Why every live replica, not REDIS_MIN_REPLICAS: one replica's ack does not survive a failover
 that promotes the other. In a manual failover Sentinel promotes replica B while the old primary
 still takes writes; replica A, still following the old primary, acknowledges them, then resyncs
-from B and drops them (8 such writes were lost with `WAIT 1`, /work/notes/issue19.md). Waiting
+from B and drops them (8 such writes were lost with `WAIT 1` in a drill on loopback). Waiting
 for every replica the primary had closes that window by design: once B leaves the old primary,
 `n` cannot be reached there, so nothing written in the switch is acknowledged. `n` is
 max(REDIS_MIN_REPLICAS, live replicas), counted every second (`INFO replication`) and never
